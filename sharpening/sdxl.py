@@ -1,0 +1,125 @@
+"""Loading SDXL's parts, encoding prompts, and moving between pixels, latents and PIL images."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .sampler import Conditioning
+
+
+@dataclass
+class SDXLParts:
+    tokenizers: tuple
+    text_encoders: tuple
+    vae: "AutoencoderKL"  # noqa: F821
+    unet: "UNet2DConditionModel"  # noqa: F821
+    scheduler_config: dict
+    # StableDiffusionXLPipeline encodes the negative prompt as zeros when this is set (SDXL base sets it).
+    force_zeros_for_empty_prompt: bool
+
+
+def _model_index(pretrained: str) -> dict:
+    path = Path(pretrained) / "model_index.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(pretrained, "model_index.json")).read_text())
+    except Exception:  # an unreadable index only costs us the default below
+        return {}
+
+
+def load_sdxl(pretrained: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> SDXLParts:
+    """Load tokenizers, text encoders, VAE and UNet of an SDXL checkpoint (hub id or local folder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import DDIMScheduler
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    def sub(name):
+        return dict(pretrained_model_name_or_path=pretrained, subfolder=name, revision=revision)
+
+    tokenizers = (AutoTokenizer.from_pretrained(**sub("tokenizer")), AutoTokenizer.from_pretrained(**sub("tokenizer_2")))
+    for tok in tokenizers:
+        if len(tok) < 1000:
+            # transformers silently returns an almost empty tokenizer when the hub is unreachable.
+            raise RuntimeError(f"The tokenizer of {pretrained!r} has only {len(tok)} tokens: was it downloaded completely?")
+    text_encoders = (
+        CLIPTextModel.from_pretrained(**sub("text_encoder"), variant=variant),
+        CLIPTextModelWithProjection.from_pretrained(**sub("text_encoder_2"), variant=variant),
+    )
+    if vae_path:
+        vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+    else:
+        vae = AutoencoderKL.from_pretrained(**sub("vae"), variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(**sub("unet"), variant=variant)
+    scheduler_config = dict(DDIMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
+    index = _model_index(pretrained)
+    return SDXLParts(tokenizers, text_encoders, vae, unet, scheduler_config, bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+@torch.no_grad()
+def encode_prompts(parts: SDXLParts, prompts: list[str], time_ids: torch.Tensor, device) -> Conditioning:
+    """SDXL text conditioning: penultimate hidden states of both encoders, concatenated; pooled from encoder 2.
+    Prompts longer than the 77-token context are truncated, as StableDiffusionXLPipeline does."""
+    embeds, pooled = [], None
+    for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        embeds.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+    return Conditioning(torch.cat(embeds, dim=-1), pooled, time_ids.to(device=device, dtype=embeds[0].dtype))
+
+
+def unconditional(parts: SDXLParts, cond: Conditioning, device) -> Conditioning:
+    """The classifier-free-guidance branch: zeros when the checkpoint says so (SDXL base), else encoded ""."""
+    if parts.force_zeros_for_empty_prompt:
+        return Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled), cond.time_ids)
+    return encode_prompts(parts, [""] * cond.pooled.shape[0], cond.time_ids, device)
+
+
+def time_ids(original_sizes, crops_top_left, target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+    rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crops_top_left)]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def latent_scale(vae) -> float:
+    return float(vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (sampled from the VAE posterior with `generator`)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * noise) * latent_scale(vae)
+
+
+@torch.no_grad()
+def decode_to_pil(vae, latents: torch.Tensor, chunk_size: int = 8) -> list[Image.Image]:
+    """Scaled latents -> PIL images, decoded in chunks so memory stays bounded."""
+    images: list[Image.Image] = []
+    for chunk in latents.split(max(1, chunk_size)):
+        pixels = vae.decode(chunk.to(vae.device, vae.dtype) / latent_scale(vae)).sample
+        arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images.extend(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)
+    return images
+
+
+def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: str) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{prefix}_{i:02d}.png")
+        image.save(paths[-1])
+    return paths

@@ -1,0 +1,146 @@
+"""Tiny SDXL-architecture models built offline, for tests, benchmarks and the CPU demo.
+
+Sizes follow diffusers' own SDXL pipeline tests. The tokenizers are real CLIP BPE tokenizers written from
+the vocabulary file that open_clip ships, so prompts are tokenized exactly as SDXL's would be (49408 tokens,
+77-token context) without any hub download.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_CONTEXT = 77
+# OpenAI CLIP's BPE table: 48894 merges after the version header (49408 - 256 bytes * 2 - 2 specials).
+_NUM_MERGES = CLIP_VOCAB_SIZE - 256 * 2 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
+    """Write vocab.json + merges.txt of OpenAI CLIP's tokenizer (from open_clip's bundled BPE file) and save
+    a `CLIPTokenizer` there with `save_pretrained`. Returns the folder."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == CLIP_VOCAB_SIZE, len(tokens)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=CLIP_CONTEXT)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, sample_size: int = 32) -> Path:
+    """Save a randomly initialised tiny SDXL (diffusers layout, loadable by path with
+    `StableDiffusionXLPipeline.from_pretrained`). VAE downsamples by 2, so `--resolution 32` gives 16x16 latents."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + pooled text_encoder_2 width 32
+        cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32) hidden sizes, concatenated
+        norm_num_groups=1,
+    )
+    # SDXL ships an Euler scheduler config; our trainers build DDIM from it, as they must on the real model.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=sample_size * 2,
+        norm_num_groups=32,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=CLIP_VOCAB_SIZE - 2,
+        eos_token_id=CLIP_VOCAB_SIZE - 1,
+        pad_token_id=CLIP_VOCAB_SIZE - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_CONTEXT,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random SDXL in diffusers layout.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    print(build_tiny_sdxl(a.out_dir, a.seed))

@@ -1,0 +1,776 @@
+"""The Accelerate training loop both scripts share.
+
+A script supplies its flags, its dataset and one function `step(trainer, batch, generator) -> StepResult`
+(the paper's Algorithm 1 or 2 for one micro-batch). Everything else lives here once: models and precision,
+LoRA/EMA, optimizer and LR schedule, gradient accumulation, exploration of candidate trajectories,
+checkpoint/resume, SIGTERM, the non-finite guard, bad-row accounting, tracking and validation.
+
+Randomness of a micro-batch (timesteps, noises, caption dropout) comes from a generator seeded by
+(seed, epoch, micro-batch index, rank) and the data order from (seed, epoch), so a resumed run repeats an
+uninterrupted one exactly, without restoring RNG states.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import sdxl
+from .losses import per_sample_mse
+from .sampler import DDIM, Conditioning, guided, sample, unet_forward
+from .trajectory import Exploration, Selection, draw_start_timesteps, effective_steps, explore, path_reward, score_exploration, select
+
+logger = logging.getLogger("sharpening")
+
+SIGTERM_EXIT_CODE = 143
+SECRET_ARGS = ("api_key",)
+
+
+# --------------------------------------------------------------------------------------------- flags
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by both scripts; names and meanings follow diffusers' train_text_to_image_sdxl.py."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL checkpoint: hub id or local folder (diffusers layout).")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A better VAE, e.g. madebyollin/sdxl-vae-fp16-fix (needed to run the VAE in fp16).")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="Override the scheduler's prediction type.")
+    g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
+    g.add_argument("--lora_rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder, or an imagefolder.")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl or metadata.csv.")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (debugging, quick runs).")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0, help="Caption dropout of the TRAINING conditioning; rewards always score the real caption.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_bad_fraction", type=float, default=0.01, help="Stop when more than this share of the rows read so far was unreadable.")
+
+    g = parser.add_argument_group("sharpening")
+    g.add_argument("--num_noisy_latents", type=int, default=3, help="n: candidate trajectories per prompt.")
+    g.add_argument("--trajectory_nums", type=int, default=3, help="m: DDIM steps (scored states) per trajectory.")
+    g.add_argument("--infer_steps", type=int, default=25, help="DDIM grid size; trajectories step along it (stride 1000/infer_steps).")
+    g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
+    g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
+    g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")
+    g.add_argument("--reward_plugin", action="append", default=[], help="A Python file that registers extra rewards (reward.register_reward); repeatable.")
+    g.add_argument("--decode_batch_size", type=int, default=8, help="VAE decodes of x0 previews per chunk.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Prompts per device per micro-batch.")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-6)
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the LR by accumulation x batch size x processes.")
+    g.add_argument("--lr_scheduler", default="constant", help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"')
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    # Paper A.3: AdamW with betas (0, 0.99) and no weight decay.
+    g.add_argument("--adam_beta1", type=float, default=0.0)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Needs xformers and CUDA; PyTorch SDPA is the default.")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10, help="Abort after this many consecutive updates skipped for a non-finite loss or gradient.")
+
+    g = parser.add_argument_group("output, checkpoints, tracking")
+    g.add_argument("--output_dir", default="diffusion-sharpening-output")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--tracker_project_name", default="diffusion-sharpening")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs.")
+    g.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded."""
+    from reward import parse_reward_spec
+
+    from .plugins import load_reward_plugins
+
+    load_reward_plugins(args.reward_plugin)
+    parse_reward_spec(args.reward_model)
+    if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
+        raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
+    if args.infer_steps < 1 or 1000 % args.infer_steps and args.infer_steps > 1000:
+        raise ValueError("--infer_steps must be between 1 and 1000.")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError("--proportion_empty_prompts must be in [0, 1].")
+    if args.resolution % 8:
+        raise ValueError("--resolution must be divisible by 8.")
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--enable_xformers_memory_efficient_attention needs `pip install xformers` (CUDA only); without the flag PyTorch SDPA is used.") from None
+        if not torch.cuda.is_available():
+            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU (SDPA is used).")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs `pip install bitsandbytes`.") from None
+        if not torch.cuda.is_available():
+            raise ValueError("--use_8bit_adam needs a CUDA GPU (bitsandbytes 8-bit optimizers); drop the flag on CPU.")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and not Path(args.resume_from_checkpoint).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder (use 'latest' or a checkpoint-N folder).")
+    args.seed = _resolve_seed(args)
+
+
+def _resume_path(args: argparse.Namespace) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = _checkpoints(Path(args.output_dir))
+        return found[-1] if found else None
+    return Path(args.resume_from_checkpoint)
+
+
+def _resolve_seed(args: argparse.Namespace) -> int:
+    """A resumed run takes its checkpoint's seed (that is what makes it continue exactly); a run without
+    --seed gets a random one, recorded in its checkpoints and tracker config."""
+    path = _resume_path(args)
+    if path is not None:
+        saved = json.loads((path / "training_state.json").read_text())["seed"]
+        if args.seed is not None and args.seed != saved:
+            logger.warning("Resuming with the checkpoint's seed %d instead of --seed %d, so the run continues exactly.", saved, args.seed)
+        return int(saved)
+    if args.seed is None:
+        return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    return args.seed
+
+
+def public_config(args: argparse.Namespace) -> dict:
+    """Flags as tracker config / model card data: secrets removed, values made JSON-friendly."""
+    out = {}
+    for key, value in vars(args).items():
+        if key in SECRET_ARGS:
+            continue
+        out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    return out
+
+
+def mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------------------- step API
+@dataclass
+class Candidates:
+    """What exploration hands to a variant's loss: n candidates per prompt, scored and ranked."""
+
+    x0: torch.Tensor  # (B, C, H, W) the clean latent trajectories start from
+    noise: torch.Tensor  # (n*B, C, H, W) the noise each candidate was started with
+    exploration: Exploration
+    path_rewards: torch.Tensor  # (n*B,)
+    selection: Selection
+
+    def states_of(self, which: torch.Tensor):
+        """(m*B, ...) states, (m*B,) timesteps and (m*B, ...) starting noise of one candidate per prompt."""
+        rows = self.selection.rows(which)
+        m = self.exploration.timesteps.shape[0]
+        states = self.exploration.states[:, rows].flatten(0, 1)
+        timesteps = self.exploration.timesteps[:, rows].flatten(0, 1)
+        return states, timesteps, self.noise[rows].repeat(m, 1, 1, 1)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    num_trained: int  # prompts of this micro-batch that contributed to the loss
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, args: argparse.Namespace, dataset, collate_fn, needs_reference: bool, variant: str):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.args, self.variant = args, variant
+        log_with = None if args.report_to in (None, "none", "") else args.report_to
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        )
+        acc = self.accelerator
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_local_main_process else logging.WARNING)
+        if acc.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.device = acc.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+
+        self._load_models(needs_reference)
+        self._setup_optimisation(dataset, collate_fn)
+
+        from reward import build_reward
+
+        self.reward = build_reward(args.reward_model, args, device=self.device)
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.counters = {"bad_rows": 0, "rows_read": 0, "nonfinite_skips": 0, "no_preference_skips": 0, "fp16_overflow_skips": 0}
+        if acc.is_main_process and log_with:
+            acc.init_trackers(args.tracker_project_name, config=public_config(args))
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _load_models(self, needs_reference: bool) -> None:
+        args, acc = self.args, self.accelerator
+        parts = sdxl.load_sdxl(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        if args.prediction_type:
+            parts.scheduler_config["prediction_type"] = args.prediction_type
+        self.parts = parts
+        self.ddim = DDIM(parts.scheduler_config, args.infer_steps)
+        self.num_steps = effective_steps(self.ddim, args.trajectory_nums)
+        if self.num_steps != args.trajectory_nums:
+            logger.warning("--trajectory_nums %d clipped to %d (the DDIM grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.ddim.grid))
+
+        # The stock SDXL VAE overflows in fp16: keep it fp32 unless a replacement VAE (fp16-fix) is given.
+        vae_dtype = self.weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+        parts.vae.requires_grad_(False).to(self.device, dtype=vae_dtype)
+        for encoder in parts.text_encoders:
+            encoder.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
+        unet = parts.unet
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+
+        self.reference_unet = None
+        if args.use_lora:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
+            unet.add_adapter(
+                LoraConfig(
+                    r=args.lora_rank,
+                    lora_alpha=args.lora_alpha or args.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                )
+            )
+            for p in unet.parameters():  # adapters train in fp32 even when the base runs in half precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            if needs_reference:
+                # Frozen base model for the RLHF log-ratio; with LoRA the same UNet with adapters off serves.
+                self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
+            unet.requires_grad_(True).to(self.device, dtype=torch.float32)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.trainable_params = [p for p in unet.parameters() if p.requires_grad]
+
+        self.ema = None
+        if args.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable_params, decay=args.ema_decay)
+            self.ema.to(self.device)
+
+    def _setup_optimisation(self, dataset, collate_fn) -> None:
+        from diffusers.optimization import get_scheduler
+
+        args, acc = self.args, self.accelerator
+        from .data import EpochSampler
+
+        self.dataset = dataset
+        self.sampler = EpochSampler(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.train_batch_size, sampler=self.sampler, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers, drop_last=True,
+        )
+        if len(loader) < acc.num_processes:
+            raise ValueError(
+                f"The dataset ({len(dataset)} rows) gives {len(loader)} batches of {args.train_batch_size}: fewer than the {acc.num_processes} processes."
+            )
+        lr = args.learning_rate
+        if args.scale_lr:
+            lr *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
+        if args.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer_cls = bnb.optim.AdamW8bit
+        else:
+            optimizer_cls = torch.optim.AdamW
+        optimizer = optimizer_cls(
+            self.trainable_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        )
+        batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
+        self.updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        if args.max_train_steps is None:
+            args.max_train_steps = args.num_train_epochs * self.updates_per_epoch
+        args.num_train_epochs = math.ceil(args.max_train_steps / self.updates_per_epoch)
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer,
+            # The prepared scheduler steps once per process per update (diffusers does the same scaling).
+            num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+            num_training_steps=args.max_train_steps * acc.num_processes,
+        )
+        self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(self.parts.unet, optimizer, loader, lr_scheduler)
+        self.raw_unet = acc.unwrap_model(self.unet)
+        self.updates_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+
+    # ----------------------------------------------------------------------------------------- model calls
+    def policy(self, grad: bool):
+        """f(x, t, cond) of the trained UNet: the DDP-wrapped module for the one grad call of a step,
+        the bare module for no-grad exploration (no DDP bookkeeping)."""
+        forward = unet_forward(self.unet if grad else self.raw_unet)
+
+        def call(x, t, cond):
+            with self.accelerator.autocast():
+                return forward(x, t, cond)
+
+        return call
+
+    @torch.no_grad()
+    def reference(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The frozen base model: a copy for full fine-tuning, the same UNet with adapters off for LoRA."""
+        if self.reference_unet is not None:
+            with self.accelerator.autocast():
+                return unet_forward(self.reference_unet)(x.to(self.weight_dtype), t, cond.to(dtype=self.weight_dtype))
+        self.raw_unet.disable_adapters()
+        try:
+            with self.accelerator.autocast():
+                return unet_forward(self.raw_unet)(x, t, cond)
+        finally:
+            self.raw_unet.enable_adapters()
+
+    def conditioning(self, captions: list[str], time_ids: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
+        """Prompt embeddings; with a generator, caption dropout (--proportion_empty_prompts) is applied."""
+        if generator is not None and self.args.proportion_empty_prompts > 0:
+            drop = torch.rand(len(captions), generator=generator) < self.args.proportion_empty_prompts
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return sdxl.encode_prompts(self.parts, captions, time_ids, self.device)
+
+    def default_time_ids(self, batch_size: int) -> torch.Tensor:
+        r = self.args.resolution
+        return sdxl.time_ids([(r, r)] * batch_size, [(0, 0)] * batch_size, (r, r))
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        return (batch_size, self.raw_unet.config.in_channels, self.args.resolution // scale, self.args.resolution // scale)
+
+    def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def decode(self, latents: torch.Tensor):
+        return sdxl.decode_to_pil(self.parts.vae, latents, self.args.decode_batch_size)
+
+    @torch.no_grad()
+    def rollout(self, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+        """x0 generated by the CURRENT policy with CFG on the --infer_steps grid (Algorithm 2, line 2)."""
+        model = guided(self.policy(grad=False), sdxl.unconditional(self.parts, cond, self.device), self.args.guidance_scale)
+        return sample(model, self.ddim, self.randn(self.latent_shape(cond.pooled.shape[0]), generator), cond)
+
+    @torch.no_grad()
+    def explore_candidates(self, x0: torch.Tensor, cond: Conditioning, prompts: list[str], generator: torch.Generator) -> Candidates:
+        """Shared exploration: n fresh noises at a per-prompt timestep on the DDIM grid, m no-grad DDIM steps,
+        every x0 preview scored against the real caption in one reward call, path reward (Eq. 8), per-prompt ranking."""
+        n, batch = self.args.num_noisy_latents, x0.shape[0]
+        t = draw_start_timesteps(self.ddim, batch, self.num_steps, generator).repeat(n)
+        noise = self.randn((n * batch, *x0.shape[1:]), generator)
+        x_t = self.ddim.add_noise(x0.repeat(n, 1, 1, 1), noise, t)
+        cond_n = cond.repeat(n)
+        model = guided(self.policy(grad=False), sdxl.unconditional(self.parts, cond_n, self.device), self.args.explore_guidance_scale)
+        exploration = explore(model, self.ddim, x_t, t, cond_n, self.num_steps)
+        score_exploration(exploration, prompts * n, self.decode, self.reward)
+        rewards = path_reward(exploration.step_rewards, self.args.path_reward)
+        return Candidates(x0, noise, exploration, rewards, select(rewards, n))
+
+    def trajectory_mse(self, model, x0: torch.Tensor, candidates: Candidates, which: torch.Tensor, cond: Conditioning, target: str) -> torch.Tensor:
+        """(m, B) errors of `model` on the states of the chosen candidate per prompt, against the original
+        noise (Eq. 9, target="noise") or the noise that maps x0 exactly to each state (target="exact")."""
+        states, timesteps, noise = candidates.states_of(which)
+        m = self.num_steps
+        x0_m = x0.repeat(m, 1, 1, 1)
+        if target == "exact":
+            noise = self.ddim.exact_noise(x0_m, states, timesteps)
+        prediction = model(states, timesteps, cond.repeat(m))
+        return per_sample_mse(prediction, self.ddim.target(x0_m, noise, timesteps)).view(m, -1)
+
+    @staticmethod
+    def exploration_logs(candidates: Candidates) -> dict[str, float]:
+        sel, rewards = candidates.selection, candidates.path_rewards
+        finite = rewards[torch.isfinite(rewards)]
+        logs = {
+            "reward/candidate_mean": finite.mean().item() if finite.numel() else float("nan"),
+            "reward/candidate_std": finite.std().item() if finite.numel() > 1 else 0.0,
+            "reward/unscored_candidates": float((~torch.isfinite(rewards)).sum()),
+        }
+        if sel.has_winner.any():
+            prompt_mean = rewards.view(-1, len(sel.winner)).nanmean(0)
+            logs["reward/winner"] = sel.winner_reward[sel.has_winner].mean().item()
+            logs["reward/winner_minus_mean"] = (sel.winner_reward - prompt_mean)[sel.has_winner].mean().item()
+        for name, values in candidates.exploration.step_components.items():
+            logs[f"reward/component/{name}"] = values.nanmean().item()
+        return logs
+
+    # ----------------------------------------------------------------------------------------- loop
+    def train(self, step_fn: StepFn) -> None:
+        args, acc = self.args, self.accelerator
+        global_step, first_epoch, skip_batches = self._maybe_resume()
+        nonfinite_in_a_row = 0
+        progress = _progress_bar(args.max_train_steps, global_step, not acc.is_local_main_process)
+        logger.info(
+            "Training %s: %d steps, %d processes x batch %d x accumulation %d, n=%d, m=%d, grid %s..%s (stride %d).",
+            self.variant, args.max_train_steps, acc.num_processes, args.train_batch_size, args.gradient_accumulation_steps,
+            args.num_noisy_latents, self.num_steps, int(self.ddim.grid[0]), int(self.ddim.grid[-1]), self.ddim.stride,
+        )
+        window = _Window()
+        for epoch in range(first_epoch, args.num_train_epochs):
+            self.sampler.set_epoch(epoch)
+            self.dataset.set_epoch(epoch)
+            loader = self.loader
+            if epoch == first_epoch and skip_batches:
+                loader = acc.skip_first_batches(self.loader, skip_batches)
+            start = skip_batches if epoch == first_epoch else 0
+            for micro_index, batch in enumerate(loader, start=start):
+                self._count_rows(batch)
+                generator = torch.Generator().manual_seed(mix_seed(args.seed, epoch, micro_index, acc.process_index))
+                with acc.accumulate(self.unet):
+                    result = step_fn(self, batch, generator)
+                    acc.backward(result.loss)
+                    window.add(result)
+                    if not acc.sync_gradients:
+                        continue
+                    outcome = self._finish_update(window)
+                if outcome == "nonfinite":
+                    nonfinite_in_a_row += 1
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        raise RuntimeError(
+                            f"{nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient; stopping. "
+                            "Lower --learning_rate, use bf16 or the fp16-fix VAE, or resume from the last checkpoint."
+                        )
+                elif outcome == "updated":
+                    nonfinite_in_a_row = 0
+                global_step += 1
+                progress.update(1)
+                logs = window.logs() | {"lr": self.lr_scheduler.get_last_lr()[0], "epoch": epoch} | {f"count/{k}": v for k, v in self.counters.items()}
+                logs |= {f"reward_model/{k}": v for k, v in self.reward.counters().items()}
+                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", outcome=outcome)
+                acc.log(logs, step=global_step)
+                window = _Window()
+                stop = self._any_process(self.stop_requested)
+                if global_step % args.checkpointing_steps == 0 or stop:
+                    self.save_checkpoint(global_step)
+                if stop:
+                    logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
+                    acc.end_training()
+                    sys.exit(SIGTERM_EXIT_CODE)
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    self.validate(global_step)
+                if global_step >= args.max_train_steps:
+                    break
+            if global_step >= args.max_train_steps:
+                break
+            if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
+                self.validate(global_step)
+        progress.close()
+        acc.wait_for_everyone()
+        self.validate(global_step)
+        self.save_final()
+        acc.end_training()
+
+    def _finish_update(self, window: "_Window") -> str:
+        """At the end of an accumulation window: skip, step, or let the fp16 scaler skip. Returns the outcome."""
+        acc = self.accelerator
+        flags = acc.reduce(torch.tensor([float(window.nonfinite_loss), float(window.num_trained)], device=self.device), reduction="sum")
+        if flags[0] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["nonfinite_skips"] += 1
+            logger.warning("Non-finite loss: update skipped, weights unchanged.")
+            return "nonfinite"
+        if flags[1] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["no_preference_skips"] += 1
+            logger.info("No prompt of this update had a usable reward ranking: update skipped.")
+            return "skipped"
+        grad_norm = acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm or float("inf"))
+        window.grad_norm = float(grad_norm)
+        if not math.isfinite(window.grad_norm):
+            if acc.scaler is not None:
+                # fp16 loss scaling: the scaler skips this step itself and lowers the scale (normal early on).
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.counters["fp16_overflow_skips"] += 1
+                return "overflow"
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters["nonfinite_skips"] += 1
+            logger.warning("Non-finite gradient: update skipped, weights unchanged.")
+            return "nonfinite"
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable_params)
+        return "updated"
+
+    def _count_rows(self, batch: dict) -> None:
+        bad = len(batch.get("bad_rows", []))
+        for name in batch.get("bad_rows", []):
+            logger.warning("Bad row skipped: %s", name)
+        counts = self.accelerator.reduce(torch.tensor([float(bad), float(len(batch["captions"]) + bad)], device=self.device), reduction="sum")
+        self.counters["bad_rows"] += int(counts[0])
+        self.counters["rows_read"] += int(counts[1])
+        if self.counters["bad_rows"] > self.args.max_bad_fraction * self.counters["rows_read"] and self.counters["bad_rows"] > 0:
+            raise RuntimeError(
+                f"{self.counters['bad_rows']} of {self.counters['rows_read']} rows read so far were unreadable "
+                f"(more than --max_bad_fraction={self.args.max_bad_fraction}); fix the data or raise the flag. See the warnings above for their names."
+            )
+
+    def _any_process(self, flag: bool) -> bool:
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")[0] > 0)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM received: finishing this step, then checkpointing.")
+        self.stop_requested = True
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def _save_hook(self, models, weights, output_dir) -> None:
+        """Checkpoint only what trains (the whole UNet, or just the LoRA weights), as safetensors."""
+        from safetensors.torch import save_file
+
+        for i, model in enumerate(models):
+            if self.accelerator.is_main_process:
+                state = {k: v.detach().contiguous() for k, v in self.accelerator.unwrap_model(model).named_parameters() if v.requires_grad}
+                save_file(state, os.path.join(output_dir, "trainable_weights.safetensors"))
+            if weights:
+                weights.pop()
+
+    def _load_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(input_dir, "trainable_weights.safetensors"))
+        model = self.accelerator.unwrap_model(models.pop())
+        params = dict(model.named_parameters())
+        expected = {k for k, v in params.items() if v.requires_grad}
+        if set(state) != expected:
+            raise ValueError(
+                f"Checkpoint {input_dir} does not match this run's trainable weights "
+                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing): was it made with the same --use_lora/--lora_rank?"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def save_checkpoint(self, global_step: int) -> None:
+        """checkpoint-<step> written atomically: into a temp folder, renamed when complete; pruning only after."""
+        acc, out = self.accelerator, Path(self.args.output_dir)
+        final, tmp = out / f"checkpoint-{global_step}", out / f".tmp-checkpoint-{global_step}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every rank takes part
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"global_step": global_step, "seed": self.args.seed, "counters": self.counters}
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            logger.info("Saved %s", final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.args.checkpoints_total_limit
+        if not limit:
+            return
+        for old in _checkpoints(Path(self.args.output_dir))[:-limit]:
+            logger.info("Removing old checkpoint %s (--checkpoints_total_limit=%d)", old, limit)
+            shutil.rmtree(old)
+
+    def _maybe_resume(self) -> tuple[int, int, int]:
+        """Returns (global_step, first_epoch, micro-batches to skip in that epoch)."""
+        args = self.args
+        path = _resume_path(args)
+        if path is None:
+            if args.resume_from_checkpoint:
+                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from scratch.", args.output_dir)
+            return 0, 0, 0
+        state = json.loads((path / "training_state.json").read_text())
+        self.accelerator.load_state(str(path))
+        self.counters = state.get("counters", self.counters) | {}
+        global_step = int(state["global_step"])
+        # An epoch's last accumulation window may be short (accelerate syncs at the end of the data).
+        epoch, update_in_epoch = divmod(global_step, self.updates_per_epoch)
+        logger.info("Resumed from %s at step %d (epoch %d, update %d of the epoch).", path, global_step, epoch, update_in_epoch)
+        return global_step, epoch, update_in_epoch * args.gradient_accumulation_steps
+
+    # ----------------------------------------------------------------------------------------- outputs
+    @contextlib.contextmanager
+    def ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable_params)
+        self.ema.copy_to(self.trainable_params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable_params)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int) -> list:
+        generator = torch.Generator().manual_seed(seed)
+        cond = self.conditioning(prompts, self.default_time_ids(len(prompts)))
+        return self.decode(self.rollout(cond, generator))
+
+    def validate(self, global_step: int) -> None:
+        args, acc = self.args, self.accelerator
+        if not args.validation_prompt or not acc.is_main_process:
+            return
+        self.raw_unet.eval()
+        with self.ema_weights():
+            images = self.generate([args.validation_prompt] * args.num_validation_images, args.seed)
+        self.raw_unet.train()
+        sdxl.save_images(images, Path(args.output_dir) / "validation", f"step-{global_step:06d}")
+        self.log_images("validation", images, [args.validation_prompt] * len(images), global_step)
+
+    def log_images(self, name: str, images: list, captions: list[str], step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arrays = np.stack([np.asarray(i) for i in images])
+                tracker.writer.add_images(name, arrays, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions)]}, step=step)
+
+    def save_final(self) -> None:
+        args, acc = self.args, self.accelerator
+        if not acc.is_main_process:
+            return
+        out = Path(args.output_dir)
+        with self.ema_weights():
+            if args.use_lora:
+                from diffusers import StableDiffusionXLPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.raw_unet))
+                StableDiffusionXLPipeline.save_lora_weights(save_directory=str(out), unet_lora_layers=layers, safe_serialization=True)
+            else:
+                self.raw_unet.save_pretrained(out / "unet", safe_serialization=True)
+        write_model_card(args, out, self.variant, self.num_steps)
+        logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "UNet", out)
+
+
+def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int) -> None:
+    kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else "a full UNet in `unet/`"
+    load = (
+        f'pipe.load_lora_weights("{out}")'
+        if args.use_lora
+        else f'pipe.unet = UNet2DConditionModel.from_pretrained("{out}", subfolder="unet", torch_dtype=torch.float16)'
+    )
+    text = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+tags: [stable-diffusion-xl, text-to-image, diffusion-sharpening, {variant.lower()}]
+---
+# Diffusion-Sharpening ({variant}) fine-tune of {args.pretrained_model_name_or_path}
+
+This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 2502.12146).
+
+| setting | value |
+|---|---|
+| reward | `{args.reward_model}` |
+| candidates per prompt (n) | {args.num_noisy_latents} |
+| steps per trajectory (m) | {num_steps} |
+| DDIM grid | {args.infer_steps} steps |
+| path reward | {args.path_reward} |
+| optimizer steps | {args.max_train_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| batch | {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation |
+| resolution | {args.resolution} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)
+{load}
+```
+"""
+    (out / "README.md").write_text(text)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _progress_bar(total: int, initial: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="Steps", disable=disable)
+
+
+@dataclass
+class _Window:
+    """Sums over the micro-batches of one accumulation window, turned into logs at the update."""
+
+    losses: list = field(default_factory=list)
+    num_trained: int = 0
+    nonfinite_loss: bool = False
+    grad_norm: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+    def add(self, result: StepResult) -> None:
+        value = float(result.loss.detach())
+        self.nonfinite_loss |= not math.isfinite(value)
+        self.losses.append(value)
+        self.num_trained += result.num_trained
+        for k, v in result.logs.items():
+            self.extra.setdefault(k, []).append(v)
+
+    def logs(self) -> dict[str, float]:
+        out = {"loss": float(np.mean(self.losses)), "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
+        out |= {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in self.extra.items()}
+        return out

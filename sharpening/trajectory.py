@@ -1,0 +1,98 @@
+"""Exploration shared by both variants: n candidates x m DDIM steps without grad, scored along the path.
+
+Layout convention: the n candidates of a micro-batch of B prompts are stacked candidate-major, so row
+i * B + b is candidate i of prompt b and `x.view(n, B, ...)` recovers the (candidate, prompt) grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampler import DDIM, Conditioning, UNetFn
+
+
+def draw_start_timesteps(ddim: DDIM, batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-prompt start timesteps drawn uniformly from the DDIM grid positions that leave room for
+    `num_steps` states on the grid (the upstream `gather(t).max()` shares one biased t: paper-digest B4)."""
+    last_start = len(ddim.grid) - num_steps
+    positions = torch.randint(0, last_start + 1, (batch_size,), generator=generator)
+    return ddim.grid[positions]
+
+
+def effective_steps(ddim: DDIM, trajectory_nums: int) -> int:
+    """m clipped to the grid length, so every visited timestep is on the grid and >= 0."""
+    return max(1, min(trajectory_nums, len(ddim.grid)))
+
+
+@dataclass
+class Exploration:
+    states: torch.Tensor  # (m, N, C, H, W): x_{t_k}, the inputs of the k-th UNet call
+    timesteps: torch.Tensor  # (m, N)
+    x0_preds: torch.Tensor  # (m, N, C, H, W): one-step x0 prediction at each state (what the reward sees)
+    step_rewards: torch.Tensor | None = None  # (m, N), NaN where the reward could not be had
+    step_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (m, N)
+
+
+@torch.no_grad()
+def explore(model: UNetFn, ddim: DDIM, x_start: torch.Tensor, t_start: torch.Tensor, cond: Conditioning, num_steps: int) -> Exploration:
+    """Run `num_steps` deterministic DDIM steps from x_start (N rows, per-row t_start), keeping each state."""
+    states, timesteps, x0_preds = [], [], []
+    x, t = x_start, t_start
+    for _ in range(num_steps):
+        states.append(x)
+        timesteps.append(t)
+        x, x0 = ddim.step(model(x, t, cond), t, x)
+        x0_preds.append(x0)
+        t = t - ddim.stride
+    return Exploration(torch.stack(states), torch.stack(timesteps), torch.stack(x0_preds))
+
+
+def score_exploration(exploration: Exploration, prompts: list[str], decode: Callable, reward) -> None:
+    """Decode every x0 prediction of the exploration and score all of them in ONE reward call (so an
+    MLLM grader runs them concurrently). `prompts` holds the real caption of each of the N rows."""
+    m, N = exploration.timesteps.shape
+    images = decode(exploration.x0_preds.flatten(0, 1))
+    result = reward.evaluate(images, prompts * m)
+    exploration.step_rewards = result.total.float().view(m, N)
+    exploration.step_components = {k: v.float().view(m, N) for k, v in result.components.items()}
+
+
+def path_reward(step_rewards: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """Eq. 8: R_i = sum over the visited states (or the mean). One unscored state makes the path NaN,
+    so an incompletely scored candidate can never win."""
+    if mode == "sum":
+        return step_rewards.sum(0)
+    if mode == "mean":
+        return step_rewards.mean(0)
+    raise ValueError(f"--path_reward must be 'sum' or 'mean', got {mode!r}")
+
+
+@dataclass
+class Selection:
+    winner: torch.Tensor  # (B,) candidate index of the best path per prompt
+    loser: torch.Tensor  # (B,) candidate index of the worst path per prompt
+    has_winner: torch.Tensor  # (B,) bool: at least one candidate has a finite path reward
+    has_pair: torch.Tensor  # (B,) bool: best and worst are finite and differ (a preference exists)
+    winner_reward: torch.Tensor  # (B,)
+    loser_reward: torch.Tensor  # (B,)
+
+    def rows(self, which: torch.Tensor) -> torch.Tensor:
+        """Candidate-major row indices of the chosen candidate per prompt."""
+        batch = which.shape[0]
+        return which * batch + torch.arange(batch, device=which.device)
+
+
+def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
+    """Per prompt (reduce over the n axis, not over the flattened batch: paper-digest B2): argmax and argmin
+    of the path reward among candidates with a finite reward."""
+    grid = path_rewards.view(num_candidates, -1).float()
+    finite = torch.isfinite(grid)
+    winner = grid.masked_fill(~finite, float("-inf")).argmax(0)
+    loser = grid.masked_fill(~finite, float("inf")).argmin(0)
+    has_winner = finite.any(0)
+    idx = torch.arange(grid.shape[1])
+    winner_reward, loser_reward = grid[winner, idx], grid[loser, idx]
+    has_pair = has_winner & (winner_reward > loser_reward)
+    return Selection(winner, loser, has_winner, has_pair, winner_reward, loser_reward)

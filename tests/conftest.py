@@ -1,0 +1,108 @@
+"""Offline fixtures: a tiny SDXL saved once per test session, tiny image-text data, script runners."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Without these, a hub id makes transformers retry for minutes and then return an EMPTY tokenizer.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = str(ROOT / "tests" / "plugin_rewards.py")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from sharpening.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def write_image_folder(folder: Path, count: int = 8, size: int = 40, corrupt: tuple[int, ...] = ()) -> Path:
+    """An imagefolder with metadata.jsonl: coloured squares with captions; `corrupt` rows get broken files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(count):
+        name = f"img_{i:03d}.png"
+        if i in corrupt:
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+        else:
+            array = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
+            Image.fromarray(array).save(folder / name)
+        rows.append({"file_name": name, "text": f"a {colours[i % 4]} square number {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+def tiny_args(model: Path, output_dir: Path, **overrides) -> list[str]:
+    """Flags for a fast run of either script on the tiny SDXL (32 px -> 16x16 latents, 4-step grid)."""
+    flags = {
+        "pretrained_model_name_or_path": model,
+        "output_dir": output_dir,
+        "resolution": 32,
+        "train_batch_size": 2,
+        "max_train_steps": 2,
+        "num_noisy_latents": 3,
+        "trajectory_nums": 2,
+        "infer_steps": 4,
+        "learning_rate": 1e-3,
+        "checkpointing_steps": 1000,
+        "seed": 0,
+        "reward_model": "brightness",
+        "reward_plugin": PLUGIN,
+        "report_to": "none",
+        "guidance_scale": 2.0,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def accelerate_launch(script: str, argv: list[str], num_processes: int = 1, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
+    """Run a training script the way users do. Two processes use gloo on CPU (`--cpu` would run only one)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    if num_processes > 1:
+        launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
+        env["ACCELERATE_USE_CPU"] = "true"
+    else:
+        launcher += ["--num_processes", "1"]
+    cmd = launcher + [str(ROOT / script)] + argv
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""SFT Diffusion-Sharpening for SDXL (arXiv 2502.12146, Algorithm 1).
+
+For each image-text pair (x, c): noise x with n fresh noises at a timestep t on the DDIM grid, run m DDIM
+steps from each without grad, score every step's x0 preview with the reward on the real caption, keep the
+trajectory with the highest path reward (Eq. 8) and train the UNet on that trajectory's states (Eq. 9).
+
+    accelerate launch train_sft_diffusion_sharpening_sdxl.py --pretrained_model_name_or_path ... --dataset_name ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from reward import add_reward_args
+from sharpening import sdxl
+from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
+from sharpening.losses import sft_loss
+from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(parser)
+    add_reward_args(parser)
+    parser.add_argument(
+        "--sft_target", default="noise", choices=["noise", "exact"],
+        help="noise: the candidate's original noise at every state (Eq. 9); exact: the noise that maps x0 to each state.",
+    )
+    args = parser.parse_args(argv)
+    validate_training_args(args)
+    return args
+
+
+def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepResult:
+    """Algorithm 1 for one micro-batch of B image-text pairs."""
+    captions = batch["captions"]
+    time_ids = sdxl.time_ids(batch["original_sizes"], batch["crops_top_left"], (trainer.args.resolution,) * 2)
+    x0 = sdxl.encode_images(trainer.parts.vae, batch["pixel_values"], generator).float()
+
+    # Explore n trajectories per pair (no grad) and pick the best path per prompt (Eq. 8).
+    candidates = trainer.explore_candidates(x0, trainer.conditioning(captions, time_ids), captions, generator)
+    selection = candidates.selection
+
+    # Eq. 9 on the winner's m states, recomputed with grad; caption dropout applies to this conditioning only.
+    train_cond = trainer.conditioning(captions, time_ids, generator)
+    step_mse = trainer.trajectory_mse(trainer.policy(grad=True), x0, candidates, selection.winner, train_cond, trainer.args.sft_target)
+    loss = sft_loss(step_mse, selection.has_winner)
+
+    logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
+    return StepResult(loss, int(selection.has_winner.sum()), logs)
+
+
+def main(args: argparse.Namespace) -> None:
+    data = load_hf_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+    require_columns(data, {"--image_column": args.image_column, "--caption_column": args.caption_column})
+    if args.max_train_samples is not None:
+        data = data.select(range(min(args.max_train_samples, len(data))))
+    dataset = ImageTextDataset(data, args.image_column, args.caption_column, args.resolution, args.center_crop, args.random_flip, args.seed)
+    trainer = Trainer(args, dataset, collate_image_text, needs_reference=False, variant="SFT")
+    trainer.train(sft_step)
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
