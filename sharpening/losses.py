@@ -13,8 +13,10 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the rows where mask is true; 0 (still attached to the graph) when none is, so every process
     always runs backward through the same graph (DDP needs that) while skipped rows contribute nothing."""
-    weights = mask.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+    mask = mask.to(values.device)
+    # where(), not values * mask: a NaN in a skipped row must not poison the others (NaN * 0 = NaN).
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    return kept.sum() / mask.sum().clamp(min=1).to(values.dtype)
 
 
 def sft_loss(step_mse: torch.Tensor, has_winner: torch.Tensor) -> torch.Tensor:
@@ -42,5 +44,9 @@ def reward_dpo_logits(
 
 
 def reward_dpo_loss(logits: torch.Tensor, has_pair: torch.Tensor) -> torch.Tensor:
-    """Eq. 11: -log sigmoid(logits), averaged over the prompts that have a strict preference."""
-    return masked_mean(-F.logsigmoid(logits), has_pair)
+    """Eq. 11: -log sigmoid(logits), averaged over the prompts that have a strict preference. Rows without one
+    (tied or unscored, whose reward gap may be NaN) are replaced before the sigmoid, so neither their value
+    nor their gradient can turn NaN."""
+    has_pair = has_pair.to(logits.device)
+    safe = torch.where(has_pair, logits, torch.zeros_like(logits))
+    return masked_mean(-F.logsigmoid(safe), has_pair)

@@ -26,6 +26,10 @@ class DDIM:
     def __init__(self, scheduler_config: dict, num_inference_steps: int):
         # Building DDIM from SDXL's Euler config keeps timestep_spacing="leading" and steps_offset=1, so
         # 25 steps give the grid 961, 921, ..., 1 with stride 40.
+        # clip_sample is a pixel-space DDIM/DDPM notion that DDIMScheduler defaults to True when a config (SDXL's
+        # Euler one) lacks the key; clamping SDXL latents' x0 to [-1, 1] would be silently wrong. Honour it only
+        # where the config asks for it.
+        scheduler_config = {**scheduler_config, "clip_sample": bool(scheduler_config.get("clip_sample", False))}
         self.scheduler = DDIMScheduler.from_config(scheduler_config)
         if self.scheduler.config.thresholding:
             raise ValueError("DDIM thresholding is not supported by the batched sampler.")
@@ -62,9 +66,9 @@ class DDIM:
         else:
             raise ValueError(f"Unknown prediction_type {self.prediction_type!r}")
         if self.scheduler.config.clip_sample:
+            # As DDIMScheduler.step with its default use_clipped_model_output=False: only x0 is clamped.
             r = self.scheduler.config.clip_sample_range
             x0 = x0.clamp(-r, r)
-            eps = (sample - a * x0) / s
         return x0, eps
 
     def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor):

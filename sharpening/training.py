@@ -200,8 +200,10 @@ class Candidates:
     selection: Selection
 
     def states_of(self, which: torch.Tensor):
-        """(m*B, ...) states, (m*B,) timesteps and (m*B, ...) starting noise of one candidate per prompt."""
-        rows = self.selection.rows(which)
+        """States, timesteps and starting noise, each flattened to (m * len(which), ...), of candidate which[j]
+        of prompt j % B: pass B indices (the winners) or 2B (winners then losers, RLHF)."""
+        batch = self.selection.winner.shape[0]
+        rows = which.cpu() * batch + torch.arange(len(which)) % batch
         m = self.exploration.timesteps.shape[0]
         states = self.exploration.states[:, rows].flatten(0, 1)
         timesteps = self.exploration.timesteps[:, rows].flatten(0, 1)
@@ -463,11 +465,15 @@ class Trainer:
         )
         window = _Window()
         for epoch in range(first_epoch, args.num_train_epochs):
-            self.sampler.set_epoch(epoch)
-            self.dataset.set_epoch(epoch)
             loader = self.loader
             if epoch == first_epoch and skip_batches:
                 loader = acc.skip_first_batches(self.loader, skip_batches)
+            # Accelerate's loaders re-seed the sampler and dataset from their own iteration counter when
+            # iterated; set it, so the skip-loader of a resumed epoch and the next epochs agree with an
+            # uninterrupted run.
+            loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            self.dataset.set_epoch(epoch)
             start = skip_batches if epoch == first_epoch else 0
             for micro_index, batch in enumerate(loader, start=start):
                 self._count_rows(batch)

@@ -78,11 +78,6 @@ class Selection:
     winner_reward: torch.Tensor  # (B,)
     loser_reward: torch.Tensor  # (B,)
 
-    def rows(self, which: torch.Tensor) -> torch.Tensor:
-        """Candidate-major row indices of the chosen candidate per prompt."""
-        batch = which.shape[0]
-        return which * batch + torch.arange(batch, device=which.device)
-
 
 def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
     """Per prompt (reduce over the n axis, not over the flattened batch: paper-digest B2): argmax and argmin

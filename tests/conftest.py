@@ -87,7 +87,7 @@ def tiny_args(model: Path, output_dir: Path, **overrides) -> list[str]:
 def accelerate_launch(script: str, argv: list[str], num_processes: int = 1, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
     """Run a training script the way users do. Two processes use gloo on CPU (`--cpu` would run only one)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env_extra or {}))
     if num_processes > 1:
         launcher += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
         env["ACCELERATE_USE_CPU"] = "true"

@@ -1,0 +1,32 @@
+# `make test` and `make demo` create (or reuse) the virtual environment, install, and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-all demo clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard requirements-reference.txt)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# Reference implementations used only by tests; installed without their (outdated) pins.
+	if [ -f requirements-reference.txt ]; then $(PY) -m pip install -q --no-deps -r requirements-reference.txt; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits non-zero (5) when it collects no test, so an empty run fails here too.
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

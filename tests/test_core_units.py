@@ -1,0 +1,679 @@
+"""Value-checking unit tests of the pure modules in `sharpening/` (sampler, trajectory, losses, data, sdxl).
+
+Every test checks numbers: against diffusers' own scheduler, against a hand-written recursion or formula, or
+against arithmetic written out in the test. Nothing here imports reward.py or the training scripts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+from conftest import write_image_folder
+from sharpening import data as sdata
+from sharpening import losses, sdxl, trajectory
+from sharpening.sampler import DDIM, Conditioning, guided
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+# The scheduler config stabilityai/stable-diffusion-xl-base-1.0 ships (an Euler config; clip_sample and
+# set_alpha_to_one are extra keys that the DDIM scheduler built from it picks up).
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+def sdxl_config(**overrides) -> dict:
+    return dict(SDXL_SCHEDULER, **overrides)
+
+
+def reference_scheduler(config: dict, steps: int = 25, float64: bool = True) -> DDIMScheduler:
+    """diffusers' DDIMScheduler for `config`. Its alpha-bars are float32 tensors, so for float64 inputs its step
+    rounds sqrt(alpha-bar) to float32 (~6e-8 relative, x 1/sqrt(abar) ~ 15 at t = 961: up to ~3e-6 absolute on
+    O(1) inputs). float64=True runs diffusers' own step code on the SAME alpha-bar values held in float64, so
+    the comparison checks the algorithm, not float32 rounding."""
+    ref = DDIMScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    if float64:
+        ref.alphas_cumprod = ref.alphas_cumprod.double()
+        ref.final_alpha_cumprod = torch.tensor(float(ref.final_alpha_cumprod), dtype=torch.float64)
+    return ref
+
+
+def reference_step(ref: DDIMScheduler, model_output, timesteps, sample):
+    """diffusers' DDIMScheduler.step(eta=0), one sample at a time (it only takes a scalar timestep)."""
+    prev, x0 = [], []
+    for i, t in enumerate(timesteps.tolist()):
+        out = ref.step(model_output[i : i + 1], int(t), sample[i : i + 1], eta=0.0)
+        prev.append(out.prev_sample)
+        x0.append(out.pred_original_sample)
+    return torch.cat(prev), torch.cat(x0)
+
+
+def cond_of(values: list[float], tokens: int = 3, width: int = 4) -> Conditioning:
+    """A Conditioning whose every field of row r holds values[r] (so rows are recognisable)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return Conditioning(
+        v.view(-1, 1, 1).expand(-1, tokens, width).clone(),
+        v.view(-1, 1).expand(-1, width).clone(),
+        v.view(-1, 1).expand(-1, 6).clone(),
+    )
+
+
+# Per-sample timesteps spanning the grid, including its first (961) and last (1) entries.
+MIXED_T = torch.tensor([961, 521, 41, 1, 881, 1])
+
+
+# ----------------------------------------------------------------------------------------------- 1. DDIM
+
+
+def test_ddim_sdxl_grid_is_961_down_to_1_with_stride_40():
+    ddim = DDIM(sdxl_config(), 25)
+    assert ddim.grid.tolist() == list(range(961, 0, -40))
+    assert len(ddim.grid) == 25 and ddim.grid[0] == 961 and ddim.grid[-1] == 1
+    assert ddim.stride == 40
+    assert ddim.grid.dtype == torch.long
+
+
+def test_ddim_from_plain_euler_scheduler_config_has_the_same_grid():
+    euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+    ddim = DDIM(euler.config, 25)
+    assert ddim.grid.tolist() == list(range(961, 0, -40)) and ddim.stride == 40
+
+
+def test_alpha_bar_below_zero_is_final_alpha_cumprod():
+    ddim = DDIM(sdxl_config(), 25)  # set_alpha_to_one=False: final = alphas_cumprod[0]
+    abar = ddim.alpha_bar(torch.tensor([961, 1, 0, -39]))
+    ac = ddim.scheduler.alphas_cumprod.double()
+    assert abar.tolist() == [ac[961].item(), ac[1].item(), ac[0].item(), ac[0].item()]
+    ddim_one = DDIM(sdxl_config(set_alpha_to_one=True), 25)
+    assert ddim_one.alpha_bar(torch.tensor([-39])).item() == 1.0
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_batched_step_with_per_sample_timesteps_equals_diffusers_ddim_step(prediction_type, set_alpha_to_one):
+    config = sdxl_config(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one)
+    ddim, ref = DDIM(config, 25), reference_scheduler(config)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
+    model_output = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
+
+    prev, x0 = ddim.step(model_output, MIXED_T, sample)
+    ref_prev, ref_x0 = reference_step(ref, model_output, MIXED_T, sample)
+
+    assert prev.dtype == torch.float64 and prev.shape == sample.shape
+    torch.testing.assert_close(prev, ref_prev, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x0, ref_x0, rtol=0, atol=1e-6)
+    # The rows at timestep 1 (the last grid step, prev = -39) really used final_alpha_cumprod:
+    last = MIXED_T == 1
+    final = 1.0 if set_alpha_to_one else ddim.scheduler.alphas_cumprod[0].item()
+    _, eps = ddim.split_prediction(model_output, sample, MIXED_T)
+    manual = math.sqrt(final) * x0[last] + math.sqrt(1 - final) * eps[last]
+    torch.testing.assert_close(prev[last], manual, rtol=0, atol=1e-12)
+
+
+def test_batched_step_float32_matches_diffusers():
+    # float32 in/out, as in training, against the STOCK diffusers scheduler (float32 alpha-bars): values are
+    # O(1) to O(15) (x0 = x / sqrt(abar) at t = 961), so float32 resolution there is ~1e-6; atol 1e-5.
+    config = sdxl_config()
+    ddim, ref = DDIM(config, 25), reference_scheduler(config, float64=False)
+    g = torch.Generator().manual_seed(1)
+    sample, model_output = torch.randn(2, len(MIXED_T), 4, 3, 3, generator=g)
+    prev, x0 = ddim.step(model_output, MIXED_T, sample)
+    ref_prev, ref_x0 = reference_step(ref, model_output, MIXED_T, sample)
+    assert prev.dtype == torch.float32
+    torch.testing.assert_close(prev, ref_prev, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x0, ref_x0, rtol=0, atol=1e-5)
+
+
+def test_add_noise_equals_diffusers_add_noise_per_sample():
+    config = sdxl_config()
+    ddim, ref = DDIM(config, 25), reference_scheduler(config)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
+    ours = ddim.add_noise(x0, noise, MIXED_T)
+    theirs = torch.cat([ref.add_noise(x0[i : i + 1], noise[i : i + 1], MIXED_T[i : i + 1]) for i in range(len(MIXED_T))])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_split_prediction_recovers_x0_and_eps_of_a_synthetic_state(prediction_type):
+    ddim = DDIM(sdxl_config(prediction_type=prediction_type), 25)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(len(MIXED_T), 4, 2, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(len(MIXED_T), 4, 2, 2, generator=g, dtype=torch.float64)
+    ac = ddim.scheduler.alphas_cumprod.double()[MIXED_T].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
+    v = ac.sqrt() * eps - (1 - ac).sqrt() * x0
+    output = eps if prediction_type == "epsilon" else v
+    x0_hat, eps_hat = ddim.split_prediction(output, x_t, MIXED_T)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(eps_hat, eps, rtol=0, atol=1e-9)
+
+
+def test_exact_noise_of_a_noised_state_is_the_noise_used():
+    ddim = DDIM(sdxl_config(), 25)
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(2, len(MIXED_T), 4, 2, 2, generator=g, dtype=torch.float64)
+    x_t = ddim.add_noise(x0, eps, MIXED_T)
+    torch.testing.assert_close(ddim.exact_noise(x0, x_t, MIXED_T), eps, rtol=0, atol=1e-9)
+
+
+def test_target_is_noise_for_epsilon_and_get_velocity_for_v_prediction():
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, len(MIXED_T), 4, 2, 2, generator=g, dtype=torch.float64)
+    assert torch.equal(DDIM(sdxl_config(), 25).target(x0, noise, MIXED_T), noise)
+    config = sdxl_config(prediction_type="v_prediction")
+    ours = DDIM(config, 25).target(x0, noise, MIXED_T)
+    theirs = reference_scheduler(config).get_velocity(x0, noise, MIXED_T)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_batched_step_equals_diffusers_when_clip_sample_is_on():
+    # A genuine DDIM config with clip_sample on: only x0 is clamped, as DDIMScheduler.step does by default.
+    config = {**sdxl_config(), "_class_name": "DDIMScheduler", "clip_sample": True}
+    ddim, ref = DDIM(config, 25), reference_scheduler(config)
+    assert ddim.scheduler.config.clip_sample is True
+    g = torch.Generator().manual_seed(6)
+    sample = 3 * torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)  # x0 beyond [-1, 1]
+    model_output = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
+    prev, _ = ddim.step(model_output, MIXED_T, sample)
+    ref_prev, _ = reference_step(ref, model_output, MIXED_T, sample)
+    torch.testing.assert_close(prev, ref_prev, rtol=0, atol=1e-6)
+
+
+def test_ddim_from_euler_config_without_clip_sample_does_not_clamp_latent_x0():
+    euler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+    ddim = DDIM(euler.config, 25)  # the config tiny.py saves; SDXL latents (std ~1) routinely exceed 1
+    t = torch.tensor([481])
+    x0 = torch.full((1, 4, 2, 2), 2.5, dtype=torch.float64)
+    eps = torch.zeros_like(x0)
+    x0_hat, _ = ddim.split_prediction(eps, ddim.add_noise(x0, eps, t), t)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- 2. Conditioning, CFG
+
+
+def test_conditioning_repeat_is_candidate_major():
+    B, n = 2, 3
+    rep = cond_of([10.0, 20.0]).repeat(n)
+    assert rep.prompt_embeds.shape == (n * B, 3, 4) and rep.pooled.shape == (n * B, 4) and rep.time_ids.shape == (n * B, 6)
+    for i in range(n):
+        for b in range(B):
+            row = i * B + b
+            expected = [10.0, 20.0][b]
+            assert rep.prompt_embeds[row].unique().tolist() == [expected]
+            assert rep.pooled[row].unique().tolist() == [expected]
+            assert rep.time_ids[row].unique().tolist() == [expected]
+
+
+def test_conditioning_select_and_cat():
+    c = cond_of([1.0, 2.0, 3.0])
+    picked = c.select(torch.tensor([2, 0, 2]))
+    assert picked.pooled[:, 0].tolist() == [3.0, 1.0, 3.0]
+    assert picked.prompt_embeds[:, 0, 0].tolist() == [3.0, 1.0, 3.0]
+    assert picked.time_ids[:, 0].tolist() == [3.0, 1.0, 3.0]
+    both = Conditioning.cat([cond_of([7.0]), c])
+    assert both.pooled[:, 0].tolist() == [7.0, 1.0, 2.0, 3.0]
+    assert both.prompt_embeds[:, 1, 2].tolist() == [7.0, 1.0, 2.0, 3.0]
+    assert both.time_ids[:, 5].tolist() == [7.0, 1.0, 2.0, 3.0]
+
+
+class RecordingModel:
+    """Fake UNet: output = the row's pooled[:, 0] broadcast over the latent + 0 * x; records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, cond):
+        self.calls.append((x.shape[0], t.clone(), cond.pooled[:, 0].clone()))
+        return cond.pooled[:, 0].view(-1, 1, 1, 1).to(x.dtype) + 0 * x
+
+
+def test_guided_with_scale_one_calls_the_model_once_on_the_conditional_batch():
+    model = RecordingModel()
+    x, t = torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([961, 41])
+    out = guided(model, cond_of([-1.0, -1.0]), 1.0)(x, t, cond_of([3.0, 4.0]))
+    assert len(model.calls) == 1 and model.calls[0][0] == 2
+    assert out[:, 0, 0, 0].tolist() == [3.0, 4.0]
+
+
+def test_guided_with_scale_s_is_uncond_plus_s_times_difference_in_one_call():
+    model = RecordingModel()
+    x, t = torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([961, 41])
+    out = guided(model, cond_of([1.0, 2.0]), 5.0)(x, t, cond_of([3.0, 10.0]))
+    assert len(model.calls) == 1
+    size, t_seen, pooled_seen = model.calls[0]
+    assert size == 4 and t_seen.tolist() == [961, 41, 961, 41] and pooled_seen.tolist() == [1.0, 2.0, 3.0, 10.0]
+    # prompt 0: 1 + 5 * (3 - 1) = 11;  prompt 1: 2 + 5 * (10 - 2) = 42
+    assert torch.equal(out, torch.tensor([11.0, 42.0], dtype=torch.float64).view(2, 1, 1, 1).expand(2, 1, 2, 2))
+
+
+def test_guided_without_uncond_is_the_plain_model():
+    model = RecordingModel()
+    assert guided(model, None, 7.0) is model
+
+
+# ----------------------------------------------------------------------------------------------- 3. trajectory
+
+
+def test_draw_start_timesteps_only_and_all_legal_starts():
+    ddim = DDIM(sdxl_config(), 25)
+    g = torch.Generator().manual_seed(0)
+    for m, legal in [(3, set(range(961, 80, -40))), (1, set(range(961, 0, -40))), (25, {961}), (24, {961, 921})]:
+        drawn = torch.cat([trajectory.draw_start_timesteps(ddim, 16, m, g) for _ in range(200)])
+        assert drawn.shape == (3200,)
+        assert set(drawn.tolist()) == legal, m
+        # every state visited (start - k * stride, k < m) is on the grid
+        assert min(legal) - (m - 1) * ddim.stride == 1 if m > 1 else True
+    # 3 steps from 81 visit 81, 41, 1: the last legal start
+    assert min(set(range(961, 80, -40))) == 81
+
+
+def test_draw_start_timesteps_is_reproducible_from_the_generator():
+    ddim = DDIM(sdxl_config(), 25)
+    a = trajectory.draw_start_timesteps(ddim, 8, 3, torch.Generator().manual_seed(7))
+    b = trajectory.draw_start_timesteps(ddim, 8, 3, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_effective_steps_clips_to_the_grid():
+    ddim = DDIM(sdxl_config(), 25)
+    assert [trajectory.effective_steps(ddim, m) for m in (3, 25, 26, 100, 1, 0, -2)] == [3, 25, 25, 25, 1, 1, 1]
+    small = DDIM(sdxl_config(), 4)
+    assert small.grid.tolist() == [751, 501, 251, 1] and trajectory.effective_steps(small, 3) == 3
+    assert trajectory.effective_steps(small, 9) == 4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_explore_states_equal_manual_ddim_recursion(prediction_type):
+    config = sdxl_config(prediction_type=prediction_type)
+    ddim, ref = DDIM(config, 25), reference_scheduler(config)
+    m = 3
+    t_start = torch.tensor([961, 81, 481, 81])  # 81 is the last legal start for m = 3: it visits 81, 41, 1
+    g = torch.Generator().manual_seed(8)
+    x_start = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    cond = cond_of([0.5, -0.25, 1.0, 2.0])
+
+    def model(x, t, c):  # depends on the state, the per-row timestep and the row's conditioning
+        return 0.3 * x + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * c.pooled[:, :1].view(-1, 1, 1, 1)
+
+    out = trajectory.explore(model, ddim, x_start, t_start, cond, m)
+    assert out.states.shape == (m, 4, 2, 2, 2) and out.x0_preds.shape == (m, 4, 2, 2, 2)
+    assert out.timesteps.tolist() == [[961, 81, 481, 81], [921, 41, 441, 41], [881, 1, 401, 1]]
+
+    x = x_start
+    for k in range(m):
+        t = out.timesteps[k]
+        torch.testing.assert_close(out.states[k], x, rtol=0, atol=1e-6)
+        x, x0 = reference_step(ref, model(x, t, cond), t, x)
+        torch.testing.assert_close(out.x0_preds[k], x0, rtol=0, atol=1e-6)
+
+
+def test_explore_with_zero_output_keeps_x0_and_scales_states():
+    # epsilon model output 0: x0_hat = x_t / sqrt(abar_t) and x_{t-40} = sqrt(abar_{t-40}) * x0_hat.
+    ddim = DDIM(sdxl_config(), 25)
+    x_start = torch.full((2, 1, 1, 1), 0.5, dtype=torch.float64)
+    out = trajectory.explore(lambda x, t, c: torch.zeros_like(x), ddim, x_start, torch.tensor([961, 501]), cond_of([0.0, 0.0]), 2)
+    ac = ddim.scheduler.alphas_cumprod.double()
+    for row, t in enumerate([961, 501]):
+        x0 = 0.5 / ac[t].sqrt()
+        assert out.x0_preds[0, row].item() == pytest.approx(x0.item(), rel=1e-12)
+        assert out.states[1, row].item() == pytest.approx((ac[t - 40].sqrt() * x0).item(), rel=1e-12)
+        assert out.x0_preds[1, row].item() == pytest.approx(x0.item(), rel=1e-12)
+
+
+def test_path_reward_sum_mean_and_nan():
+    r = torch.tensor([[1.0, 2.0, 0.5], [3.0, float("nan"), 0.5], [5.0, 6.0, 2.0]])
+    s = trajectory.path_reward(r, "sum")
+    assert s[0].item() == 9.0 and math.isnan(s[1].item()) and s[2].item() == 3.0
+    mu = trajectory.path_reward(r, "mean")
+    assert mu[0].item() == 3.0 and math.isnan(mu[1].item()) and mu[2].item() == 1.0
+    with pytest.raises(ValueError, match="path_reward"):
+        trajectory.path_reward(r, "max")
+
+
+def rows(per_candidate: list[list[float]]) -> torch.Tensor:
+    """[[prompt0, prompt1] for candidate i] -> candidate-major flat (n*B,) rewards."""
+    return torch.tensor(per_candidate).flatten()
+
+
+def test_select_is_per_prompt_not_over_the_flattened_batch():
+    # prompt 0 candidates [1, 5, 3]; prompt 1 candidates [9, 2, 4]
+    r = rows([[1.0, 9.0], [5.0, 2.0], [3.0, 4.0]])
+    assert r.tolist() == [1.0, 9.0, 5.0, 2.0, 3.0, 4.0]  # row i*B + b
+    sel = trajectory.select(r, 3)
+    assert sel.winner.tolist() == [1, 0] and sel.loser.tolist() == [0, 1]
+    assert sel.winner_reward.tolist() == [5.0, 9.0] and sel.loser_reward.tolist() == [1.0, 2.0]
+    assert sel.has_winner.tolist() == [True, True] and sel.has_pair.tolist() == [True, True]
+
+
+def test_select_nan_candidates_never_win_or_lose():
+    nan = float("nan")
+    # prompt 0 [nan, 2, 1]; prompt 1 [3, nan, 7]
+    sel = trajectory.select(rows([[nan, 3.0], [2.0, nan], [1.0, 7.0]]), 3)
+    assert sel.winner.tolist() == [1, 2] and sel.loser.tolist() == [2, 0]
+    assert sel.winner_reward.tolist() == [2.0, 7.0] and sel.loser_reward.tolist() == [1.0, 3.0]
+    assert sel.has_pair.tolist() == [True, True]
+
+
+def test_select_all_nan_prompt_has_no_winner_and_tie_has_no_pair():
+    nan = float("nan")
+    # prompt 0 all NaN; prompt 1 tied [2, 2, 2]
+    sel = trajectory.select(rows([[nan, 2.0], [nan, 2.0], [nan, 2.0]]), 3)
+    assert sel.has_winner.tolist() == [False, True]
+    assert sel.has_pair.tolist() == [False, False]
+    assert sel.winner_reward[1].item() == 2.0 and sel.loser_reward[1].item() == 2.0
+    # a single scored candidate is a winner but no pair: prompt 0 [nan, 4, nan]; prompt 1 [1, 1, 3]
+    sel = trajectory.select(rows([[nan, 1.0], [4.0, 1.0], [nan, 3.0]]), 3)
+    assert sel.has_winner.tolist() == [True, True] and sel.has_pair.tolist() == [False, True]
+    assert sel.winner.tolist() == [1, 2] and sel.loser[0].item() == 1
+    assert sel.winner_reward.tolist() == [4.0, 3.0] and sel.loser_reward.tolist() == [4.0, 1.0]
+
+
+class FakeReward:
+    def __init__(self):
+        self.calls = []
+
+    def evaluate(self, images, prompts):
+        self.calls.append((list(images), list(prompts)))
+        total = torch.tensor(images, dtype=torch.float64) * 2  # "image" k*100 + row -> reward 2x
+        return SimpleNamespace(total=total, components={"a": total / 2, "b": -total})
+
+
+def test_score_exploration_scores_all_states_in_one_call_step_major():
+    m, N = 2, 3
+    x0_preds = torch.tensor([[100.0 * k + r for r in range(N)] for k in range(m)]).view(m, N, 1, 1, 1)
+    exploration = trajectory.Exploration(torch.zeros(m, N, 1, 1, 1), torch.tensor([[961, 961, 81], [921, 921, 41]]), x0_preds)
+    decoded = []
+
+    def decode(latents):  # fake VAE: one "image" (a float) per latent, in the order given
+        decoded.append(latents.shape)
+        return [float(v) for v in latents.flatten()]
+
+    reward = FakeReward()
+    prompts = ["p0", "p1", "p0"]
+    trajectory.score_exploration(exploration, prompts, decode, reward)
+    assert decoded == [torch.Size([m * N, 1, 1, 1])]
+    assert len(reward.calls) == 1
+    images, seen_prompts = reward.calls[0]
+    assert images == [0.0, 1.0, 2.0, 100.0, 101.0, 102.0]
+    assert seen_prompts == ["p0", "p1", "p0", "p0", "p1", "p0"]
+    assert exploration.step_rewards.tolist() == [[0.0, 2.0, 4.0], [200.0, 202.0, 204.0]]
+    assert exploration.step_rewards.dtype == torch.float32
+    assert exploration.step_components["a"].tolist() == [[0.0, 1.0, 2.0], [100.0, 101.0, 102.0]]
+    assert exploration.step_components["b"].tolist() == [[-0.0, -2.0, -4.0], [-200.0, -202.0, -204.0]]
+
+
+# ----------------------------------------------------------------------------------------------- 4. losses
+
+
+def test_per_sample_mse():
+    pred = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]], dtype=torch.float16)  # (2, 1, 2)
+    target = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]]])
+    out = losses.per_sample_mse(pred, target)
+    # (1 + 4) / 2 = 2.5 ; ((3-1)^2 + (4-1)^2) / 2 = 6.5
+    assert out.dtype == torch.float32 and out.tolist() == [2.5, 6.5]
+
+
+def test_masked_mean_and_all_false_mask_keeps_grad():
+    v = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    assert losses.masked_mean(v, torch.tensor([True, False, True])).item() == 3.5  # (1 + 6) / 2
+    zero = losses.masked_mean(v, torch.tensor([False, False, False]))
+    assert zero.item() == 0.0 and zero.requires_grad
+    zero.backward()
+    assert v.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_masked_mean_ignores_nan_in_masked_out_rows():
+    v = torch.tensor([1.0, float("nan"), 3.0], requires_grad=True)
+    out = losses.masked_mean(v, torch.tensor([True, False, True]))
+    assert out.item() == 2.0
+    out.backward()
+    assert v.grad.tolist() == [0.5, 0.0, 0.5]
+
+
+def test_sft_loss_hand_computed():
+    step_mse = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # (m=2, B=3)
+    # per prompt mean over steps: [2, 3, 4]; prompts with a winner: 0 and 2 -> (2 + 4) / 2 = 3
+    assert losses.sft_loss(step_mse, torch.tensor([True, False, True])).item() == 3.0
+    assert losses.sft_loss(step_mse, torch.tensor([True, True, True])).item() == 3.0  # (2 + 3 + 4) / 3
+
+
+def test_reward_dpo_logits_and_loss_hand_computed():
+    pw, rw, pl, rl = torch.tensor([0.10]), torch.tensor([0.12]), torch.tensor([0.20]), torch.tensor([0.19])
+    Rw, Rl = torch.tensor([0.8]), torch.tensor([0.3])
+    # Delta_w = 0.10 - 0.12 = -0.02 ; Delta_l = 0.20 - 0.19 = 0.01 ; Delta_w - Delta_l = -0.03
+    # logits = -beta * (-0.03) - gamma * (0.8 - 0.3) = -10 * -0.03 - 1 * 0.5 = 0.3 - 0.5 = -0.2
+    logits = losses.reward_dpo_logits(pw, rw, pl, rl, Rw, Rl, beta=10.0, gamma=1.0)
+    assert logits.item() == pytest.approx(-0.2, abs=1e-6)
+    # loss = -log sigmoid(-0.2) = log(1 + e^0.2) = 0.7981388693815918
+    loss = losses.reward_dpo_loss(logits, torch.tensor([True]))
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(0.2)), abs=1e-6)
+    assert math.log(1 + math.exp(0.2)) == pytest.approx(0.7981388693815918, abs=1e-15)
+    # two prompts, the second without a pair: only the first counts
+    logits2 = torch.tensor([-0.2, 50.0])
+    assert losses.reward_dpo_loss(logits2, torch.tensor([True, False])).item() == pytest.approx(0.7981388693815918, abs=1e-6)
+
+
+def test_reward_dpo_with_gamma_zero_is_diffusion_dpo_with_half_beta():
+    g = torch.Generator().manual_seed(9)
+    pw, rw, pl, rl = torch.rand(4, 5, generator=g, dtype=torch.float64) * 0.01 + 0.1
+    beta_diffusers = 5000.0
+    ours = losses.reward_dpo_logits(pw, rw, pl, rl, torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64), beta=beta_diffusers / 2, gamma=0.0)
+    for i in range(5):
+        # diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py, for one pair:
+        model_diff = pw[i] - pl[i]
+        ref_diff = rw[i] - rl[i]
+        inside_term = -0.5 * beta_diffusers * (model_diff - ref_diff)
+        theirs = -1 * F.logsigmoid(inside_term)
+        assert ours[i].item() == pytest.approx(inside_term.item(), abs=1e-9)
+        ours_loss = losses.reward_dpo_loss(ours[i : i + 1], torch.tensor([True]))
+        assert ours_loss.item() == pytest.approx(theirs.item(), abs=1e-9)
+
+
+def test_reward_gap_is_a_margin_larger_gap_larger_loss():
+    mse = dict(policy_mse_w=torch.tensor([0.1]), ref_mse_w=torch.tensor([0.1]), policy_mse_l=torch.tensor([0.1]), ref_mse_l=torch.tensor([0.1]))
+    pair = torch.tensor([True])
+
+    def loss(gap, gamma=1.0):
+        logits = losses.reward_dpo_logits(**mse, reward_w=torch.tensor([gap]), reward_l=torch.tensor([0.0]), beta=2500.0, gamma=gamma)
+        return losses.reward_dpo_loss(logits, pair).item()
+
+    # equal errors: logits = -gap, loss = log(1 + e^gap)
+    assert loss(0.0) == pytest.approx(math.log(2), abs=1e-6)
+    assert loss(0.5) == pytest.approx(math.log(1 + math.exp(0.5)), abs=1e-6)
+    assert loss(0.1) < loss(0.5) < loss(2.0)
+    assert loss(0.5, gamma=0.0) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_reward_dpo_gradient_signs():
+    pw = torch.tensor([0.10], requires_grad=True)
+    pl = torch.tensor([0.20], requires_grad=True)
+    logits = losses.reward_dpo_logits(pw, torch.tensor([0.12]), pl, torch.tensor([0.19]), torch.tensor([0.8]), torch.tensor([0.3]), beta=10.0, gamma=1.0)
+    losses.reward_dpo_loss(logits, torch.tensor([True])).backward()
+    # d loss / d pw = -sigmoid(-logits) * (-beta) = beta * sigmoid(0.2) > 0; d loss / d pl = -beta * sigmoid(0.2) < 0
+    s = 1 / (1 + math.exp(-0.2))
+    assert pw.grad.item() == pytest.approx(10 * s, abs=1e-5) and pw.grad.item() > 0  # lowering mse_w lowers the loss
+    assert pl.grad.item() == pytest.approx(-10 * s, abs=1e-5) and pl.grad.item() < 0  # raising mse_l lowers the loss
+
+
+def test_all_nan_prompt_does_not_poison_the_dpo_loss_of_the_others():
+    nan = float("nan")
+    sel = trajectory.select(rows([[nan, 1.0], [nan, 3.0], [nan, 2.0]]), 3)  # prompt 0 unscored, prompt 1 fine
+    assert sel.has_pair.tolist() == [False, True]
+    pw = torch.tensor([0.10, 0.10], requires_grad=True)
+    mse = torch.tensor([0.12, 0.12])
+    logits = losses.reward_dpo_logits(pw, mse, mse, mse, sel.winner_reward, sel.loser_reward, beta=10.0, gamma=1.0)
+    loss = losses.reward_dpo_loss(logits, sel.has_pair)
+    # prompt 1 alone: logits = -10 * (-0.02 - 0) - (3 - 1) = 0.2 - 2 = -1.8 ; loss = log(1 + e^1.8)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(1.8)), abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(pw.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------- 5. data
+
+
+def test_read_prompt_file_txt(tmp_path):
+    long_prompt = " ".join(["a very long prompt"] * 60)
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a cat\n\n   \na dog\na cat\n{long_prompt}\n  padded  \n", encoding="utf-8")
+    prompts, stats = sdata.read_prompt_file(path)
+    assert prompts == ["a cat", "a dog", "a cat", long_prompt, "padded"]
+    assert stats == {"prompts": 5, "blank_skipped": 2, "duplicates": 1}
+
+
+def test_read_prompt_file_jsonl_fields_and_bad_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n\n{"prompt": "a cat", "text": "ignored"}\n{"caption": 7}\n')
+    prompts, stats = sdata.read_prompt_file(path)
+    assert prompts == ["a cat", "a dog", "a cat", "7"]
+    assert stats == {"prompts": 4, "blank_skipped": 1, "duplicates": 1}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": "broken"\n{"prompt": "ok"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        sdata.read_prompt_file(bad)
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"title": "x"}\n')
+    with pytest.raises(ValueError, match=r"nofield\.jsonl:1: no 'prompt'"):
+        sdata.read_prompt_file(nofield)
+    with pytest.raises(FileNotFoundError, match="--prompt_file"):
+        sdata.read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_caption_text():
+    rng = np.random.default_rng(0)
+    assert sdata.caption_text(None, rng) is None
+    assert sdata.caption_text("  a cat ", rng) == "a cat"
+    assert sdata.caption_text("   ", rng) is None
+    assert sdata.caption_text([], rng) is None
+    assert sdata.caption_text(42, rng) == "42" and sdata.caption_text(2.5, rng) == "2.5"
+    picks = {sdata.caption_text(["one", "two", "three"], rng) for _ in range(50)}
+    assert picks == {"one", "two", "three"}  # one element each time, every element reachable
+    a = sdata.caption_text(["one", "two", "three"], np.random.default_rng(5))
+    assert a == sdata.caption_text(["one", "two", "three"], np.random.default_rng(5))
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    def order(seed, epoch):
+        s = sdata.EpochSampler(50, seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(3, 0) == order(3, 0) and order(3, 4) == order(3, 4)
+    assert sorted(order(3, 0)) == list(range(50))
+    assert order(3, 0) != order(3, 1) and order(3, 1) != order(3, 2)
+    assert order(3, 0) != order(4, 0)
+    plain = sdata.EpochSampler(5, 0, shuffle=False)
+    assert list(plain) == [0, 1, 2, 3, 4] and len(plain) == 5
+
+
+@pytest.fixture(scope="module")
+def corrupt_folder_dataset(tmp_path_factory):
+    folder = write_image_folder(tmp_path_factory.mktemp("imgs") / "data", count=6, corrupt=(2,))
+    return sdata.load_hf_dataset(None, str(folder))
+
+
+def test_image_text_dataset_skips_corrupt_row_to_next_and_names_it(corrupt_folder_dataset):
+    ds = sdata.ImageTextDataset(corrupt_folder_dataset, "image", "text", resolution=32, center_crop=True, random_flip=False, seed=0)
+    assert len(ds) == 6
+    item = ds[2]
+    assert item["caption"] == "a yellow square number 3"  # the next readable row (row 3)
+    assert len(item["bad_rows"]) == 1 and item["bad_rows"][0].startswith("row 2") and "img_002.png" in item["bad_rows"][0]
+    good = ds[3]
+    assert good["bad_rows"] == [] and torch.equal(good["pixel_values"], item["pixel_values"])
+    px = good["pixel_values"]
+    assert px.shape == (3, 32, 32) and px.dtype == torch.float32
+    assert px.min().item() >= -1.0 and px.max().item() <= 1.0 and px.min().item() < -0.5 and px.max().item() > 0.5
+    # images are 40 high x 48 wide: resized to 32 x 38, center crop at (0, round(6 / 2) = 3)
+    assert good["original_size"] == (40, 48) and good["crop_top_left"] == (0, 3)
+    assert ds[0]["caption"] == "a red square number 0"
+
+
+def test_require_columns_lists_available_columns(corrupt_folder_dataset):
+    sdata.require_columns(corrupt_folder_dataset, {"--image_column": "image", "--caption_column": "text"})
+    with pytest.raises(ValueError) as err:
+        sdata.require_columns(corrupt_folder_dataset, {"--image_column": "image", "--caption_column": "caption"})
+    message = str(err.value)
+    assert "--caption_column='caption'" in message and "'image'" in message and "'text'" in message
+    assert "--image_column" not in message
+
+
+def test_time_ids_row_layout():
+    ids = sdxl.time_ids([(40, 48), (1024, 768)], [(0, 3), (5, 6)], (32, 64))
+    assert ids.dtype == torch.float32
+    # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
+    assert ids.tolist() == [[40, 48, 0, 3, 32, 64], [1024, 768, 5, 6, 32, 64]]
+
+
+# ----------------------------------------------------------------------------------------------- 6. sdxl (tiny model)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sdxl):
+    return sdxl.load_sdxl(str(tiny_sdxl))
+
+
+def test_load_sdxl_reads_tiny_model(parts):
+    assert parts.force_zeros_for_empty_prompt is True
+    assert parts.scheduler_config["steps_offset"] == 1 and parts.scheduler_config["timestep_spacing"] == "leading"
+    assert DDIM(parts.scheduler_config, 25).grid.tolist() == list(range(961, 0, -40))
+    assert len(parts.tokenizers[0]) == 49408 and parts.tokenizers[0].model_max_length == 77
+    assert parts.unet.config.cross_attention_dim == 64
+
+
+def test_encode_prompts_shapes_and_long_prompt_is_truncated(parts):
+    tid = sdxl.time_ids([(32, 32)] * 3, [(0, 0)] * 3, (32, 32))
+    long_prompt = " ".join(["red"] * 100)  # "red" is one BPE token: BOS + 100 + EOS > 77
+    exactly_77 = " ".join(["red"] * 75)  # BOS + 75 + EOS = 77 tokens: the truncation of long_prompt
+    ids = parts.tokenizers[0](long_prompt).input_ids
+    assert len(ids) == 102
+    cond = sdxl.encode_prompts(parts, ["a cat", long_prompt, exactly_77], tid, "cpu")
+    assert cond.prompt_embeds.shape == (3, 77, 64) and cond.pooled.shape == (3, 32) and cond.time_ids.shape == (3, 6)
+    assert torch.equal(cond.prompt_embeds[1], cond.prompt_embeds[2])
+    assert torch.equal(cond.pooled[1], cond.pooled[2])
+    assert not torch.equal(cond.prompt_embeds[0], cond.prompt_embeds[1])
+    assert torch.equal(cond.time_ids, tid)
+
+
+def test_unconditional_is_zeros_with_force_zeros(parts):
+    tid = sdxl.time_ids([(32, 32)] * 2, [(0, 0)] * 2, (32, 32))
+    cond = sdxl.encode_prompts(parts, ["a cat", "a dog"], tid, "cpu")
+    unc = sdxl.unconditional(parts, cond, "cpu")
+    assert unc.prompt_embeds.shape == (2, 77, 64) and not unc.prompt_embeds.any()
+    assert unc.pooled.shape == (2, 32) and not unc.pooled.any()
+    assert torch.equal(unc.time_ids, tid)
+
+
+def test_decode_to_pil_is_independent_of_chunk_size(parts):
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    one = sdxl.decode_to_pil(parts.vae, latents, chunk_size=1)
+    eight = sdxl.decode_to_pil(parts.vae, latents, chunk_size=8)
+    assert len(one) == len(eight) == 3
+    assert all(im.size == (16, 16) and im.mode == "RGB" for im in one)
+    for a, b in zip(one, eight):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""RLHF Diffusion-Sharpening for SDXL (arXiv 2502.12146, Algorithm 2, reward-modulated DPO).
+
+Prompts only. For each prompt c: generate x0 with the CURRENT model (DDIM, classifier-free guidance, no
+grad), noise it with n fresh noises at a timestep t on the DDIM grid, run m DDIM steps from each, score the
+path (Eq. 8), take the best (w) and worst (l) trajectory, and minimise Eq. 11:
+
+    -log sigmoid( -beta * (Delta_w - Delta_l) - gamma * (R_w - R_l) ),
+    Delta = mean over the trajectory's states of ||eps_theta - eps||^2 - ||eps_ref - eps||^2
+
+with the frozen base UNet as reference (LoRA: the same UNet with adapters disabled).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from reward import add_reward_args
+from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
+from sharpening.losses import reward_dpo_logits, reward_dpo_loss
+from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
+
+logger = logging.getLogger("sharpening")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(parser)
+    add_reward_args(parser)
+    parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines with a 'prompt'/'text' field (.jsonl).")
+    parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of Eq. 11 (= Diffusion-DPO's beta / 2).")
+    parser.add_argument("--reward_margin_scale", type=float, default=1.0, help="gamma of Eq. 11; 0 gives Diffusion-DPO on trajectories.")
+    parser.add_argument("--dpo_target", default="noise", choices=["noise", "exact"], help="Noise target of the DPO errors, as --sft_target in SFT.")
+    args = parser.parse_args(argv)
+    if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
+        parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
+    validate_training_args(args)
+    return args
+
+
+def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepResult:
+    """Algorithm 2 for one micro-batch of B prompts."""
+    args = trainer.args
+    prompts = batch["captions"]
+    time_ids = trainer.default_time_ids(len(prompts))
+    cond = trainer.conditioning(prompts, time_ids)
+
+    # On-policy data: x0 from the current model, then n fresh noises and exploration (Eq. 8).
+    x0 = trainer.rollout(cond, generator)
+    candidates = trainer.explore_candidates(x0, cond, prompts, generator)
+    sel = candidates.selection
+
+    # Winner and loser states in one grad call for the policy and one no-grad call for the reference.
+    train_cond = trainer.conditioning(prompts, time_ids, generator)
+    pair = torch.cat([sel.winner, sel.loser])
+    x0_pair, cond_pair = torch.cat([x0, x0]), type(train_cond).cat([train_cond, train_cond])
+    policy_mse = trainer.trajectory_mse(trainer.policy(grad=True), x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)
+    with torch.no_grad():
+        ref_mse = trainer.trajectory_mse(trainer.reference, x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)
+    (policy_w, policy_l), (ref_w, ref_l) = policy_mse.chunk(2), ref_mse.chunk(2)
+
+    valid = sel.has_pair  # prompts whose rewards tie or are NaN are masked out of the loss
+    logits = reward_dpo_logits(
+        policy_w, ref_w, policy_l, ref_l,
+        sel.winner_reward.to(policy_w.device), sel.loser_reward.to(policy_w.device),
+        args.beta_dpo, args.reward_margin_scale,
+    )
+    loss = reward_dpo_loss(logits, valid)
+
+    logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
+    logs["skipped_prompts"] = float((~valid).sum())
+    if valid.any():
+        v = valid.to(logits.device)
+        # Implicit reward accuracy: the policy prefers w over l more than the reference does.
+        logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
+        logs["dpo_logits"] = logits.detach()[v].mean().item()
+        logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[valid].mean().item()
+    return StepResult(loss, int(valid.sum()), logs)
+
+
+def load_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        prompts, stats = read_prompt_file(args.prompt_file, args.caption_column)
+    else:
+        data = load_hf_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
+        require_columns(data, {"--caption_column": args.caption_column})
+        prompts, stats = prompts_from_dataset(data, args.caption_column)
+    logger.warning("Prompts: %d (blank or missing skipped: %d, duplicates kept: %d).", stats["prompts"], stats["blank_skipped"], stats["duplicates"])
+    if args.max_train_samples is not None:
+        prompts = prompts[: args.max_train_samples]
+    return prompts
+
+
+def main(args: argparse.Namespace) -> None:
+    dataset = PromptDataset(load_prompts(args))
+    trainer = Trainer(args, dataset, collate_prompts, needs_reference=True, variant="RLHF")
+    trainer.train(rlhf_step)
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))
