@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
     validate_training_args(args)
+    for flag in ("center_crop", "random_flip"):
+        if getattr(args, flag):
+            logger.warning("--%s has no effect in RLHF: it trains on prompts and generates its own images.", flag)
     return args
 
 
