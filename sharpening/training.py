@@ -118,12 +118,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded."""
-    from reward import parse_reward_spec
+    from reward import validate_reward_args
 
     from .plugins import load_reward_plugins
 
     load_reward_plugins(args.reward_plugin)
-    parse_reward_spec(args.reward_model)
+    validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)
     if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
     if args.infer_steps < 1 or 1000 % args.infer_steps and args.infer_steps > 1000:
