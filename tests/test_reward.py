@@ -1,0 +1,413 @@
+"""reward.py on tiny random-weight twins: values, order, batching, strict loading, the spec, the mix, the CLI."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import pickle
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reward as R  # noqa: E402
+import reward_twins as twins  # noqa: E402
+from reward import (REWARDS, Reward, RewardOutput, Secret, add_reward_args, build_reward,  # noqa: E402
+                    parse_reward_spec, register_reward)
+
+N = 8
+
+
+# ---------------------------------------------------------------------------------------------- twins
+@pytest.fixture(scope="module")
+def clip_twin(tmp_path_factory) -> argparse.Namespace:
+    name, checkpoint = twins.write_tiny_clip(tmp_path_factory.mktemp("clip"))
+    return argparse.Namespace(clip_model=name, clip_pretrained=str(checkpoint), reward_batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def image_reward_twin(tmp_path_factory) -> argparse.Namespace:
+    folder = twins.write_image_reward_twin(tmp_path_factory.mktemp("image_reward"))
+    return argparse.Namespace(image_reward_model=str(folder), image_reward_tokenizer=str(folder / "tokenizer"),
+                              reward_batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def compositional_twin(tmp_path_factory, image_reward_twin) -> argparse.Namespace:
+    folder = twins.write_compositional_twin(tmp_path_factory.mktemp("itercomp"))
+    return argparse.Namespace(compositional_model=str(folder),
+                              image_reward_tokenizer=image_reward_twin.image_reward_tokenizer, reward_batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def rewards(clip_twin, image_reward_twin, compositional_twin) -> dict[str, Reward]:
+    return {
+        "clip": build_reward("clip", clip_twin),
+        "image_reward": build_reward("image_reward", image_reward_twin),
+        "compositional": build_reward("compositional", compositional_twin),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return twins.sample_images(N, seed=1), twins.sample_prompts(N)
+
+
+def scores_with_batch_size(reward: Reward, size: int, images, prompts) -> torch.Tensor:
+    saved = reward.batch_size
+    reward.batch_size = size
+    try:
+        return reward.evaluate(images, prompts).total
+    finally:
+        reward.batch_size = saved
+
+
+# ------------------------------------------------------------------------------------ every reward
+@pytest.mark.parametrize("name", ["clip", "image_reward", "compositional"])
+def test_output_contract(rewards, batch, name):
+    reward = rewards[name]
+    out = reward.evaluate(*batch)
+    assert isinstance(out, RewardOutput)
+    assert out.total.shape == (N,) and out.total.dtype == torch.float32 and out.total.device.type == "cpu"
+    assert torch.isfinite(out.total).all()
+    assert out.total.std() > 1e-3, "scores barely differ: order/batching tests below would prove nothing"
+    torch.testing.assert_close(out.components[name], out.total)
+    for value in out.components.values():
+        assert value.shape == (N,) and value.dtype == torch.float32
+    torch.testing.assert_close(reward(*batch), out.total)
+    empty = reward.evaluate([], [])
+    assert empty.total.shape == (0,)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        reward.evaluate(batch[0][:2], batch[1][:1])
+
+
+@pytest.mark.parametrize("name", ["clip", "image_reward", "compositional"])
+def test_batch_order_is_preserved(rewards, batch, name):
+    images, prompts = batch
+    reference = rewards[name].evaluate(images, prompts).total
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(0)).tolist()
+    permuted = rewards[name].evaluate([images[i] for i in order], [prompts[i] for i in order]).total
+    torch.testing.assert_close(permuted, reference[order], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["clip", "image_reward", "compositional"])
+def test_score_does_not_depend_on_batch_size(rewards, batch, name):
+    one = scores_with_batch_size(rewards[name], 1, *batch)
+    for size in (3, N):
+        torch.testing.assert_close(scores_with_batch_size(rewards[name], size, *batch), one, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["clip", "image_reward", "compositional"])
+def test_long_prompt_is_truncated_not_fatal(rewards, batch, name):
+    long_prompt = "a photo of a red cat sitting on a wooden house under a big green tree " * 12  # > 77 tokens
+    out = rewards[name].evaluate(batch[0][:2], [long_prompt, batch[1][1]])
+    assert torch.isfinite(out.total).all()
+
+
+# ---------------------------------------------------------------------------------------------- clip
+def test_clip_is_cosine_of_the_model_encoders(rewards, clip_twin, batch):
+    """Recomputed by hand from a fresh open_clip model loaded from the same checkpoint file."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(clip_twin.clip_model,
+                                                                 pretrained=clip_twin.clip_pretrained)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(clip_twin.clip_model)
+    images, prompts = batch
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        text_features = model.encode_text(tokenizer(prompts))
+    expected = torch.tensor([
+        float(i @ t / (i.norm() * t.norm())) for i, t in zip(image_features, text_features)])
+    torch.testing.assert_close(rewards["clip"].evaluate(images, prompts).total, expected, atol=1e-5, rtol=0)
+    assert expected.abs().max() <= 1.0  # cosine scale, not the upstream's x100
+
+
+def test_clip_bad_weights_flags(clip_twin, tmp_path):
+    with pytest.raises(ValueError, match="--clip_pretrained 'nonexistent-tag'"):
+        build_reward("clip", argparse.Namespace(clip_model=clip_twin.clip_model, clip_pretrained="nonexistent-tag"))
+    with pytest.raises(ValueError, match="--clip_model 'ViT-Nope'"):
+        build_reward("clip", argparse.Namespace(clip_model="ViT-Nope", clip_pretrained="openai"))
+
+
+# -------------------------------------------------------------------------------------- image_reward
+def _write_checkpoint(folder: Path, state: dict, tokenizer_from: Path) -> argparse.Namespace:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps(twins.tiny_med_config()))
+    return argparse.Namespace(image_reward_model=str(folder), image_reward_tokenizer=str(tokenizer_from))
+
+
+def test_image_reward_rejects_unexpected_keys(image_reward_twin, tmp_path):
+    state = twins.random_image_reward_state(0)
+    state["blip.itm_head.weight"] = torch.zeros(2, 64)
+    args = _write_checkpoint(tmp_path / "ckpt", state, Path(image_reward_twin.image_reward_tokenizer))
+    with pytest.raises(ValueError, match=r"1 keys that are not part of the ImageReward architecture.*itm_head"):
+        build_reward("image_reward", args)
+
+
+def test_image_reward_rejects_missing_keys(image_reward_twin, tmp_path):
+    state = twins.random_image_reward_state(0)
+    del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    del state["mlp.layers.7.bias"]
+    args = _write_checkpoint(tmp_path / "ckpt", state, Path(image_reward_twin.image_reward_tokenizer))
+    with pytest.raises(ValueError, match=r"2 weights of the ImageReward architecture are missing.*head\.4\.bias"):
+        build_reward("image_reward", args)
+
+
+def test_image_reward_rejects_wrong_shapes(image_reward_twin, tmp_path):
+    state = twins.random_image_reward_state(0)
+    state["mlp.layers.2.weight"] = torch.zeros(128, 999)
+    args = _write_checkpoint(tmp_path / "ckpt", state, Path(image_reward_twin.image_reward_tokenizer))
+    with pytest.raises(ValueError, match="do not fit the architecture"):
+        build_reward("image_reward", args)
+
+
+def test_image_reward_rejects_wrong_or_empty_tokenizer(image_reward_twin, tmp_path):
+    # offline, transformers returns a 5-token tokenizer for a hub id it cannot fetch, without an error
+    args = argparse.Namespace(**{**vars(image_reward_twin), "image_reward_tokenizer": "bert-base-uncased"})
+    with pytest.raises(ValueError, match="--image_reward_tokenizer 'bert-base-uncased' has .* tokens"):
+        build_reward("image_reward", args)
+
+
+def test_image_reward_missing_files_name_the_flag(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="--image_reward_model .* lacks ImageReward.pt, med_config.json"):
+        build_reward("image_reward", argparse.Namespace(image_reward_model=str(tmp_path / "empty")))
+    with pytest.raises(RuntimeError, match="'THUDM/ImageReward': no such local folder, and cannot get ImageReward.pt"):
+        build_reward("image_reward", argparse.Namespace(image_reward_model="THUDM/ImageReward"))
+
+
+def test_image_reward_med_config_must_cross_attend(image_reward_twin, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(image_reward_twin.image_reward_model, folder)
+    med = twins.tiny_med_config()
+    med["add_cross_attention"] = False
+    (folder / "med_config.json").write_text(json.dumps(med))
+    with pytest.raises(ValueError, match="add_cross_attention"):
+        build_reward("image_reward",
+                     argparse.Namespace(**{**vars(image_reward_twin), "image_reward_model": str(folder)}))
+
+
+# ------------------------------------------------------------------------------------- compositional
+def test_compositional_is_the_mean_of_itercomp_models(rewards, compositional_twin, batch, tmp_path):
+    out = rewards["compositional"].evaluate(*batch)
+    aspects = ["attribute_binding", "spatial_relationship", "non_spatial_relationship"]
+    assert set(out.components) == {"compositional", *(f"compositional/{a}" for a in aspects)}
+    stacked = torch.stack([out.components[f"compositional/{a}"] for a in aspects])
+    torch.testing.assert_close(out.total, stacked.mean(0))
+    assert (stacked[0] - stacked[1]).abs().max() > 1e-3  # three different models, not one loaded thrice
+    # each component is exactly an ImageReward-architecture model loaded from that checkpoint
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(Path(compositional_twin.compositional_model) / "spatial_relationship.pt", single / "ImageReward.pt")
+    shutil.copy(Path(compositional_twin.compositional_model) / "med_config.json", single / "med_config.json")
+    alone = build_reward("image_reward", argparse.Namespace(
+        image_reward_model=str(single), image_reward_tokenizer=compositional_twin.image_reward_tokenizer))
+    torch.testing.assert_close(alone.evaluate(*batch).total, out.components["compositional/spatial_relationship"],
+                               atol=1e-5, rtol=0)
+
+
+def test_compositional_without_weights_names_the_flag(compositional_twin, tmp_path):
+    with pytest.raises(ValueError, match="--compositional_model"):
+        build_reward("compositional", argparse.Namespace(compositional_model=None))
+    partial = tmp_path / "partial"
+    shutil.copytree(compositional_twin.compositional_model, partial)
+    (partial / "spatial_relationship.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="--compositional_model .* lacks spatial_relationship.pt"):
+        build_reward("compositional", argparse.Namespace(compositional_model=str(partial)))
+
+
+# ------------------------------------------------------------------------------------------ the spec
+@pytest.mark.parametrize("spec, expected", [
+    ("clip", [("clip", 1.0)]),
+    ("clip:1.0,image_reward:0.5", [("clip", 1.0), ("image_reward", 0.5)]),
+    (" mllm : 2 , compositional ", [("mllm", 2.0), ("compositional", 1.0)]),
+    ("image_reward:1e-1", [("image_reward", 0.1)]),
+])
+def test_parse_reward_spec(spec, expected):
+    assert parse_reward_spec(spec) == expected
+
+
+def test_unknown_reward_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        parse_reward_spec("clip,aesthetic")
+    message = str(info.value)
+    assert "'aesthetic'" in message
+    assert all(name in message for name in ("clip", "image_reward", "compositional", "mllm"))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("clip:abc", "not a number"), ("clip:", "not a number"), ("clip:nan", "finite number > 0"),
+    ("clip:inf", "finite number > 0"), ("clip:0", "finite number > 0"), ("clip:-1", "finite number > 0"),
+    ("clip:1:2", "not a number"), ("clip,clip:2", "twice"), ("", "empty"), ("clip,,mllm", "empty entry"),
+])
+def test_parse_reward_spec_rejects(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_reward_spec(spec)
+
+
+def test_register_reward_refuses_to_replace_a_different_factory(monkeypatch):
+    monkeypatch.setattr(R, "REWARDS", dict(REWARDS))
+
+    def build(args, device, dtype):
+        raise AssertionError("not called")
+
+    register_reward("toy_test")(build)
+    register_reward("toy_test")(build)  # the same plugin imported twice is fine
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("clip")(build)
+    with pytest.raises(ValueError, match="letters, digits"):
+        register_reward("bad:name")
+
+
+# ---------------------------------------------------------------------------------------- weighted mix
+class _Fixed(Reward):
+    def __init__(self, name: str, values: list[float], sleep: float = 0.0, io_bound: bool = False):
+        self.name, self.values, self.sleep, self.io_bound = name, values, sleep, io_bound
+        self.thread = None
+
+    def evaluate(self, images, prompts):
+        self.thread = threading.current_thread().name
+        time.sleep(self.sleep)
+        total = torch.tensor(self.values[: len(images)], dtype=torch.float32)
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self):
+        return {f"{self.name}/calls": 1}
+
+
+def test_weighted_mix_is_the_weighted_sum_of_components(rewards, clip_twin, image_reward_twin, batch):
+    args = argparse.Namespace(**{**vars(clip_twin), **vars(image_reward_twin)})
+    mix = build_reward("clip:1.0,image_reward:0.5", args)
+    out = mix.evaluate(*batch)
+    clip, image_reward = rewards["clip"].evaluate(*batch).total, rewards["image_reward"].evaluate(*batch).total
+    assert set(out.components) == {"clip", "image_reward"}
+    torch.testing.assert_close(out.components["clip"], clip, atol=1e-5, rtol=0)  # unweighted
+    torch.testing.assert_close(out.components["image_reward"], image_reward, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.total, 1.0 * clip + 0.5 * image_reward, atol=1e-5, rtol=0)
+    scaled = build_reward("clip:0.25", clip_twin).evaluate(*batch)
+    torch.testing.assert_close(scaled.total, 0.25 * clip, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scaled.components["clip"], clip, atol=1e-5, rtol=0)
+
+
+def test_weighted_mix_propagates_nan_and_merges_counters(monkeypatch, batch):
+    monkeypatch.setattr(R, "REWARDS", dict(REWARDS))
+    register_reward("fixed_a")(lambda args, device, dtype: _Fixed("fixed_a", [1.0, 2.0, 3.0]))
+    register_reward("fixed_b")(lambda args, device, dtype: _Fixed("fixed_b", [10.0, float("nan"), 30.0]))
+    mix = build_reward("fixed_a:2,fixed_b:0.5", None)
+    out = mix.evaluate(batch[0][:3], batch[1][:3])
+    assert out.total[0] == 7.0 and math.isnan(out.total[1]) and out.total[2] == 21.0
+    assert out.components["fixed_a"].tolist() == [1.0, 2.0, 3.0]
+    assert mix.counters() == {"fixed_a/calls": 1, "fixed_b/calls": 1}
+
+
+def test_weighted_mix_overlaps_remote_graders_with_local_models(batch):
+    remote = _Fixed("remote", [1.0, 1.0], sleep=0.4, io_bound=True)
+    local = _Fixed("local", [2.0, 2.0], sleep=0.4)
+    mix = R.WeightedSumReward([(local, 1.0), (remote, 1.0)])
+    start = time.perf_counter()
+    out = mix.evaluate(batch[0][:2], batch[1][:2])
+    assert time.perf_counter() - start < 0.75
+    assert out.total.tolist() == [3.0, 3.0]
+    assert remote.thread != local.thread
+
+
+# ----------------------------------------------------------------------------------- flags and secrets
+def test_reward_flags_have_defaults_and_help():
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser)
+    args = parser.parse_args([])
+    assert (args.reward_model, args.clip_model, args.clip_pretrained) == ("clip", "ViT-L-14", "openai")
+    assert (args.mllm_model, args.mllm_concurrency, args.image_reward_model) == ("gpt-4o", 16, "THUDM/ImageReward")
+    assert args.api_key is None and args.compositional_model is None
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 15, action.dest
+
+
+def test_secret_never_shows_its_value():
+    key = Secret("sk-very-secret-value")
+    assert "very-secret" not in repr(key) + str(key) + f"{key}" + repr(argparse.Namespace(api_key=key))
+    assert key.reveal() == "sk-very-secret-value"
+    assert copy.deepcopy(key).reveal() == "sk-very-secret-value"  # trainers deep-copy args
+    assert b"very-secret" not in pickle.dumps(argparse.Namespace(api_key=key))  # a pickled config holds no key
+    assert not Secret("")
+
+
+# ------------------------------------------------------------------------------------------ the command
+def _folder(tmp_path: Path, count: int = 3) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(twins.sample_images(count, seed=4)):
+        image.save(folder / f"img_{i}.png")
+    return folder
+
+
+def test_command_scores_a_folder(clip_twin, tmp_path, capsys):
+    folder = _folder(tmp_path)
+    rows = [{"file_name": f"img_{i}.png", "text": f"a red cat number {i}"} for i in range(3)]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out_json = tmp_path / "out" / "scores.json"
+    assert R.main(["--reward_model", "clip", "--images", str(folder), "--json", str(out_json), "--device", "cpu",
+                   "--clip_model", clip_twin.clip_model, "--clip_pretrained", clip_twin.clip_pretrained]) == 0
+    printed = capsys.readouterr().out
+    assert "file" in printed and "img_2.png" in printed and "a red cat number 1" in printed
+    assert "mean (3 images, 0 NaN)" in printed
+    document = json.loads(out_json.read_text())
+    expected = build_reward("clip", clip_twin).evaluate(
+        [R.Image.open(folder / f"img_{i}.png") for i in range(3)], [r["text"] for r in rows]).total
+    assert [r["file"] for r in document["results"]] == ["img_0.png", "img_1.png", "img_2.png"]
+    assert [r["total"] for r in document["results"]] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert document["mean"]["total"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_command_with_prompts_file(clip_twin, tmp_path, capsys):
+    folder = _folder(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    R.main(["--reward_model", "clip:2", "--images", str(folder), "--prompts", str(prompts), "--device", "cpu",
+            "--clip_model", clip_twin.clip_model, "--clip_pretrained", clip_twin.clip_pretrained])
+    printed = capsys.readouterr().out
+    assert "three" in printed and "clip" in printed and "total" in printed
+
+
+@pytest.mark.parametrize("setup, error, match", [
+    ("no_prompts", FileNotFoundError, "pass --prompts FILE .* metadata.jsonl"),
+    ("missing_column", ValueError, r"metadata.jsonl:2: missing column\(s\) \['text'\]"),
+    ("missing_image", FileNotFoundError, "metadata.jsonl:1: image 'nope.png' not found"),
+    ("bad_json", ValueError, "metadata.jsonl:1: not valid JSON"),
+    ("line_count", ValueError, "has 2 lines but .* has 3 images"),
+])
+def test_command_input_errors(tmp_path, setup, error, match):
+    folder = _folder(tmp_path)
+    prompts = None
+    if setup == "missing_column":
+        (folder / "metadata.jsonl").write_text('{"file_name": "img_0.png", "text": "a"}\n{"file_name": "img_1.png"}\n')
+    elif setup == "missing_image":
+        (folder / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "a"}\n')
+    elif setup == "bad_json":
+        (folder / "metadata.jsonl").write_text('{"file_name": \n')
+    elif setup == "line_count":
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a\nb\n")
+    with pytest.raises(error, match=match):
+        R.load_scoring_items(folder, prompts)
+
+
+def test_command_rejects_unknown_reward_before_loading(capsys):
+    with pytest.raises(SystemExit):
+        R.main(["--reward_model", "clip,nope", "--images", "."])
+    assert "unknown reward 'nope'" in capsys.readouterr().err
