@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
+    if args.num_noisy_latents < 2:
+        parser.error("--num_noisy_latents must be >= 2 in RLHF: the loss compares the best and the worst trajectory")
     validate_training_args(args)
     for flag in ("center_crop", "random_flip"):
         if getattr(args, flag):

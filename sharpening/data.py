@@ -1,8 +1,8 @@
 """Datasets: image-text pairs (SFT) and prompts (RLHF), with the bad-row policy.
 
 Bad rows (an unreadable image, a missing or empty caption) are never silently dropped and never replaced
-by made-up data: the row is skipped, named in the log and counted; the next readable row of the epoch
-order takes its place so batches keep their size; the trainer stops with a clear error once the share of
+by made-up data: the row is skipped, named in the log and counted; the next readable row by index takes
+its place (and is seen twice that epoch) so batches keep their size; the trainer stops with a clear error once the share of
 bad rows passes `--max_bad_fraction`.
 """
 from __future__ import annotations
@@ -173,35 +173,56 @@ def collate_image_text(examples: list[dict]) -> dict:
     }
 
 
+PROMPT_FIELDS = ("prompt", "prompts", "text", "caption")
+
+
+def _prompt_field(record: dict, preferred: str, where: str) -> str:
+    """The first of `preferred`, prompt, text, caption present in a record (case-insensitive)."""
+    by_lower = {str(k).lower(): k for k in record}
+    for name in (preferred, *PROMPT_FIELDS):
+        if name.lower() in by_lower:
+            return by_lower[name.lower()]
+    raise ValueError(f"{where}: no {preferred!r}, 'prompt', 'text' or 'caption' field in {sorted(record)}.")
+
+
 def read_prompt_file(path: str | os.PathLike, field: str = "prompt") -> tuple[list[str], dict]:
-    """One prompt per line (.txt) or JSON lines with a `prompt`/`text`/`caption` field (.jsonl).
-    Blank lines are skipped and counted; duplicates are kept (they are the user's weighting) and counted."""
+    """Prompts from .txt (one per line), .jsonl (a `field`/prompt/text/caption value per line) or .csv/.tsv
+    (that column; DrawBench's `Prompts` works). Blank prompts are skipped and counted; duplicates are kept
+    (they are the user's weighting) and counted."""
+    import csv
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompt_file {str(path)!r} does not exist.")
-    prompts, blank = [], 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            blank += 1
-            continue
-        if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ",")
+        column = _prompt_field({name: None for name in reader.fieldnames or []}, field, str(path))
+        values = [row[column] for row in reader]
+    elif suffix == ".jsonl":
+        values = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                values.append(None)
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err}).") from None
-            keys = [k for k in (field, "prompt", "text", "caption") if isinstance(record, dict) and k in record]
-            if not keys:
-                raise ValueError(f"{path}:{number}: no {field!r}, 'prompt', 'text' or 'caption' field in {sorted(record) if isinstance(record, dict) else record!r}.")
-            text = caption_text(record[keys[0]], np.random.default_rng(number))
-            if text is None:
-                blank += 1
-                continue
-            prompts.append(text)
-        else:
-            prompts.append(line.strip())
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {record!r}.")
+            values.append(record[_prompt_field(record, field, f"{path}:{number}")])
+    elif suffix in (".txt", ""):
+        values = lines
+    else:
+        raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")
+    rng = np.random.default_rng(0)
+    texts = [caption_text(v, rng) for v in values]
+    prompts = [t for t in texts if t is not None]
     if not prompts:
         raise ValueError(f"--prompt_file {str(path)!r} holds no prompt.")
-    stats = {"prompts": len(prompts), "blank_skipped": blank, "duplicates": len(prompts) - len(set(prompts))}
+    stats = {"prompts": len(prompts), "blank_skipped": len(texts) - len(prompts), "duplicates": len(prompts) - len(set(prompts))}
     return prompts, stats
 
 

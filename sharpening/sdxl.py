@@ -105,14 +105,23 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
 
 
 @torch.no_grad()
-def decode_to_pil(vae, latents: torch.Tensor, chunk_size: int = 8) -> list[Image.Image]:
-    """Scaled latents -> PIL images, decoded in chunks so memory stays bounded."""
+def decode(vae, latents: torch.Tensor, chunk_size: int = 8) -> tuple[list[Image.Image], torch.Tensor]:
+    """Scaled latents -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory stays
+    bounded. A NaN/inf decode (e.g. the stock SDXL VAE overflowing in fp16) still yields an image, but its
+    flag is False so callers can score it NaN instead of scoring a made-up black picture."""
     images: list[Image.Image] = []
+    finite = []
     for chunk in latents.split(max(1, chunk_size)):
-        pixels = vae.decode(chunk.to(vae.device, vae.dtype) / latent_scale(vae)).sample
-        arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        pixels = vae.decode(chunk.to(vae.device, vae.dtype) / latent_scale(vae)).sample.float()
+        finite.append(torch.isfinite(pixels).flatten(1).all(1).cpu() & torch.isfinite(chunk).flatten(1).all(1).cpu())
+        arrays = ((pixels.nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images.extend(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)
-    return images
+    return images, torch.cat(finite) if finite else torch.zeros(0, dtype=torch.bool)
+
+
+def decode_to_pil(vae, latents: torch.Tensor, chunk_size: int = 8) -> list[Image.Image]:
+    """Scaled latents -> PIL images (see `decode` for the finiteness flags)."""
+    return decode(vae, latents, chunk_size)[0]
 
 
 def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: str) -> list[Path]:

@@ -146,8 +146,10 @@ def validate_training_args(args: argparse.Namespace) -> None:
             raise ValueError("--use_8bit_adam needs `pip install bitsandbytes`.") from None
         if not torch.cuda.is_available():
             raise ValueError("--use_8bit_adam needs a CUDA GPU (bitsandbytes 8-bit optimizers); drop the flag on CPU.")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and not Path(args.resume_from_checkpoint).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder (use 'latest' or a checkpoint-N folder).")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and not _resume_path(args).is_dir():
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a folder nor a checkpoint in --output_dir (use 'latest' or checkpoint-N)."
+        )
     args.seed = _resolve_seed(args)
 
 
@@ -157,7 +159,9 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
     if args.resume_from_checkpoint == "latest":
         found = _checkpoints(Path(args.output_dir))
         return found[-1] if found else None
-    return Path(args.resume_from_checkpoint)
+    path = Path(args.resume_from_checkpoint)
+    # As in diffusers, a bare checkpoint name means the one inside --output_dir.
+    return path if path.is_dir() else Path(args.output_dir) / path
 
 
 def _resolve_seed(args: argparse.Namespace) -> int:
@@ -181,6 +185,10 @@ def public_config(args: argparse.Namespace) -> dict:
         if key in SECRET_ARGS:
             continue
         out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    if out.get("base_url"):
+        from reward import _strip_userinfo
+
+        out["base_url"] = _strip_userinfo(out["base_url"])  # a token in user:pass@host is a secret too
     return out
 
 
@@ -235,6 +243,12 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         )
         acc = self.accelerator
+        # Every rank must share one seed (data order is sharded from it); without --seed each drew its own.
+        from accelerate.utils import broadcast_object_list
+
+        args.seed = broadcast_object_list([args.seed])[0]
+        if hasattr(dataset, "seed"):
+            dataset.seed = args.seed
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_local_main_process else logging.WARNING)
         if acc.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -267,8 +281,8 @@ class Trainer:
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the DDIM grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.ddim.grid))
 
-        # The stock SDXL VAE overflows in fp16: keep it fp32 unless a replacement VAE (fp16-fix) is given.
-        vae_dtype = self.weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+        # The stock SDXL VAE overflows in fp16 (its config says force_upcast); the fp16-fix VAE does not.
+        vae_dtype = torch.float32 if parts.vae.config.get("force_upcast", True) else self.weight_dtype
         parts.vae.requires_grad_(False).to(self.device, dtype=vae_dtype)
         for encoder in parts.text_encoders:
             encoder.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
@@ -321,10 +335,6 @@ class Trainer:
             dataset, batch_size=args.train_batch_size, sampler=self.sampler, collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers, drop_last=True,
         )
-        if len(loader) < acc.num_processes:
-            raise ValueError(
-                f"The dataset ({len(dataset)} rows) gives {len(loader)} batches of {args.train_batch_size}: fewer than the {acc.num_processes} processes."
-            )
         lr = args.learning_rate
         if args.scale_lr:
             lr *= args.gradient_accumulation_steps * args.train_batch_size * acc.num_processes
@@ -338,8 +348,14 @@ class Trainer:
             self.trainable_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
         )
-        batches_per_epoch = math.ceil(len(loader) / acc.num_processes)
-        self.updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        # The prepared loader's length is the per-process number of micro-batches (accelerate shards with
+        # drop_last); the schedule needs the number of updates that will really happen.
+        loader = acc.prepare(loader)
+        if len(loader) == 0:
+            raise ValueError(
+                f"The dataset ({len(dataset)} rows) does not fill one batch of {args.train_batch_size} on each of the {acc.num_processes} processes."
+            )
+        self.updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
         if args.max_train_steps is None:
             args.max_train_steps = args.num_train_epochs * self.updates_per_epoch
         args.num_train_epochs = math.ceil(args.max_train_steps / self.updates_per_epoch)
@@ -349,9 +365,9 @@ class Trainer:
             num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
             num_training_steps=args.max_train_steps * acc.num_processes,
         )
-        self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(self.parts.unet, optimizer, loader, lr_scheduler)
+        self.loader = loader
+        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(self.parts.unet, optimizer, lr_scheduler)
         self.raw_unet = acc.unwrap_model(self.unet)
-        self.updates_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         if self.ema is not None:
@@ -401,7 +417,8 @@ class Trainer:
         return torch.randn(shape, generator=generator).to(self.device)
 
     def decode(self, latents: torch.Tensor):
-        return sdxl.decode_to_pil(self.parts.vae, latents, self.args.decode_batch_size)
+        """(images, finite flags) of scaled latents."""
+        return sdxl.decode(self.parts.vae, latents, self.args.decode_batch_size)
 
     @torch.no_grad()
     def rollout(self, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
@@ -456,7 +473,7 @@ class Trainer:
     def train(self, step_fn: StepFn) -> None:
         args, acc = self.args, self.accelerator
         global_step, first_epoch, skip_batches = self._maybe_resume()
-        nonfinite_in_a_row = 0
+        nonfinite_in_a_row = skipped_in_a_row = 0
         progress = _progress_bar(args.max_train_steps, global_step, not acc.is_local_main_process)
         logger.info(
             "Training %s: %d steps, %d processes x batch %d x accumulation %d, n=%d, m=%d, grid %s..%s (stride %d).",
@@ -493,7 +510,14 @@ class Trainer:
                             "Lower --learning_rate, use bf16 or the fp16-fix VAE, or resume from the last checkpoint."
                         )
                 elif outcome == "updated":
-                    nonfinite_in_a_row = 0
+                    nonfinite_in_a_row = skipped_in_a_row = 0
+                if outcome == "skipped":
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row % 10 == 0:
+                        logger.warning(
+                            "%d consecutive updates had no prompt with a usable reward ranking (all tied or unscored): "
+                            "check the reward (its counters are logged under reward_model/).", skipped_in_a_row,
+                        )
                 global_step += 1
                 progress.update(1)
                 logs = window.logs() | {"lr": self.lr_scheduler.get_last_lr()[0], "epoch": epoch} | {f"count/{k}": v for k, v in self.counters.items()}
@@ -563,7 +587,11 @@ class Trainer:
         counts = self.accelerator.reduce(torch.tensor([float(bad), float(len(batch["captions"]) + bad)], device=self.device), reduction="sum")
         self.counters["bad_rows"] += int(counts[0])
         self.counters["rows_read"] += int(counts[1])
-        if self.counters["bad_rows"] > self.args.max_bad_fraction * self.counters["rows_read"] and self.counters["bad_rows"] > 0:
+        # Judge the share over at least ~100 rows (or the whole dataset), so one bad row early on does not
+        # stop a run that would stay far below the limit.
+        frac = self.args.max_bad_fraction
+        judged_over = max(self.counters["rows_read"], min(len(self.dataset), max(100, math.ceil(1 / frac) if frac > 0 else 0)))
+        if self.counters["bad_rows"] > frac * judged_over:
             raise RuntimeError(
                 f"{self.counters['bad_rows']} of {self.counters['rows_read']} rows read so far were unreadable "
                 f"(more than --max_bad_fraction={self.args.max_bad_fraction}); fix the data or raise the flag. See the warnings above for their names."
@@ -641,6 +669,8 @@ class Trainer:
             return 0, 0, 0
         state = json.loads((path / "training_state.json").read_text())
         self.accelerator.load_state(str(path))
+        if self.ema is not None:
+            self.ema.to(self.device)  # accelerate restores custom state on the CPU
         self.counters = state.get("counters", self.counters) | {}
         global_step = int(state["global_step"])
         # An epoch's last accumulation window may be short (accelerate syncs at the end of the data).
@@ -665,7 +695,7 @@ class Trainer:
     def generate(self, prompts: list[str], seed: int) -> list:
         generator = torch.Generator().manual_seed(seed)
         cond = self.conditioning(prompts, self.default_time_ids(len(prompts)))
-        return self.decode(self.rollout(cond, generator))
+        return self.decode(self.rollout(cond, generator))[0]
 
     def validate(self, global_step: int) -> None:
         args, acc = self.args, self.accelerator
@@ -700,7 +730,11 @@ class Trainer:
                 from peft.utils import get_peft_model_state_dict
 
                 layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.raw_unet))
-                StableDiffusionXLPipeline.save_lora_weights(save_directory=str(out), unet_lora_layers=layers, safe_serialization=True)
+                StableDiffusionXLPipeline.save_lora_weights(
+                    save_directory=str(out), unet_lora_layers=layers, safe_serialization=True,
+                    # rank and alpha travel with the weights, so load_lora_weights applies the trained scale
+                    unet_lora_adapter_metadata=self.raw_unet.peft_config["default"].to_dict(),
+                )
             else:
                 self.raw_unet.save_pretrained(out / "unet", safe_serialization=True)
         write_model_card(args, out, self.variant, self.num_steps)

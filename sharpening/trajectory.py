@@ -51,12 +51,18 @@ def explore(model: UNetFn, ddim: DDIM, x_start: torch.Tensor, t_start: torch.Ten
 
 def score_exploration(exploration: Exploration, prompts: list[str], decode: Callable, reward) -> None:
     """Decode every x0 prediction of the exploration and score all of them in ONE reward call (so an
-    MLLM grader runs them concurrently). `prompts` holds the real caption of each of the N rows."""
+    MLLM grader runs them concurrently). `prompts` holds the real caption of each of the N rows.
+    `decode(latents) -> (images, finite)`: an image that did not decode to finite pixels scores NaN."""
     m, N = exploration.timesteps.shape
-    images = decode(exploration.x0_preds.flatten(0, 1))
+    images, finite = decode(exploration.x0_preds.flatten(0, 1))
     result = reward.evaluate(images, prompts * m)
-    exploration.step_rewards = result.total.float().view(m, N)
-    exploration.step_components = {k: v.float().view(m, N) for k, v in result.components.items()}
+
+    def grid(values: torch.Tensor) -> torch.Tensor:
+        values = values.float().cpu()
+        return torch.where(finite, values, torch.full_like(values, float("nan"))).view(m, N)
+
+    exploration.step_rewards = grid(result.total)
+    exploration.step_components = {k: grid(v) for k, v in result.components.items()}
 
 
 def path_reward(step_rewards: torch.Tensor, mode: str = "sum") -> torch.Tensor:

@@ -410,9 +410,9 @@ def test_score_exploration_scores_all_states_in_one_call_step_major():
     exploration = trajectory.Exploration(torch.zeros(m, N, 1, 1, 1), torch.tensor([[961, 961, 81], [921, 921, 41]]), x0_preds)
     decoded = []
 
-    def decode(latents):  # fake VAE: one "image" (a float) per latent, in the order given
+    def decode(latents):  # fake VAE: one "image" (a float) per latent, in the order given; 102 "overflowed"
         decoded.append(latents.shape)
-        return [float(v) for v in latents.flatten()]
+        return [float(v) for v in latents.flatten()], latents.flatten() != 102.0
 
     reward = FakeReward()
     prompts = ["p0", "p1", "p0"]
@@ -422,10 +422,12 @@ def test_score_exploration_scores_all_states_in_one_call_step_major():
     images, seen_prompts = reward.calls[0]
     assert images == [0.0, 1.0, 2.0, 100.0, 101.0, 102.0]
     assert seen_prompts == ["p0", "p1", "p0", "p0", "p1", "p0"]
-    assert exploration.step_rewards.tolist() == [[0.0, 2.0, 4.0], [200.0, 202.0, 204.0]]
+    # The image that did not decode to finite pixels scores NaN, never what the reward made of it.
+    nan = float("nan")
+    torch.testing.assert_close(exploration.step_rewards, torch.tensor([[0.0, 2.0, 4.0], [200.0, 202.0, nan]]), equal_nan=True)
     assert exploration.step_rewards.dtype == torch.float32
-    assert exploration.step_components["a"].tolist() == [[0.0, 1.0, 2.0], [100.0, 101.0, 102.0]]
-    assert exploration.step_components["b"].tolist() == [[-0.0, -2.0, -4.0], [-200.0, -202.0, -204.0]]
+    torch.testing.assert_close(exploration.step_components["a"], torch.tensor([[0.0, 1.0, 2.0], [100.0, 101.0, nan]]), equal_nan=True)
+    torch.testing.assert_close(exploration.step_components["b"], torch.tensor([[-0.0, -2.0, -4.0], [-200.0, -202.0, nan]]), equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------- 4. losses

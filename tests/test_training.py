@@ -245,3 +245,42 @@ def test_rlhf_all_tied_rewards_give_no_update(tiny_sdxl, tmp_path, caplog):
     assert "update skipped" in caplog.text
     for k, v in trainer.raw_unet.named_parameters():
         assert torch.equal(v, before[k]), k
+
+
+def test_lora_rank_and_alpha_travel_with_the_saved_weights(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    data = write_image_folder(tmp_path / "data", count=4)
+    run_sft(tiny_sdxl, data, tmp_path / "out", max_train_steps=1, use_lora=True, lora_rank=4, lora_alpha=16)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(tmp_path / "out")
+    config = next(iter(pipe.unet.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 16)  # scale alpha/r = 4, not the default 1
+
+
+def test_resume_accepts_a_checkpoint_name_inside_output_dir(tiny_sdxl, tmp_path, caplog):
+    data = write_image_folder(tmp_path / "data", count=4)
+    run_sft(tiny_sdxl, data, tmp_path / "out", max_train_steps=1, checkpointing_steps=1)
+    caplog.set_level(logging.INFO)
+    run_sft(tiny_sdxl, data, tmp_path / "out", max_train_steps=2, resume_from_checkpoint="checkpoint-1")
+    assert "at step 1" in caplog.text
+
+
+def test_prompt_file_csv_with_drawbench_columns(tmp_path):
+    from sharpening.data import read_prompt_file
+
+    path = tmp_path / "drawbench.csv"
+    path.write_text('Prompts,Category\n"A red colored car.",Colors\n,Colors\n"A black colored car.",Colors\n')
+    prompts, stats = read_prompt_file(path)
+    assert prompts == ["A red colored car.", "A black colored car."]
+    assert stats["blank_skipped"] == 1
+    (tmp_path / "p.json").write_text('["a cat"]')
+    with pytest.raises(ValueError, match="use .txt"):
+        read_prompt_file(tmp_path / "p.json")
+
+
+def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    with pytest.raises(SystemExit):
+        rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, num_noisy_latents=1))
