@@ -1,0 +1,50 @@
+"""benchmarks/step_cost.py runs end to end on the tiny SDXL and counts what each side really does."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_step_cost():
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
+    n, m, b, grid = 2, 2, 2, 4
+    out = tmp_path / "cost.json"
+    load_step_cost().main([
+        "--tiny_path", str(tiny_sdxl), "--variant", "both", "--n", str(n), "--m", str(m), "--batch_size", str(b),
+        "--infer_steps", str(grid), "--steps", "1", "--warmup", "0", "--json", str(out),
+    ])
+    results = json.loads(out.read_text())["results"]
+    sft, rlhf = results["sft"], results["rlhf"]
+
+    # SFT: ours explores n*B candidates for m steps without grad, then one grad call on the winners' m*B states.
+    assert (sft["ours"]["unet_grad_calls"], sft["ours"]["unet_grad_rows"]) == (1, m * b)
+    assert (sft["ours"]["unet_nograd_calls"], sft["ours"]["unet_nograd_rows"]) == (m, n * m * b)
+    assert (sft["ours"]["reward_calls"], sft["ours"]["reward_images"]) == (1, n * m * b)
+    assert sft["ours"]["vae_decode_images_with_graph"] == 0
+    # The upstream way: everything with grad, decodes with a graph, one reward call per image.
+    assert (sft["baseline"]["unet_grad_calls"], sft["baseline"]["unet_grad_rows"]) == (m, n * m * b)
+    assert sft["baseline"]["unet_nograd_rows"] == 0
+    assert (sft["baseline"]["reward_calls"], sft["baseline"]["reward_images"]) == (n * m * b, n * m * b)
+    assert sft["baseline"]["vae_decode_images_with_graph"] == n * m * b
+
+    # RLHF: ours = CFG rollout (2B rows per grid step) + exploration + reference on w and l; one grad call on w and l.
+    assert (rlhf["ours"]["unet_grad_calls"], rlhf["ours"]["unet_grad_rows"]) == (1, 2 * m * b)
+    assert rlhf["ours"]["unet_nograd_rows"] == grid * 2 * b + n * m * b + 2 * m * b
+    # Upstream: n*B rollouts without CFG, reference once at the first state, every candidate with grad.
+    assert rlhf["baseline"]["unet_grad_rows"] == n * m * b
+    assert rlhf["baseline"]["unet_nograd_rows"] == grid * n * b + n * b
+
+    for res in (sft, rlhf):
+        for impl in ("ours", "baseline"):
+            assert res[impl]["time_s"] > 0 and res[impl]["peak_growth_mb"] > 0
+            assert res[impl]["outcomes"] == ["updated"]
+        assert res["ratios"]["unet_grad_rows"] is not None and res["ratios"]["time"] is not None
