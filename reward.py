@@ -1170,6 +1170,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@register_reward("toy")
+def build_toy_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Reward:
+    """The toy world's programmatic reward (toyworld/reward.py): how well a demo image's colours, shapes and
+    positions match its caption, in [0, 1]; NaN for captions outside the toy grammar. Runs on the CPU."""
+    from toyworld.reward import make_toy_reward
+
+    return make_toy_reward(args, device, dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

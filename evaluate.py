@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""Evaluate SDXL models on a prompt set with paired seeds: JSON, a Markdown table and image grids.
+
+    # base vs fine-tunes of the toy model on the toy world's held-out prompts (the default prompt set)
+    python evaluate.py --model base=models/toy-sdxl \\
+        --model sft=models/toy-sdxl,unet=runs/sft/unet --model rlhf=models/toy-sdxl,lora=runs/rlhf \\
+        --reward_model toy --output_dir eval/
+
+    # one model the short way; real SDXL on a GPU with your prompts and rewards
+    python evaluate.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --lora runs/rlhf --prompt_file prompts.txt --reward_model "clip,image_reward" \\
+        --device cuda --dtype fp16 --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --resolution 1024
+
+Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. `unet` is a diffusers UNet folder, a training output
+folder holding `unet/`, or a training checkpoint (`checkpoint-N/trainable_weights.safetensors` of a full
+fine-tune); `lora` is a LoRA output folder or `.safetensors` file. `--models_json` takes the same as
+{"NAME": {"base": ..., "unet": ..., "lora": ...}}.
+
+Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
+model, so differences between models are differences of the models, and the paired difference against
+the baseline removes the prompt and seed variance. Standard errors are over PROMPTS (the images of one
+prompt are averaged first: they are not independent samples of the prompt distribution).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from reward import add_reward_args  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    base: str
+    unet: str | None = None
+    lora: str | None = None
+
+    def describe(self) -> str:
+        return self.base + (f" + unet {self.unet}" if self.unet else "") + (f" + lora {self.lora}" if self.lora else "")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--model {text!r}: expected NAME=BASE[,unet=PATH][,lora=PATH].")
+    base, *options = rest.split(",")
+    fields = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key not in ("unet", "lora") or not sep or not value:
+            raise ValueError(f"--model {text!r}: unknown option {option!r} (use unet=PATH or lora=PATH).")
+        fields[key] = value
+    return ModelSpec(name, base, **fields)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--model", action="append", default=[], metavar="NAME=BASE[,unet=PATH][,lora=PATH]", help="Repeat to compare models.")
+    g.add_argument("--models_json", default=None, help='{"NAME": {"base": ..., "unet": ..., "lora": ...}, ...}')
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="One model the short way (with --unet / --lora).")
+    g.add_argument("--unet", default=None)
+    g.add_argument("--lora", default=None)
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A replacement VAE (e.g. the fp16-fix) for every model.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--baseline", default=None, help="Model name the paired differences are taken against (default: the first).")
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt_file", default=None, help="One prompt per line (.txt) or JSON lines (.jsonl). Default: the toy world's held-out prompts.")
+    g.add_argument("--toy_split", default="heldout", choices=["heldout", "train", "train_pairs", "single"], help="Toy prompt set when no --prompt_file.")
+    g.add_argument("--num_prompts", type=int, default=None, help="Use the first N prompts.")
+    g.add_argument("--images_per_prompt", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=25, help="DDIM steps.")
+    g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
+    g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
+    g.add_argument("--decode_batch_size", type=int, default=8)
+    g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet and text encoders; the VAE stays fp32 unless a replacement VAE is given.")
+
+    g = p.add_argument_group("rewards and outputs")
+    add_reward_args(p)
+    p.set_defaults(reward_model="toy")
+    g.add_argument("--reward_plugin", action="append", default=[], help="A Python file that registers extra rewards; repeatable.")
+    g.add_argument("--output_dir", default="evaluation")
+    g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids.")
+    g.add_argument("--save_images", action="store_true", help="Also save every image as PNG.")
+    args = p.parse_args(argv)
+
+    models = [parse_model_spec(m) for m in args.model]
+    if args.models_json:
+        for name, spec in json.loads(Path(args.models_json).read_text()).items():
+            models.append(ModelSpec(name, spec["base"], spec.get("unet"), spec.get("lora")))
+    if args.pretrained_model_name_or_path:
+        models.append(ModelSpec("model", args.pretrained_model_name_or_path, args.unet, args.lora))
+    elif args.unet or args.lora:
+        p.error("--unet / --lora need --pretrained_model_name_or_path (or use --model NAME=BASE,unet=PATH).")
+    if not models:
+        p.error("give at least one model: --model NAME=BASE[,unet=PATH][,lora=PATH] or --pretrained_model_name_or_path.")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        p.error(f"model names must be unique, got {names}.")
+    args.models = models
+    args.baseline = args.baseline or names[0]
+    if args.baseline not in names:
+        p.error(f"--baseline {args.baseline!r} is not one of the models {names}.")
+    if args.images_per_prompt < 1:
+        p.error("--images_per_prompt must be >= 1.")
+    for m in models:
+        for label, path in (("unet", m.unet), ("lora", m.lora)):
+            if path and not Path(path).exists():
+                p.error(f"--model {m.name}: {label} path {path!r} does not exist.")
+    return args
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def load_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file:
+        from sharpening.data import read_prompt_file
+
+        prompts, _ = read_prompt_file(args.prompt_file)
+    else:
+        from toyworld import world
+
+        prompts = {
+            "heldout": world.heldout_prompts,
+            "train": world.train_prompts,
+            "train_pairs": lambda: world.train_prompts("pairs"),
+            "single": world.single_prompts,
+        }[args.toy_split]()
+    return prompts[: args.num_prompts] if args.num_prompts else prompts
+
+
+# --------------------------------------------------------------------------------------------- models
+def load_unet(spec: ModelSpec, args, device, dtype):
+    """The base UNet, with a full fine-tune's weights or LoRA adapters applied."""
+    from diffusers import UNet2DConditionModel
+
+    if spec.unet:
+        path = Path(spec.unet)
+        if (path / "trainable_weights.safetensors").is_file():  # a training checkpoint of a full fine-tune
+            from safetensors.torch import load_file
+
+            unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet", revision=args.revision, variant=args.variant)
+            state = load_file(path / "trainable_weights.safetensors")
+            if any("lora" in k for k in state):
+                raise ValueError(f"{path} is a LoRA training checkpoint; evaluate the LoRA output folder with lora=PATH instead.")
+            missing, unexpected = unet.load_state_dict(state, strict=False)
+            if unexpected or len(missing) == len(unet.state_dict()):
+                raise ValueError(f"{path}: checkpoint does not match the UNet of {spec.base} ({len(unexpected)} unexpected keys).")
+        else:
+            folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+            unet = UNet2DConditionModel.from_pretrained(folder)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet", revision=args.revision, variant=args.variant)
+    unet = _move(unet, device, dtype)
+    if spec.lora:
+        path = Path(spec.lora)
+        weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"--model {spec.name}: no LoRA weights at {weights}.")
+        unet.load_lora_adapter(str(weights), prefix="unet", adapter_name="evaluated")
+        unet.fuse_lora()  # inference cost of the base model, as after merging
+    return unet.eval().requires_grad_(False)
+
+
+def _move(module, device, dtype):
+    """Cast only when needed (diffusers warns on every dtype cast, even a no-op one)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+class BaseParts:
+    """Tokenizers, text encoders and VAE of a base checkpoint, loaded once for every model on that base."""
+
+    def __init__(self, base: str, args, device, dtype):
+        from sharpening import sdxl
+
+        parts = sdxl.load_sdxl(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        del parts.unet  # each model loads its own UNet
+        for encoder in parts.text_encoders:
+            _move(encoder.requires_grad_(False), device, dtype)
+        # The stock SDXL VAE overflows in fp16: fp32 unless a replacement (fp16-fix) VAE is given.
+        vae_dtype = dtype if args.pretrained_vae_model_name_or_path else torch.float32
+        _move(parts.vae.requires_grad_(False), device, vae_dtype)
+        self.parts = parts
+        self.scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+
+# --------------------------------------------------------------------------------------------- generation
+def initial_noise(num_prompts: int, images_per_prompt: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(P, K, C, H, W): image k of prompt i starts from noise seeded by (seed, i, k), the same for every
+    model; drawn on the CPU so it is also the same on every device."""
+    out = torch.empty(num_prompts, images_per_prompt, *shape)
+    for i in range(num_prompts):
+        for k in range(images_per_prompt):
+            out[i, k] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + k))
+    return out
+
+
+@torch.no_grad()
+def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.Tensor, args, device, dtype) -> list:
+    """Images (prompt-major: prompt i, image k at i * K + k) for one model."""
+    from sharpening import sdxl
+    from sharpening.sampler import DDIM, guided, sample, unet_forward
+
+    unet = load_unet(spec, args, device, dtype)
+    ddim = DDIM(base.parts.scheduler_config, args.steps)
+    num_prompts, per_prompt = noise.shape[:2]
+    flat_prompts = [p for p in prompts for _ in range(per_prompt)]
+    flat_noise = noise.flatten(0, 1)
+    r = args.resolution
+    images = []
+    for start in range(0, len(flat_prompts), args.batch_size):
+        batch = flat_prompts[start : start + args.batch_size]
+        ids = sdxl.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
+        cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
+        model = guided(unet_forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
+        latents = sample(model, ddim, flat_noise[start : start + len(batch)].to(device, dtype), cond)
+        images += sdxl.decode_to_pil(base.parts.vae, latents, args.decode_batch_size)
+    del unet
+    return images
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def mean_se(values: np.ndarray) -> tuple[float, float, int]:
+    """Mean and standard error of the finite values (NaN SE for fewer than 2)."""
+    v = values[np.isfinite(values)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), se, len(v)
+
+
+def per_prompt(scores: np.ndarray, per_prompt_count: int) -> np.ndarray:
+    """(P*K,) image scores -> (P,) prompt means over the finite images (NaN where none)."""
+    grid = scores.reshape(-1, per_prompt_count)
+    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(grid, axis=1)
+
+
+def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_prompt_count: int) -> dict:
+    """scores[model][metric] = (P*K,) -> {model: {metric: {mean, se, n, [diff, diff_se]}}}."""
+    summary = {}
+    for model, metrics in scores.items():
+        summary[model] = {}
+        for metric, values in metrics.items():
+            prompt_means = per_prompt(values, per_prompt_count)
+            mean, se, n = mean_se(prompt_means)
+            entry = {"mean": mean, "se": se, "prompts": n, "unscored_images": int((~np.isfinite(values)).sum())}
+            if model != baseline and metric in scores[baseline]:
+                diff, diff_se, _ = mean_se(prompt_means - per_prompt(scores[baseline][metric], per_prompt_count))
+                entry |= {"diff": diff, "diff_se": diff_se}
+            summary[model][metric] = entry
+    return summary
+
+
+def _fmt(mean: float, se: float, signed: bool = False) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text + (f" ± {se:.3f}" if math.isfinite(se) else "")
+
+
+def markdown_table(summary: dict, baseline: str, total: str) -> str:
+    """One row per model: every metric as mean ± SE, then the paired difference of the total vs the baseline."""
+    metrics = list(next(iter(summary.values())))
+    header = ["model", *metrics, f"Δ {total} vs {baseline} (paired)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, row in summary.items():
+        diff = "—" if model == baseline else _fmt(row[total].get("diff", float("nan")), row[total].get("diff_se", float("nan")), signed=True)
+        lines.append("| " + " | ".join([model, *(_fmt(row[m]["mean"], row[m]["se"]) for m in metrics), diff]) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- grids
+def _upscale(image, min_side: int = 128):
+    from PIL import Image
+
+    factor = max(1, math.ceil(min_side / image.width))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
+
+
+def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str]):
+    """A labelled grid of PIL images (small images are upscaled so they can be seen)."""
+    from PIL import Image, ImageDraw
+
+    cells = [[_upscale(i) for i in row] for row in rows]
+    w, h = cells[0][0].size
+    label_w, label_h = 260, 16
+    grid = Image.new("RGB", (label_w + w * len(cells[0]), label_h + h * len(cells)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * w + 2, 2), text[: w // 6], fill="black")
+    for r, row in enumerate(cells):
+        draw.text((2, label_h + r * h + 2), _wrap(row_labels[r], 42), fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image, (label_w + c * w, label_h + r * h))
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
+
+
+def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prompt_count: int, limit: int) -> list[Path]:
+    shown = range(min(limit, len(prompts)))
+    paths = []
+    for name, imgs in images.items():  # one grid per model: prompts x seeds
+        grid = image_grid([[imgs[i * per_prompt_count + k] for k in range(per_prompt_count)] for i in shown],
+                          [prompts[i] for i in shown], [f"seed {k}" for k in range(per_prompt_count)])
+        paths.append(out / f"grid_{name}.png")
+        grid.save(paths[-1])
+    names = list(images)  # side by side: prompts x models, first seed (the before/after view)
+    grid = image_grid([[images[n][i * per_prompt_count] for n in names] for i in shown], [prompts[i] for i in shown], names)
+    paths.append(out / "compare.png")
+    grid.save(paths[-1])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict:
+    from reward import build_reward, parse_reward_spec
+
+    from sharpening.plugins import load_reward_plugins
+
+    started = time.time()
+    load_reward_plugins(args.reward_plugin)
+    parse_reward_spec(args.reward_model)  # a bad spec fails before any model is loaded
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    prompts = load_prompts(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reward = build_reward(args.reward_model, args, device=device)
+
+    bases: dict[str, BaseParts] = {}
+    images, scores, seconds = {}, {}, {}
+    noise = None
+    for spec in args.models:
+        t0 = time.time()
+        if spec.base not in bases:
+            bases[spec.base] = BaseParts(spec.base, args, device, dtype)
+        base = bases[spec.base]
+        if args.resolution is None:
+            from diffusers import UNet2DConditionModel
+
+            args.resolution = int(UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=args.revision)["sample_size"]) * base.scale
+        shape = (4, args.resolution // base.scale, args.resolution // base.scale)
+        if noise is None:
+            noise = initial_noise(len(prompts), args.images_per_prompt, shape, args.seed)
+        elif tuple(noise.shape[2:]) != shape:
+            raise ValueError(f"--model {spec.name}: latent shape {shape} differs from the first model's {tuple(noise.shape[2:])}; paired seeds need the same shape.")
+        images[spec.name] = generate(spec, base, prompts, noise, args, device, dtype)
+        flat_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
+        result = reward.evaluate(images[spec.name], flat_prompts)
+        metrics = {args.reward_model: result.total.float().cpu().numpy()}
+        for name, values in result.components.items():
+            if name != args.reward_model:
+                metrics[name] = values.float().cpu().numpy()
+        scores[spec.name] = metrics
+        seconds[spec.name] = round(time.time() - t0, 1)
+        print(f"[evaluate] {spec.name}: {args.reward_model} = {np.nanmean(metrics[args.reward_model]):.4f} ({seconds[spec.name]} s)", flush=True)
+        if args.save_images:
+            from sharpening.sdxl import save_images
+
+            save_images(images[spec.name], out / "images" / spec.name, "img")
+
+    summary = summarise(scores, args.baseline, args.images_per_prompt)
+    table = markdown_table(summary, args.baseline, args.reward_model)
+    grids = write_grids(out, images, prompts, args.images_per_prompt, args.grid_prompts)
+    record = {
+        "models": {m.name: {"base": m.base, "unet": m.unet, "lora": m.lora} for m in args.models},
+        "baseline": args.baseline,
+        "reward_model": args.reward_model,
+        "prompts": prompts,
+        "images_per_prompt": args.images_per_prompt,
+        "seeds": "image k of prompt i: torch.Generator().manual_seed(seed * 1000003 + i * 1009 + k) on the CPU",
+        "seed": args.seed,
+        "sampling": {"sampler": "DDIM (eta 0)", "steps": args.steps, "guidance_scale": args.guidance_scale, "resolution": args.resolution,
+                     "device": str(device), "dtype": args.dtype},
+        "summary": summary,
+        "scores": {m: {k: [None if not math.isfinite(x) else float(x) for x in v] for k, v in metrics.items()} for m, metrics in scores.items()},
+        "seconds": seconds | {"total": round(time.time() - started, 1)},
+        "reward_counters": reward.counters(),
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, DDIM {args.steps} steps, CFG {args.guidance_scale}; "
+            f"mean ± standard error over prompts; Δ = paired difference vs {args.baseline} (same seeds).")
+    (out / "results.md").write_text(f"{table}\n\n{note}\n")
+    print(table + "\n\n" + note + f"\n[evaluate] wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(g) for g in grids), flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""evaluate.py on the tiny SDXL: paired seeds (identical models give identical images, so the paired
+difference is exactly 0), every way of naming a model, and the files it writes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+
+
+def _run(tmp_path, models: list[str], *extra: str) -> dict:
+    argv = [f"--model={m}" for m in models] + [
+        "--num_prompts", "3", "--images_per_prompt", "2", "--steps", "3", "--resolution", "32",
+        "--guidance_scale", "3", "--reward_model", "toy", "--output_dir", str(tmp_path / "eval"), "--device", "cpu", *extra,
+    ]
+    return evaluate.main(evaluate.parse_args(argv))
+
+
+def _lora_folder(tiny_sdxl, folder):
+    """A LoRA output like the trainers write, with freshly initialised adapters (B = 0: a no-op)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return folder
+
+
+def test_identical_models_give_identical_images_and_zero_paired_difference(tiny_sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet").save_pretrained(tmp_path / "ft" / "unet")
+    lora = _lora_folder(tiny_sdxl, tmp_path / "lora")
+    record = _run(tmp_path, [f"base={tiny_sdxl}", f"same={tiny_sdxl}", f"unet={tiny_sdxl},unet={tmp_path / 'ft'}", f"lora={tiny_sdxl},lora={lora}"])
+
+    out = tmp_path / "eval"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["baseline"] == "base" and len(saved["prompts"]) == 3
+    base_scores = saved["scores"]["base"]["toy"]
+    assert len(base_scores) == 6
+    for name in ("same", "unet", "lora"):
+        assert saved["scores"][name]["toy"] == base_scores
+        assert saved["summary"][name]["toy"]["diff"] == 0.0 and saved["summary"][name]["toy"]["diff_se"] == 0.0
+    assert record["summary"]["base"]["toy"]["prompts"] == 3
+
+    table = (out / "results.md").read_text()
+    assert "| model | toy |" in table and "+0.000 ± 0.000" in table and "toy/relation" in table
+    for name in ("base", "same", "unet", "lora"):
+        grid = Image.open(out / f"grid_{name}.png")
+        assert grid.width > 128 and grid.height > 3 * 128
+    compare = Image.open(out / "compare.png")
+    assert compare.width > 4 * 128
+
+
+def test_a_different_model_changes_images_and_the_difference(tiny_sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+    import torch
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.5)
+    unet.save_pretrained(tmp_path / "other")
+    _run(tmp_path, [f"base={tiny_sdxl}", f"other={tiny_sdxl},unet={tmp_path / 'other'}"], "--save_images")
+    a = np.asarray(Image.open(tmp_path / "eval" / "images" / "base" / "img_00.png"), dtype=float)
+    b = np.asarray(Image.open(tmp_path / "eval" / "images" / "other" / "img_00.png"), dtype=float)
+    assert np.abs(a - b).mean() > 1.0
+
+
+def test_bad_specs_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="NAME=BASE"):
+        evaluate.parse_model_spec("just-a-path")
+    with pytest.raises(ValueError, match="unknown option"):
+        evaluate.parse_model_spec("a=base,vae=x")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "a=base,unet=/does/not/exist"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "a=x", "--model", "a=y"])
+
+
+def test_statistics_are_over_prompts():
+    scores = {"base": {"r": np.array([0.0, 1.0, 1.0, 1.0])}, "new": {"r": np.array([1.0, 1.0, 1.0, np.nan])}}
+    summary = evaluate.summarise(scores, "base", per_prompt_count=2)
+    assert summary["base"]["r"]["mean"] == pytest.approx(0.75)  # prompt means 0.5 and 1.0
+    assert summary["base"]["r"]["se"] == pytest.approx(0.25)
+    assert summary["new"]["r"]["unscored_images"] == 1
+    assert summary["new"]["r"]["diff"] == pytest.approx(0.25)  # paired: (1 - 0.5) and (1 - 1)
