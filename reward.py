@@ -846,7 +846,7 @@ class MllmReward(Reward):
         self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.max_tokens, self.temperature, self.json_mode = max_tokens, temperature, json_mode
-        self.base_url = _strip_userinfo(base_url)
+        self.base_url = strip_userinfo(base_url)
         self._secret = secret  # only to scrub it from error text; its repr is masked
         self._counts = {"requests": 0, "retries": 0, "failures": 0, "request_failures": 0, "parse_failures": 0}
         self._lock = threading.Lock()
@@ -975,7 +975,7 @@ def retry_after_seconds(headers: Any) -> float | None:
         return None
 
 
-def _strip_userinfo(url: str | None) -> str | None:
+def strip_userinfo(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)

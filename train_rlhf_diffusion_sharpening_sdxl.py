@@ -61,7 +61,7 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     # Winner and loser states in one grad call for the policy and one no-grad call for the reference.
     train_cond = trainer.conditioning(prompts, time_ids, generator)
     pair = torch.cat([sel.winner, sel.loser])
-    x0_pair, cond_pair = torch.cat([x0, x0]), type(train_cond).cat([train_cond, train_cond])
+    x0_pair, cond_pair = x0.repeat(2, 1, 1, 1), train_cond.repeat(2)  # rows: B winners, then B losers
     policy_mse = trainer.trajectory_mse(trainer.policy(grad=True), x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)
     with torch.no_grad():
         ref_mse = trainer.trajectory_mse(trainer.reference, x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)

@@ -12,7 +12,6 @@ Every number it prints is measured in this run; nothing is tuned on the evaluati
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Offline by design: a hub lookup would only slow the demo down (and can return an empty tokenizer).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 from toyworld.recipe import COMMON, RLHF, SFT, cpu_threads, launch, write_data  # noqa: E402
 

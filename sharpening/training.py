@@ -186,9 +186,9 @@ def public_config(args: argparse.Namespace) -> dict:
             continue
         out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
     if out.get("base_url"):
-        from reward import _strip_userinfo
+        from reward import strip_userinfo
 
-        out["base_url"] = _strip_userinfo(out["base_url"])  # a token in user:pass@host is a secret too
+        out["base_url"] = strip_userinfo(out["base_url"])  # a token in user:pass@host is a secret too
     return out
 
 

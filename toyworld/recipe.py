@@ -9,6 +9,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Offline by design (the demo and the quality benchmark import this first, before anything reads these):
+# a hub lookup would only slow them down, and can return an empty tokenizer.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 MODEL = ROOT / "models" / "toy-sdxl"
 
 # 32 px images (16x16 latents), a 20-step DDIM grid (stride 50), full fine-tuning of the UNet.
