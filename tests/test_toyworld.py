@@ -117,3 +117,36 @@ def test_toy_reward_through_the_registry():
     assert model.counters()["toy/images_scored"] == 3
     with pytest.raises(ValueError):
         model.evaluate(list(images), ["a red circle"])
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {f"{sub}/{k}": v for sub in ("unet", "text_encoder", "text_encoder_2", "vae")
+            for k, v in load_file(next((folder / sub).glob("*.safetensors"))).items()}
+
+
+def test_train_base_reproduces_from_its_seed_and_trains_the_text_encoders(tmp_path):
+    """The committed toy model must be reproducible by its script: same seed -> bit-identical weights;
+    the text encoders are trained (not left at their initialisation) unless --no-train_text_encoders."""
+    import torch
+
+    from sharpening.sdxl import load_sdxl
+    from toyworld import train_base
+
+    tiny = ["--vae_steps", "2", "--unet_steps", "3", "--dataset_size", "16", "--batch_size", "4", "--vae_batch_size", "4", "--log_every", "1"]
+    deterministic = torch.are_deterministic_algorithms_enabled()  # main() switches it on for the process
+    try:
+        runs = {name: train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / name), *tiny, *extra]))
+                for name, extra in [("a", []), ("b", []), ("frozen", ["--no-train_text_encoders"])]}
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    a, b, frozen = (_weights(runs[n]) for n in ("a", "b", "frozen"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    init_1, init_2 = train_base.build_text_encoders(0)
+    for name, init in (("text_encoder", init_1), ("text_encoder_2", init_2)):
+        start = {f"{name}/{k}": v for k, v in init.state_dict().items()}
+        assert all(torch.equal(frozen[k], start[k]) for k in start)
+        assert not all(torch.equal(a[k], start[k]) for k in start)
+    parts = load_sdxl(str(runs["a"]))
+    assert parts.unet.config.addition_embed_type == "text_time" and len(parts.tokenizers[0]) == 49408

@@ -7,18 +7,17 @@ The result loads with `sharpening.sdxl.load_sdxl` and `StableDiffusionXLPipeline
 what `make demo` and `benchmarks/quality.py` fine-tune. Recipe (all from `--seed`, deterministic on a
 given device):
 
-1. Text encoders: SDXL's pair (CLIPTextModel + CLIPTextModelWithProjection, hidden size 32 each) with the
-   real CLIP BPE tokenizer, left FROZEN AT THEIR RANDOM INITIALISATION. A random causal transformer is
-   a fixed, injective-enough feature map of the token sequence (token and position embeddings survive in
-   the residual stream, and later tokens see earlier ones), which is all the UNet needs to tell captions
-   apart; the sharpening scripts never train text encoders either, and freezing them lets us embed each
-   caption once instead of backpropagating through two transformers per step.
+1. Text encoders: SDXL's pair (CLIPTextModel + CLIPTextModelWithProjection, hidden size 24 each) with the
+   real CLIP BPE tokenizer, trained from scratch together with the UNet (step 3). An earlier recipe left them
+   frozen at their random initialisation; that model ignored much of its caption (wrong colours and shapes
+   on single objects: toy reward 0.23 on single-object prompts), which left reward fine-tuning nothing but
+   noise to rank. `--no-train_text_encoders` still builds that variant.
 2. VAE: AutoencoderKL with one downsampling (32x32x3 pixels <-> 16x16x4 latents), trained briefly on
    fresh world images (MSE + a tiny KL term). Its scaling_factor is set to 1/std of the latents, as for
    SD's VAEs, so noised latents have unit variance.
-3. UNet: UNet2DConditionModel with SDXL's "text_time" added conditioning, trained with the epsilon
-   objective on cached latents of a fixed set of world images (half single objects, half compositions
-   of the TRAIN pairs), 10% caption dropout to zero embeddings (the pipeline's
+3. UNet: UNet2DConditionModel with SDXL's "text_time" added conditioning, trained (with the text encoders)
+   with the epsilon objective on cached latents of a fixed set of world images (half single objects, half
+   compositions of the TRAIN pairs), 10% caption dropout to zero embeddings (the pipeline's
    force_zeros_for_empty_prompt) for classifier-free guidance, AdamW + cosine schedule, EMA weights saved.
    The budget is deliberately short: single objects are learned well, compositions (binding colours to
    shapes, relations) only partly, which is the kind of flaw reward fine-tuning should fix.
@@ -56,14 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda; results are deterministic per device.")
     p.add_argument("--num_threads", type=int, default=1,
                    help="CPU threads. 1 by default: on a shared 2-core machine two spinning OpenMP threads ran 4x SLOWER than one (measured).")
-    p.add_argument("--vae_steps", type=int, default=300)
+    p.add_argument("--vae_steps", type=int, default=600)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--vae_lr", type=float, default=2e-3)
-    p.add_argument("--unet_steps", type=int, default=2000)
+    p.add_argument("--unet_steps", type=int, default=5000)
     p.add_argument("--unet_lr", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--dataset_size", type=int, default=8192, help="World images whose latents the UNet trains on.")
     p.add_argument("--single_fraction", type=float, default=0.5, help="Share of single-object images (the rest: compositions).")
+    p.add_argument("--train_text_encoders", action=argparse.BooleanOptionalAction, default=True,
+                   help="Train both text encoders with the UNet (default). Frozen random encoders gave a model that ignored "
+                        "much of its caption (wrong colours and shapes on single objects).")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--log_every", type=int, default=100)
@@ -172,33 +174,43 @@ def encode_dataset(vae, images, device, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def embed_captions(tokenizer, encoders, captions: list[str], device):
-    """SDXL conditioning of each caption (as sharpening.sdxl.encode_prompts computes it)."""
+def encode_tokens(encoders, ids):
+    """SDXL conditioning of token ids (as sharpening.sdxl.encode_prompts computes it): the penultimate hidden
+    states of both encoders side by side, and text_encoder_2's projected pooled output."""
     embeds, pooled = [], None
     for encoder in encoders:
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        out = encoder.to(device)(ids.to(device), output_hidden_states=True)
+        out = encoder(ids, output_hidden_states=True)
         embeds.append(out.hidden_states[-2])
         pooled = out[0]
     return torch.cat(embeds, -1), pooled
 
 
-def train_unet(unet, latents_mean, latents_std, caption_index, text_embeds, pooled, args, device):
-    """Epsilon objective on the cached latents; returns the EMA copy of the weights and the loss log."""
+def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index, caption_ids, args, device):
+    """Epsilon objective on the cached latents, the UNet and (with --train_text_encoders) both text encoders
+    trained together; returns EMA copies of the trained weights and the loss log."""
     import copy
 
     from diffusers import DDPMScheduler
 
     noise_schedule = DDPMScheduler.from_config(build_scheduler().config)
     abar = noise_schedule.alphas_cumprod.to(device)
-    unet.to(device).train()
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
-    warmup = min(200, args.unet_steps // 10)
+    modules = [unet.to(device).train()]
+    for encoder in text_encoders:
+        encoder.to(device)
+        if args.train_text_encoders:
+            modules.append(encoder.train().requires_grad_(True))
+    params = [p for m in modules for p in m.parameters()]
+    emas = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+    ema_params = [p for m in emas for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    warmup = max(1, min(200, args.unet_steps // 10))
     gen = torch.Generator().manual_seed(args.seed + 20)
     size = world.IMAGE_SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)
+    caption_ids = caption_ids.to(device)
+    if not args.train_text_encoders:  # frozen: embed each caption once
+        with torch.no_grad():
+            frozen = encode_tokens(text_encoders, caption_ids)
     log, window = [], []
     for step in range(args.unet_steps):
         idx = torch.randint(0, len(latents_mean), (args.batch_size,), generator=gen)
@@ -210,26 +222,32 @@ def train_unet(unet, latents_mean, latents_std, caption_index, text_embeds, pool
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         keep = (torch.rand(args.batch_size, generator=gen) >= args.caption_dropout).float().to(device)
         cap = caption_index[idx].to(device)
-        cond = text_embeds[cap] * keep.view(-1, 1, 1)
-        cond_pooled = pooled[cap] * keep.view(-1, 1)
+        if args.train_text_encoders:
+            embeds, pooled = encode_tokens(text_encoders, caption_ids[cap])
+        else:
+            embeds, pooled = frozen[0][cap], frozen[1][cap]
+        cond = embeds * keep.view(-1, 1, 1)  # dropped captions -> zeros (force_zeros_for_empty_prompt)
+        cond_pooled = pooled * keep.view(-1, 1)
         pred = unet(x_t, t, encoder_hidden_states=cond, added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids.expand(args.batch_size, -1)}).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = args.unet_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         with torch.no_grad():
             decay = min(args.ema_decay, (1 + step) / (10 + step))  # warm-up of the EMA, as diffusers' EMAModel
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step == args.unet_steps - 1:
             log.append({"step": step + 1, "loss": float(np.mean(window)), "lr": lr})
             print(f"unet step {step + 1:5d} loss {np.mean(window):.4f} lr {lr:.2e} [{time.time() - args.started:.0f} s]", flush=True)
             window = []
-    return ema, log
+    ema_unet = emas[0].eval()
+    ema_encoders = tuple(e.eval() for e in emas[1:]) if args.train_text_encoders else text_encoders
+    return ema_unet, ema_encoders, log
 
 
 def write_model_card(out: Path, summary: dict) -> None:
@@ -249,7 +267,7 @@ reasonably and binds colours, shapes and relations in compositions only partly.
 
 - Parameters: {params}; {size_mb:.1f} MB on disk.
 - Trained in {summary['seconds']:.0f} s on {summary['device']} (seed {summary['seed']}); final UNet loss {summary['unet_loss'][-1]['loss']:.4f}.
-- Reproduce: `python -m toyworld.train_base --output_dir models/toy-sdxl --seed {summary['seed']}` (see its docstring
+- Reproduce: `python -m toyworld.train_base --output_dir models/toy-sdxl --seed {summary['seed']} --device {summary['device']} --num_threads {summary['flags']['num_threads']}` (see its docstring
   for the recipe and `training_summary.json` for every flag).
 
 ```python
@@ -287,11 +305,11 @@ def main(args: argparse.Namespace) -> Path:
     means, stds = encode_dataset(vae, [i for i, _ in images], device)
     args.scaling_factor = float(1.0 / means.std())  # SD convention: unit-variance latents
     vae.register_to_config(scaling_factor=args.scaling_factor)
-    text_embeds, pooled = embed_captions(tokenizer, text_encoders, captions, device)
+    caption_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     print(f"dataset: {len(images)} images, {len(captions)} captions, latent scaling_factor {args.scaling_factor:.4f} [{time.time() - started:.0f} s]", flush=True)
 
     unet = build_unet(args.seed)
-    ema, log = train_unet(unet, means, stds, caption_index, text_embeds, pooled, args, device)
+    ema, text_encoders, log = train_denoiser(unet, text_encoders, means, stds, caption_index, caption_ids, args, device)
 
     pipe = StableDiffusionXLPipeline(
         vae=vae.cpu().eval(), text_encoder=text_encoders[0].cpu(), text_encoder_2=text_encoders[1].cpu(),
