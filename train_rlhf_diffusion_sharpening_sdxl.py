@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines with a 'prompt'/'text' field (.jsonl).")
     parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of Eq. 11 (= Diffusion-DPO's beta / 2).")
     parser.add_argument("--reward_margin_scale", type=float, default=1.0, help="gamma of Eq. 11; 0 gives Diffusion-DPO on trajectories.")
-    parser.add_argument("--dpo_target", default="noise", choices=["noise", "exact"], help="Noise target of the DPO errors, as --sft_target in SFT.")
+    parser.add_argument(
+        "--dpo_target", default="noise", choices=["noise", "exact", "endpoint"],
+        help="What the DPO errors regress to. noise: the candidate's starting noise (Eq. 9's target, as in SFT); exact: the "
+             "noise mapping the generated x0 to each state; endpoint: the noise mapping the PATH'S OWN RESULT (its last x0 "
+             "prediction) to each state. With noise/exact, winner and loser both point back to the same generated x0.")
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")

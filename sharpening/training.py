@@ -207,15 +207,24 @@ class Candidates:
     path_rewards: torch.Tensor  # (n*B,)
     selection: Selection
 
+    def rows_of(self, which: torch.Tensor) -> torch.Tensor:
+        """Candidate-major row of candidate which[j] of prompt j % B (B indices: the winners; 2B: winners then losers)."""
+        batch = self.selection.winner.shape[0]
+        return which.cpu() * batch + torch.arange(len(which)) % batch
+
     def states_of(self, which: torch.Tensor):
         """States, timesteps and starting noise, each flattened to (m * len(which), ...), of candidate which[j]
         of prompt j % B: pass B indices (the winners) or 2B (winners then losers, RLHF)."""
-        batch = self.selection.winner.shape[0]
-        rows = which.cpu() * batch + torch.arange(len(which)) % batch
+        rows = self.rows_of(which)
         m = self.exploration.timesteps.shape[0]
         states = self.exploration.states[:, rows].flatten(0, 1)
         timesteps = self.exploration.timesteps[:, rows].flatten(0, 1)
         return states, timesteps, self.noise[rows].repeat(m, 1, 1, 1)
+
+    def endpoints_of(self, which: torch.Tensor) -> torch.Tensor:
+        """(len(which), C, H, W): where each chosen path ended, its last one-step x0 prediction (the last image
+        the reward scored on that path)."""
+        return self.exploration.x0_preds[-1, self.rows_of(which)]
 
 
 @dataclass
@@ -442,12 +451,16 @@ class Trainer:
         return Candidates(x0, noise, exploration, rewards, select(rewards, n))
 
     def trajectory_mse(self, model, x0: torch.Tensor, candidates: Candidates, which: torch.Tensor, cond: Conditioning, target: str) -> torch.Tensor:
-        """(m, B) errors of `model` on the states of the chosen candidate per prompt, against the original
-        noise (Eq. 9, target="noise") or the noise that maps x0 exactly to each state (target="exact")."""
+        """(m, B) errors of `model` on the states of the chosen candidate per prompt, against
+        target="noise": the original noise (Eq. 9); "exact": the noise that maps x0 exactly to each state;
+        "endpoint": the noise that maps the path's OWN result (Candidates.endpoints_of) to each state, so that
+        the clean image a path's states are scored against is the image that path produced."""
         states, timesteps, noise = candidates.states_of(which)
         m = self.num_steps
+        if target == "endpoint":
+            x0 = candidates.endpoints_of(which).to(x0)
         x0_m = x0.repeat(m, 1, 1, 1)
-        if target == "exact":
+        if target in ("exact", "endpoint"):
             noise = self.ddim.exact_noise(x0_m, states, timesteps)
         prediction = model(states, timesteps, cond.repeat(m))
         return per_sample_mse(prediction, self.ddim.target(x0_m, noise, timesteps)).view(m, -1)

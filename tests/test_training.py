@@ -284,3 +284,46 @@ def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
     prompts.write_text("a red square\n")
     with pytest.raises(SystemExit):
         rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, num_noisy_latents=1))
+
+
+@pytest.mark.parametrize("target", ["noise", "exact", "endpoint"])
+def test_trajectory_mse_targets_by_hand(target):
+    """The three regression targets of the winner/loser states, against the arithmetic written out:
+    noise = the candidate's starting noise; exact = the noise mapping the shared x0 to each state;
+    endpoint = the noise mapping the PATH'S OWN last x0 prediction to each state."""
+    from types import SimpleNamespace
+
+    from sharpening.sampler import DDIM
+    from sharpening.trajectory import Exploration, select
+    from toyworld.train_base import build_scheduler
+
+    ddim = DDIM(dict(build_scheduler().config), 20)
+    n, batch, m = 3, 2, 2
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, 4, 2, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(n * batch, 4, 2, 2, generator=g, dtype=torch.float64)
+    timesteps = torch.tensor([[901, 501] * n, [851, 451] * n])  # (m, n*B), per-row timesteps
+    exploration = Exploration(states=torch.randn(m, n * batch, 4, 2, 2, generator=g, dtype=torch.float64), timesteps=timesteps,
+                              x0_preds=torch.randn(m, n * batch, 4, 2, 2, generator=g, dtype=torch.float64))
+    path_rewards = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.8, 0.4])  # candidate-major: prompt 0 -> 0.1, 0.5, 0.8
+    candidates = training.Candidates(x0, noise, exploration, path_rewards, select(path_rewards, n))
+    assert candidates.selection.winner.tolist() == [2, 0] and candidates.selection.loser.tolist() == [0, 1]
+    which = torch.cat([candidates.selection.winner, candidates.selection.loser])
+
+    def model(states, t, cond):  # any fixed function of the inputs
+        return 0.5 * states + t.view(-1, 1, 1, 1) / 1000
+
+    host = SimpleNamespace(num_steps=m, ddim=ddim)
+    cond = SimpleNamespace(repeat=lambda k: None)
+    got = training.Trainer.trajectory_mse(host, model, x0.repeat(2, 1, 1, 1), candidates, which, cond, target)
+
+    alphas_cumprod = torch.as_tensor(build_scheduler().alphas_cumprod, dtype=torch.float64)
+    for j, candidate in enumerate(which.tolist()):
+        row = candidate * batch + j % batch
+        for k in range(m):
+            state, t = exploration.states[k, row], int(timesteps[k, row])
+            abar = alphas_cumprod[t]
+            clean = {"noise": None, "exact": x0[j % batch], "endpoint": exploration.x0_preds[-1, row]}[target]
+            eps = noise[row] if clean is None else (state - abar.sqrt() * clean) / (1 - abar).sqrt()
+            expected = ((0.5 * state + t / 1000 - eps) ** 2).mean()
+            torch.testing.assert_close(got[k, j], expected.to(got.dtype), rtol=1e-6, atol=1e-9)
