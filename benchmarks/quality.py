@@ -52,8 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=120, help="Optimizer steps of every run.")
     p.add_argument("--eval_every", type=int, default=40, help="Checkpoint (and evaluate) every N steps.")
     p.add_argument("--learning_rate", type=float, default=None, help="Override the recipe's learning rate for every run.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[VARIANT:]FLAG=VALUE",
+                   help="Override a training flag for every run, or for one variant, e.g. --set rlhf-sharpening:reward_margin_scale=0 "
+                        "or --set lr_warmup_steps=10 (repeatable).")
     p.add_argument("--train_images", type=int, default=512)
-    p.add_argument("--eval_prompts", type=int, default=112, help="Held-out prompts (112 in all).")
+    p.add_argument("--eval_prompts", type=int, default=112, help="Evaluation prompts (the held-out split has 112).")
+    p.add_argument("--eval_split", default="heldout", choices=["heldout", "train_pairs"],
+                   help="heldout (the benchmark): object pairs never seen in training. train_pairs: the prompts the "
+                        "fine-tunes trained on, a diagnostic of whether the reward is optimised at all.")
     p.add_argument("--images_per_prompt", type=int, default=2)
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--ablation", action="store_true", help="Also the n and m ablation (SFT).")
@@ -64,6 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def overrides_for(name: str, overrides: list[str]) -> dict:
+    """The --set values that apply to variant `name` (values stay strings: they go onto a command line)."""
+    out = {}
+    for item in overrides:
+        target, _, assignment = item.rpartition(":")
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
+        if target in ("", name):
+            out[key.lstrip("-")] = value
+    return out
+
+
 def main(args: argparse.Namespace) -> dict:
     import torch
 
@@ -72,11 +91,18 @@ def main(args: argparse.Namespace) -> dict:
     if args.steps % args.eval_every:
         raise SystemExit("--steps must be a multiple of --eval_every (so the last checkpoint is the final model).")
     work, model = Path(args.work_dir), Path(args.model)
+    suffix = "" if args.eval_split == "heldout" else f"_{args.eval_split}"  # outputs of each split side by side
+    eval_dir = work / f"eval{suffix}"
     threads = args.threads or cpu_threads()
-    data, prompt_file = write_data(work / "data", args.train_images)
     runs = variants(args.ablation)
     if args.only:
+        if set(args.only) - set(runs):
+            raise SystemExit(f"--only names unknown variants {sorted(set(args.only) - set(runs))}; variants: {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
+    unknown = {item.rpartition(":")[0] for item in args.overrides} - set(runs) - {""}
+    if unknown:
+        raise SystemExit(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(runs)}")
+    data, prompt_file = write_data(work / "data", args.train_images)
     seconds = {}
     for name, (script, settings) in runs.items():
         if args.skip_training:
@@ -85,6 +111,7 @@ def main(args: argparse.Namespace) -> dict:
                  "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
         if args.learning_rate:
             flags["learning_rate"] = args.learning_rate
+        flags |= overrides_for(name, args.overrides)
         flags |= {"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)}
         print(f"[quality] training {name} for {args.steps} steps (log {work / (name + '.log')})", flush=True)
         seconds[name] = round(launch(script, flags, work / f"{name}.log", threads), 1)
@@ -95,9 +122,9 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     record = evaluate.main(evaluate.parse_args(
         [f"--model={m}" for m in models] + [
-            "--toy_split", "heldout", "--num_prompts", str(args.eval_prompts), "--images_per_prompt", str(args.images_per_prompt),
+            "--toy_split", args.eval_split, "--num_prompts", str(args.eval_prompts), "--images_per_prompt", str(args.images_per_prompt),
             "--steps", str(args.eval_steps), "--guidance_scale", str(COMMON["guidance_scale"]), "--reward_model", "toy",
-            "--device", args.device, "--output_dir", str(work / "eval"), "--seed", "1234", "--grid_prompts", "8",
+            "--device", args.device, "--output_dir", str(eval_dir), "--seed", "1234", "--grid_prompts", "8",
         ]))
     summary = record["summary"]
 
@@ -105,7 +132,8 @@ def main(args: argparse.Namespace) -> dict:
         return f"{entry[key]:+.3f} ± {entry[se]:.3f}" if key == "diff" else f"{entry[key]:.3f} ± {entry[se]:.3f}"
 
     final = args.steps
-    lines = [f"Held-out prompts: {args.eval_prompts} x {args.images_per_prompt} seeds; {args.steps} optimizer steps of batch "
+    split_name = {"heldout": "Held-out prompts", "train_pairs": "TRAIN prompts (diagnostic, not the benchmark)"}[args.eval_split]
+    lines = [f"{split_name}: {args.eval_prompts} x {args.images_per_prompt} seeds; {args.steps} optimizer steps of batch "
              f"{COMMON['train_batch_size']} for every fine-tune; toy reward (mean ± SE over prompts; Δ paired vs base).", "",
              "| model | toy reward | objects | relation | Δ vs base | train s |", "|---|---|---|---|---|---|",
              f"| base | {cell(summary['base']['toy'])} | {cell(summary['base']['toy/objects'])} | {cell(summary['base']['toy/relation'])} | — | — |"]
@@ -118,10 +146,11 @@ def main(args: argparse.Namespace) -> dict:
     for name in runs:
         lines.append(f"| {name} | {base_mean:.3f} | " + " | ".join(f"{summary[f'{name}@{s}']['toy']['mean']:.3f}" for s in checkpoints) + " |")
     text = "\n".join(lines)
-    (work / "quality.md").write_text(text + "\n")
-    (work / "quality.json").write_text(json.dumps({"summary": summary, "train_seconds": seconds, "steps": args.steps,
-                                                   "checkpoints": checkpoints, "runs": {k: v[1] for k, v in runs.items()}}, indent=2))
-    print("\n" + text + f"\n\n[quality] wrote {work / 'quality.md'}, {work / 'quality.json'}, grids in {work / 'eval'}")
+    (work / f"quality{suffix}.md").write_text(text + "\n")
+    (work / f"quality{suffix}.json").write_text(json.dumps({"summary": summary, "train_seconds": seconds, "steps": args.steps,
+                                                   "checkpoints": checkpoints, "learning_rate": args.learning_rate, "overrides": args.overrides,
+                                                   "runs": {k: v[1] for k, v in runs.items()}}, indent=2))
+    print("\n" + text + f"\n\n[quality] wrote {work / f'quality{suffix}.md'}, {work / f'quality{suffix}.json'}, grids in {eval_dir}")
     return summary
 
 
