@@ -140,7 +140,7 @@ def main(args: argparse.Namespace) -> dict:
     for name in runs:
         s = summary[f"{name}@{final}"]
         lines.append(f"| {name} | {cell(s['toy'])} | {cell(s['toy/objects'])} | {cell(s['toy/relation'])} | {cell(s['toy'], 'diff', 'diff_se')} | {seconds.get(name, '')} |")
-    lines += ["", "Reward curve (toy reward, mean over held-out prompts) by optimizer step:", "",
+    lines += ["", f"Reward curve (toy reward, mean over the {split_name.split(' (')[0].lower()}) by optimizer step:", "",
               "| model | 0 | " + " | ".join(str(s) for s in checkpoints) + " |", "|---|---|" + "---|" * len(checkpoints)]
     base_mean = summary["base"]["toy"]["mean"]
     for name in runs:

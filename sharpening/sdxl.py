@@ -64,19 +64,27 @@ def load_sdxl(pretrained: str, vae_path: str | None = None, revision: str | None
     return SDXLParts(tokenizers, text_encoders, vae, unet, scheduler_config, bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
-@torch.no_grad()
-def encode_prompts(parts: SDXLParts, prompts: list[str], time_ids: torch.Tensor, device) -> Conditioning:
-    """SDXL text conditioning: penultimate hidden states of both encoders, concatenated; pooled from encoder 2.
-    Prompts longer than the 77-token context are truncated, as StableDiffusionXLPipeline does."""
+def encode_token_ids(text_encoders, token_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning of tokenized prompts (one id tensor per encoder): penultimate hidden states of
+    both encoders, concatenated; pooled from encoder 2. Runs with grad if the caller allows it."""
     embeds, pooled = [], None
-    for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
+    for encoder, ids in zip(text_encoders, token_ids):
         out = encoder(ids, output_hidden_states=True)
         embeds.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
-    return Conditioning(torch.cat(embeds, dim=-1), pooled, time_ids.to(device=device, dtype=embeds[0].dtype))
+    return torch.cat(embeds, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_prompts(parts: SDXLParts, prompts: list[str], time_ids: torch.Tensor, device) -> Conditioning:
+    """SDXL text conditioning (`encode_token_ids`) of prompts. Prompts longer than the 77-token context are
+    truncated, as StableDiffusionXLPipeline does."""
+    token_ids = [
+        tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+        for tokenizer in parts.tokenizers
+    ]
+    embeds, pooled = encode_token_ids(parts.text_encoders, token_ids)
+    return Conditioning(embeds, pooled, time_ids.to(device=device, dtype=embeds.dtype))
 
 
 def unconditional(parts: SDXLParts, cond: Conditioning, device) -> Conditioning:

@@ -8,8 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_step_cost():
-    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -18,7 +19,7 @@ def load_step_cost():
 def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
     n, m, b, grid = 2, 2, 2, 4
     out = tmp_path / "cost.json"
-    load_step_cost().main([
+    load_benchmark("step_cost").main([
         "--tiny_path", str(tiny_sdxl), "--variant", "both", "--n", str(n), "--m", str(m), "--batch_size", str(b),
         "--infer_steps", str(grid), "--steps", "1", "--warmup", "0", "--json", str(out),
     ])
@@ -50,17 +51,10 @@ def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
         assert res["ratios"]["unet_grad_rows"] is not None and res["ratios"]["time"] is not None
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path):
     """benchmarks/quality.py end to end on the tiny SDXL (2 variants, 1 step each): --set reaches the
     training command lines (all variants, or one), every checkpoint is evaluated, both splits write their files."""
-    quality = load_quality()
+    quality = load_benchmark("quality")
     work = tmp_path / "q"
     common = ["--model", str(tiny_sdxl), "--work_dir", str(work), "--steps", "2", "--eval_every", "1", "--train_images", "4",
               "--eval_prompts", "2", "--images_per_prompt", "1", "--eval_steps", "2", "--threads", "1",
@@ -84,7 +78,7 @@ def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path)
 def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
     import pytest
 
-    quality = load_quality()
+    quality = load_benchmark("quality")
     with pytest.raises(SystemExit, match="unknown variants"):
         quality.main(quality.parse_args(["--work_dir", str(tmp_path), "--steps", "2", "--eval_every", "1",
                                          "--set", "rlhf:beta_dpo=100"]))

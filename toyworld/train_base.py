@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from sharpening.sdxl import encode_token_ids  # noqa: E402
 from sharpening.tiny import CLIP_CONTEXT, CLIP_VOCAB_SIZE, write_clip_tokenizer  # noqa: E402
 from toyworld import world  # noqa: E402
 
@@ -174,17 +175,6 @@ def encode_dataset(vae, images, device, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def encode_tokens(encoders, ids):
-    """SDXL conditioning of token ids (as sharpening.sdxl.encode_prompts computes it): the penultimate hidden
-    states of both encoders side by side, and text_encoder_2's projected pooled output."""
-    embeds, pooled = [], None
-    for encoder in encoders:
-        out = encoder(ids, output_hidden_states=True)
-        embeds.append(out.hidden_states[-2])
-        pooled = out[0]
-    return torch.cat(embeds, -1), pooled
-
-
 def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index, caption_ids, args, device):
     """Epsilon objective on the cached latents, the UNet and (with --train_text_encoders) both text encoders
     trained together; returns EMA copies of the trained weights and the loss log."""
@@ -210,7 +200,7 @@ def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index
     caption_ids = caption_ids.to(device)
     if not args.train_text_encoders:  # frozen: embed each caption once
         with torch.no_grad():
-            frozen = encode_tokens(text_encoders, caption_ids)
+            frozen = encode_token_ids(text_encoders, (caption_ids, caption_ids))
     log, window = [], []
     for step in range(args.unet_steps):
         idx = torch.randint(0, len(latents_mean), (args.batch_size,), generator=gen)
@@ -223,7 +213,7 @@ def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index
         keep = (torch.rand(args.batch_size, generator=gen) >= args.caption_dropout).float().to(device)
         cap = caption_index[idx].to(device)
         if args.train_text_encoders:
-            embeds, pooled = encode_tokens(text_encoders, caption_ids[cap])
+            embeds, pooled = encode_token_ids(text_encoders, (caption_ids[cap],) * 2)
         else:
             embeds, pooled = frozen[0][cap], frozen[1][cap]
         cond = embeds * keep.view(-1, 1, 1)  # dropped captions -> zeros (force_zeros_for_empty_prompt)
