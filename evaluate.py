@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("rewards and outputs")
     add_reward_args(p)
     p.set_defaults(reward_model="toy")
+    g.add_argument("--also_score", action="append", default=[], metavar="REWARD",
+                   help="Another reward to score the same images with, reported beside --reward_model (e.g. guard metrics "
+                        "that show reward hacking); repeatable.")
     g.add_argument("--reward_plugin", action="append", default=[], help="A Python file that registers extra rewards; repeatable.")
     g.add_argument("--output_dir", default="evaluation")
     g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids.")
@@ -341,7 +345,7 @@ def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prom
     for name, imgs in images.items():  # one grid per model: prompts x seeds
         grid = image_grid([[imgs[i * per_prompt_count + k] for k in range(per_prompt_count)] for i in shown],
                           [prompts[i] for i in shown], [f"seed {k}" for k in range(per_prompt_count)])
-        paths.append(out / f"grid_{name}.png")
+        paths.append(out / f"grid_{re.sub(r'[^A-Za-z0-9_.@=-]+', '_', name)}.png")  # model names may hold '/'
         grid.save(paths[-1])
     names = list(images)  # side by side: prompts x models, first seed (the before/after view)
     grid = image_grid([[images[n][i * per_prompt_count] for n in names] for i in shown], [prompts[i] for i in shown], names)
@@ -358,13 +362,14 @@ def main(args: argparse.Namespace) -> dict:
 
     started = time.time()
     load_reward_plugins(args.reward_plugin)
-    parse_reward_spec(args.reward_model)  # a bad spec fails before any model is loaded
+    for spec in [args.reward_model, *args.also_score]:
+        parse_reward_spec(spec)  # a bad spec fails before any model is loaded
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     prompts = load_prompts(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reward = build_reward(args.reward_model, args, device=device)
+    rewards = {spec: build_reward(spec, args, device=device) for spec in dict.fromkeys([args.reward_model, *args.also_score])}
 
     bases: dict[str, BaseParts] = {}
     images, scores, seconds = {}, {}, {}
@@ -385,11 +390,12 @@ def main(args: argparse.Namespace) -> dict:
             raise ValueError(f"--model {spec.name}: latent shape {shape} differs from the first model's {tuple(noise.shape[2:])}; paired seeds need the same shape.")
         images[spec.name] = generate(spec, base, prompts, noise, args, device, dtype)
         flat_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
-        result = reward.evaluate(images[spec.name], flat_prompts)
-        metrics = {args.reward_model: result.total.float().cpu().numpy()}
-        for name, values in result.components.items():
-            if name != args.reward_model:
-                metrics[name] = values.float().cpu().numpy()
+        metrics = {}
+        for reward_spec, reward in rewards.items():
+            result = reward.evaluate(images[spec.name], flat_prompts)
+            metrics[reward_spec] = result.total.float().cpu().numpy()
+            for name, values in result.components.items():
+                metrics.setdefault(name, values.float().cpu().numpy())
         scores[spec.name] = metrics
         seconds[spec.name] = round(time.time() - t0, 1)
         print(f"[evaluate] {spec.name}: {args.reward_model} = {np.nanmean(metrics[args.reward_model]):.4f} ({seconds[spec.name]} s)", flush=True)
@@ -414,7 +420,7 @@ def main(args: argparse.Namespace) -> dict:
         "summary": summary,
         "scores": {m: {k: [None if not math.isfinite(x) else float(x) for x in v] for k, v in metrics.items()} for m, metrics in scores.items()},
         "seconds": seconds | {"total": round(time.time() - started, 1)},
-        "reward_counters": reward.counters(),
+        "reward_counters": {k: v for reward in rewards.values() for k, v in reward.counters().items()},
     }
     (out / "results.json").write_text(json.dumps(record, indent=2))
     note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, DDIM {args.steps} steps, CFG {args.guidance_scale}; "

@@ -10,6 +10,9 @@ Rewards (DESIGN.md, "Rewards"):
                  transformers' BLIP classes and loaded from the official ImageReward.pt
   compositional  IterComp's three composition-aware reward models (same architecture), averaged
   mllm           an OpenAI-compatible multimodal chat model grading with the rubric in mllm_template/
+  brightness, saturation, jpeg_compressibility, jpeg_incompressibility
+                 pixel statistics (the prompt is ignored), for checking that an objective moves a reward at all
+  toy            the toy world's caption checker (toyworld/reward.py), for `make demo` and the benchmarks
 
 The training code only uses `parse_reward_spec`, `add_reward_args`, `build_reward` and the `Reward`
 interface; nothing here knows about training. As a command, this file scores a folder of images:
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -201,7 +205,8 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
     """All reward flags, in their own group. Defaults follow the paper (ViT-L-14 OpenAI, ImageReward-v1.0, GPT-4o)."""
     g = parser.add_argument_group("reward model")
     g.add_argument("--reward_model", default="clip",
-                   help="Reward to optimise: one of clip, image_reward, compositional, mllm (or a registered plugin), "
+                   help="Reward to optimise: one of clip, image_reward, compositional, mllm, brightness, saturation, "
+                        "jpeg_compressibility, jpeg_incompressibility, toy (or a registered plugin), "
                         "or a weighted sum such as 'clip:1.0,image_reward:0.5' (components are logged separately).")
     g.add_argument("--reward_batch_size", type=int, default=32,
                    help="Images per forward pass of the local reward models (clip, image_reward, compositional).")
@@ -1168,6 +1173,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.chunk_size < 1:
         parser.error("--chunk_size must be >= 1.")
     return args
+
+
+# ===================================================================================== pixel statistics
+class PixelStatisticReward(Reward):
+    """A reward computed from the pixels alone (the prompt is ignored): cheap, exact and easy to hack, which is
+    what makes such rewards useful for checking that a training objective moves a reward at all (DDPO, arXiv
+    2305.13301, trains on JPEG (in)compressibility for the same reason)."""
+
+    def __init__(self, name: str, statistic: Callable[[Image.Image], float]) -> None:
+        self.name, self._statistic = name, statistic
+        self.images_scored = 0
+
+    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+        _check_batch(images, prompts)
+        self.images_scored += len(images)
+        total = torch.tensor([self._statistic(image) for image in images], dtype=torch.float32)
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self) -> dict[str, int]:
+        return {f"{self.name}/images_scored": self.images_scored}
+
+
+def jpeg_kilobytes(image: Image.Image) -> float:
+    """Size of the image as a quality-95 JPEG in kB (1000 bytes), as DDPO's compressibility rewards measure it."""
+    buffer = io.BytesIO()
+    _to_rgb(image).save(buffer, format="JPEG", quality=95)
+    return buffer.tell() / 1000
+
+
+def brightness(image: Image.Image) -> float:
+    """Mean luma (ITU-R 601, PIL's "L" conversion) in [0, 1]."""
+    return float(np.asarray(_to_rgb(image).convert("L"), dtype=np.float32).mean() / 255)
+
+
+def saturation(image: Image.Image) -> float:
+    """Mean HSV saturation in [0, 1]."""
+    return float(np.asarray(_to_rgb(image).convert("HSV"), dtype=np.float32)[..., 1].mean() / 255)
+
+
+PIXEL_STATISTICS: dict[str, Callable[[Image.Image], float]] = {
+    "brightness": brightness,
+    "saturation": saturation,
+    "jpeg_compressibility": lambda image: -jpeg_kilobytes(image),  # DDPO: minus the JPEG size in kB
+    "jpeg_incompressibility": jpeg_kilobytes,  # DDPO: the JPEG size in kB
+}
+
+
+def _register_pixel_statistic(name: str) -> None:
+    def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Reward:
+        return PixelStatisticReward(name, PIXEL_STATISTICS[name])
+
+    build.__qualname__ = f"build_{name}_reward"
+    register_reward(name)(build)
+
+
+for _name in PIXEL_STATISTICS:
+    _register_pixel_statistic(_name)
 
 
 @register_reward("toy")

@@ -1,6 +1,6 @@
 """Cheap deterministic rewards for training tests, loaded with --reward_plugin (also in subprocesses).
 
-`brightness`: mean pixel value in [0, 1] (a smooth function of the image, so candidates differ).
+(Tests that need candidates to differ use the built-in `brightness` reward.)
 `constant`: the same score for every image (all candidates tie: no preference).
 `unavailable`: NaN for every image (a grader that never answers).
 """
@@ -25,11 +25,6 @@ class _PixelReward(Reward):
 
     def counters(self):
         return {f"{self.name}/calls": self.calls}
-
-
-@register_reward("brightness")
-def _brightness(args=None, device="cpu", dtype=None):
-    return _PixelReward("brightness", lambda a: float(a.mean()))
 
 
 @register_reward("constant")
