@@ -20,8 +20,10 @@ import torch
 
 from reward import add_reward_args
 from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
-from sharpening.losses import reward_dpo_logits, reward_dpo_loss
+from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss
+from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
+from sharpening.trajectory import reward_spread
 
 logger = logging.getLogger("sharpening")
 
@@ -34,10 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of Eq. 11 (= Diffusion-DPO's beta / 2).")
     parser.add_argument("--reward_margin_scale", type=float, default=1.0, help="gamma of Eq. 11; 0 gives Diffusion-DPO on trajectories.")
     parser.add_argument(
-        "--dpo_target", default="noise", choices=["noise", "exact", "endpoint"],
-        help="What the DPO errors regress to. noise: the candidate's starting noise (Eq. 9's target, as in SFT); exact: the "
-             "noise mapping the generated x0 to each state; endpoint: the noise mapping the PATH'S OWN RESULT (its last x0 "
-             "prediction) to each state. With noise/exact, winner and loser both point back to the same generated x0.")
+        "--reward_margin_units", default="spread", choices=["spread", "raw"],
+        help="Units of the reward gap R_w - R_l inside Eq. 11. raw: the reward's own (as written; a CLIP cosine gap is "
+             "~100x smaller than an ImageReward gap, and a summed path gap grows with m). spread: divided by the "
+             "micro-batch's pooled within-prompt standard deviation of the path rewards, so gamma means the same for "
+             "every reward and every m.")
+    parser.add_argument(
+        "--dpo_target", default="noise", choices=sorted(DPO_TARGETS),
+        help="What the DPO errors regress to. " + " ".join(f"{k}: {v}" for k, v in DPO_TARGETS.items()))
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
@@ -48,6 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag):
             logger.warning("--%s has no effect in RLHF: it trains on prompts and generates its own images.", flag)
     return args
+
+
+def pair_errors(trainer: Trainer, model, rows_w: Rows, rows_l: Rows, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) errors of `model` on the winner's and the loser's rows, each averaged over its prompt's rows. One model
+    call: on both sets of rows, or once when the two sides share their states and differ only in the target."""
+    shared = rows_l.states is rows_w.states
+    prediction = trainer.predict(model, rows_w if shared else Rows.cat([rows_w, rows_l]), cond)
+    prediction_w, prediction_l = (prediction, prediction) if shared else prediction.split([len(rows_w.prompt), len(rows_l.prompt)])
+    batch = cond.pooled.shape[0]
+    return tuple(
+        per_prompt_mean(per_sample_mse(pred, rows.target(trainer.ddim)), rows.prompt, batch)
+        for pred, rows in ((prediction_w, rows_w), (prediction_l, rows_l))
+    )
 
 
 def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepResult:
@@ -62,22 +81,20 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     candidates = trainer.explore_candidates(x0, cond, prompts, generator)
     sel = candidates.selection
 
-    # Winner and loser states in one grad call for the policy and one no-grad call for the reference.
-    train_cond = trainer.conditioning(prompts, time_ids, generator)
-    pair = torch.cat([sel.winner, sel.loser])
-    x0_pair, cond_pair = x0.repeat(2, 1, 1, 1), train_cond.repeat(2)  # rows: B winners, then B losers
-    policy_mse = trainer.trajectory_mse(trainer.policy(grad=True), x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)
+    # Policy and reference errors on the winner's and the loser's rows: one grad call, one no-grad call.
+    rows_w, rows_l = dpo_rows(args.dpo_target, trainer.ddim, candidates, generator)
+    train_cond = trainer.caption_dropout(cond, generator)
+    policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():
-        ref_mse = trainer.trajectory_mse(trainer.reference, x0_pair, candidates, pair, cond_pair, args.dpo_target).mean(0)
-    (policy_w, policy_l), (ref_w, ref_l) = policy_mse.chunk(2), ref_mse.chunk(2)
+        ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
 
     valid = sel.has_pair  # prompts whose rewards tie or are NaN are masked out of the loss
+    gap_unit = reward_spread(candidates.path_rewards, args.num_noisy_latents) if args.reward_margin_units == "spread" else 1.0
     logits = reward_dpo_logits(
         policy_w, ref_w, policy_l, ref_l,
-        sel.winner_reward.to(policy_w.device), sel.loser_reward.to(policy_w.device),
+        (sel.winner_reward / gap_unit).to(policy_w.device), (sel.loser_reward / gap_unit).to(policy_w.device),
         args.beta_dpo, args.reward_margin_scale,
     )
-    loss = reward_dpo_loss(logits, valid)
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
     logs["skipped_prompts"] = float((~valid).sum())
@@ -87,7 +104,8 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
         logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
         logs["dpo_logits"] = logits.detach()[v].mean().item()
         logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[valid].mean().item()
-    return StepResult(loss, int(valid.sum()), logs)
+        logs["reward/gap_unit"] = gap_unit
+    return StepResult(reward_dpo_loss(logits, valid), valid, logs)
 
 
 def load_prompts(args: argparse.Namespace) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 from reward import add_reward_args
 from sharpening import sdxl
 from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
-from sharpening.losses import sft_loss
+from sharpening.losses import per_sample_mse
+from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
 
 
@@ -26,8 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser)
     add_reward_args(parser)
     parser.add_argument(
-        "--sft_target", default="noise", choices=["noise", "exact"],
-        help="noise: the candidate's original noise at every state (Eq. 9); exact: the noise that maps x0 to each state.",
+        "--sft_target", default="noise", choices=sorted(SFT_TARGETS),
+        help="What the selected states are regressed toward. " + " ".join(f"{k}: {v}" for k, v in SFT_TARGETS.items()),
+    )
+    parser.add_argument(
+        "--data_anchor_weight", type=float, default=0.0,
+        help="Adds this weight times the ordinary diffusion loss toward the data image on the same states (keeps a "
+             "reward-seeking target from drifting away from the data; 0 = off).",
     )
     args = parser.parse_args(argv)
     validate_training_args(args)
@@ -36,21 +42,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepResult:
     """Algorithm 1 for one micro-batch of B image-text pairs."""
-    captions = batch["captions"]
-    time_ids = sdxl.time_ids(batch["original_sizes"], batch["crops_top_left"], (trainer.args.resolution,) * 2)
+    args, captions = trainer.args, batch["captions"]
+    time_ids = sdxl.time_ids(batch["original_sizes"], batch["crops_top_left"], (args.resolution,) * 2)
     x0 = sdxl.encode_images(trainer.parts.vae, batch["pixel_values"], generator).float()
 
     # Explore n trajectories per pair (no grad) and pick the best path per prompt (Eq. 8).
-    candidates = trainer.explore_candidates(x0, trainer.conditioning(captions, time_ids), captions, generator)
+    cond = trainer.conditioning(captions, time_ids)
+    candidates = trainer.explore_candidates(x0, cond, captions, generator)
     selection = candidates.selection
 
-    # Eq. 9 on the winner's m states, recomputed with grad; caption dropout applies to this conditioning only.
-    train_cond = trainer.conditioning(captions, time_ids, generator)
-    step_mse = trainer.trajectory_mse(trainer.policy(grad=True), x0, candidates, selection.winner, train_cond, trainer.args.sft_target)
-    loss = sft_loss(step_mse, selection.has_winner)
+    # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
+    rows = sft_rows(args.sft_target, trainer.ddim, candidates)
+    prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
+    mse = per_sample_mse(prediction, rows.target(trainer.ddim))
+    if args.data_anchor_weight:
+        mse = mse + args.data_anchor_weight * per_sample_mse(prediction, rows.with_clean(trainer.ddim, x0[rows.prompt]).target(trainer.ddim))
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
-    return StepResult(loss, int(selection.has_winner.sum()), logs)
+    return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.has_winner, logs)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -10,19 +10,12 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the rows where mask is true; 0 (still attached to the graph) when none is, so every process
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows where mask is true; 0 (still attached to the graph) when none is, so every process
     always runs backward through the same graph (DDP needs that) while skipped rows contribute nothing."""
     mask = mask.to(values.device)
     # where(), not values * mask: a NaN in a skipped row must not poison the others (NaN * 0 = NaN).
-    kept = torch.where(mask, values, torch.zeros_like(values))
-    return kept.sum() / mask.sum().clamp(min=1).to(values.dtype)
-
-
-def sft_loss(step_mse: torch.Tensor, has_winner: torch.Tensor) -> torch.Tensor:
-    """Eq. 9: mean over the m states of the winning trajectory and over the prompts that have a winner.
-    step_mse: (m, B) per-state errors of the winner."""
-    return masked_mean(step_mse.mean(0), has_winner)
+    return torch.where(mask, values, torch.zeros_like(values)).sum()
 
 
 def reward_dpo_logits(
@@ -44,9 +37,8 @@ def reward_dpo_logits(
 
 
 def reward_dpo_loss(logits: torch.Tensor, has_pair: torch.Tensor) -> torch.Tensor:
-    """Eq. 11: -log sigmoid(logits), averaged over the prompts that have a strict preference. Rows without one
-    (tied or unscored, whose reward gap may be NaN) are replaced before the sigmoid, so neither their value
-    nor their gradient can turn NaN."""
+    """Eq. 11 per prompt: -log sigmoid(logits), (B,). Rows without a strict preference (tied or unscored, whose
+    reward gap may be NaN) are replaced before the sigmoid, so neither their value nor their gradient can turn
+    NaN; the caller trains only the rows with a pair."""
     has_pair = has_pair.to(logits.device)
-    safe = torch.where(has_pair, logits, torch.zeros_like(logits))
-    return masked_mean(-F.logsigmoid(safe), has_pair)
+    return -F.logsigmoid(torch.where(has_pair, logits, torch.zeros_like(logits)))

@@ -110,6 +110,13 @@ class Conditioning:
     def select(self, index: torch.Tensor) -> "Conditioning":
         return Conditioning(*(x[index] for x in self._fields()))
 
+    def where(self, keep: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """Row b from self where keep[b], else from other."""
+        def pick(a, b):
+            return torch.where(keep.to(a.device).view(-1, *([1] * (a.ndim - 1))), a, b)
+
+        return Conditioning(*(pick(a, b) for a, b in zip(self._fields(), other._fields())))
+
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
         return Conditioning(*(torch.cat(parts) for parts in zip(*(c._fields() for c in items))))

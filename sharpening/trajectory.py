@@ -97,3 +97,36 @@ def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
     winner_reward, loser_reward = grid[winner, idx], grid[loser, idx]
     has_pair = has_winner & (winner_reward > loser_reward)
     return Selection(winner, loser, has_winner, has_pair, winner_reward, loser_reward)
+
+
+def reward_spread(path_rewards: torch.Tensor, num_candidates: int) -> float:
+    """Pooled within-prompt standard deviation of the path rewards of a micro-batch: how much the candidates of one
+    prompt typically differ, in the reward's own units (NaN when no prompt has two scored candidates)."""
+    grid = path_rewards.view(num_candidates, -1).double()
+    finite = torch.isfinite(grid)
+    counts = finite.sum(0)
+    means = torch.where(finite, grid, torch.zeros_like(grid)).sum(0) / counts.clamp(min=1)
+    squares = torch.where(finite, (grid - means) ** 2, torch.zeros_like(grid)).sum()
+    dof = int((counts - 1).clamp(min=0).sum())
+    return float((squares / dof).sqrt()) if dof > 0 else float("nan")
+
+
+@dataclass
+class Candidates:
+    """What exploration hands to a variant's loss: n candidates per prompt, scored and ranked."""
+
+    x0: torch.Tensor  # (B, C, H, W) the clean latent trajectories start from
+    noise: torch.Tensor  # (n*B, C, H, W) the noise each candidate was started with
+    exploration: Exploration
+    path_rewards: torch.Tensor  # (n*B,)
+    selection: Selection
+
+    def rows_of(self, which: torch.Tensor) -> torch.Tensor:
+        """Candidate-major row of candidate which[b] of prompt b, for (B,) indices such as the winners."""
+        batch = self.selection.winner.shape[0]
+        return which.cpu() * batch + torch.arange(batch)
+
+    def endpoints_of(self, which: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W): where candidate which[b] of prompt b ended, its last one-step x0 preview (the last image
+        the reward scored on that path)."""
+        return self.exploration.x0_preds[-1, self.rows_of(which)]

@@ -361,6 +361,14 @@ def rows(per_candidate: list[list[float]]) -> torch.Tensor:
     return torch.tensor(per_candidate).flatten()
 
 
+def test_reward_spread_is_the_pooled_within_prompt_std():
+    nan = float("nan")
+    # prompt 0: 1, 2, 3 (mean 2, squares 1 + 0 + 1); prompt 1: 10, 14, NaN (mean 12, squares 4 + 4); dof 2 + 1
+    spread = trajectory.reward_spread(torch.tensor([1.0, 10.0, 2.0, 14.0, 3.0, nan]), 3)
+    assert spread == pytest.approx(math.sqrt(10 / 3))
+    assert math.isnan(trajectory.reward_spread(torch.tensor([1.0, nan, nan, nan]), 2))
+
+
 def test_select_is_per_prompt_not_over_the_flattened_batch():
     # prompt 0 candidates [1, 5, 3]; prompt 1 candidates [9, 2, 4]
     r = rows([[1.0, 9.0], [5.0, 2.0], [3.0, 4.0]])
@@ -441,28 +449,31 @@ def test_per_sample_mse():
     assert out.dtype == torch.float32 and out.tolist() == [2.5, 6.5]
 
 
-def test_masked_mean_and_all_false_mask_keeps_grad():
+def test_masked_sum_and_all_false_mask_keeps_grad():
     v = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
-    assert losses.masked_mean(v, torch.tensor([True, False, True])).item() == 3.5  # (1 + 6) / 2
-    zero = losses.masked_mean(v, torch.tensor([False, False, False]))
+    assert losses.masked_sum(v, torch.tensor([True, False, True])).item() == 7.0  # 1 + 6
+    zero = losses.masked_sum(v, torch.tensor([False, False, False]))
     assert zero.item() == 0.0 and zero.requires_grad
     zero.backward()
     assert v.grad.tolist() == [0.0, 0.0, 0.0]
 
 
-def test_masked_mean_ignores_nan_in_masked_out_rows():
+def test_masked_sum_ignores_nan_in_masked_out_rows():
     v = torch.tensor([1.0, float("nan"), 3.0], requires_grad=True)
-    out = losses.masked_mean(v, torch.tensor([True, False, True]))
-    assert out.item() == 2.0
+    out = losses.masked_sum(v, torch.tensor([True, False, True]))
+    assert out.item() == 4.0
     out.backward()
-    assert v.grad.tolist() == [0.5, 0.0, 0.5]
+    assert v.grad.tolist() == [1.0, 0.0, 1.0]
 
 
-def test_sft_loss_hand_computed():
-    step_mse = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # (m=2, B=3)
-    # per prompt mean over steps: [2, 3, 4]; prompts with a winner: 0 and 2 -> (2 + 4) / 2 = 3
-    assert losses.sft_loss(step_mse, torch.tensor([True, False, True])).item() == 3.0
-    assert losses.sft_loss(step_mse, torch.tensor([True, True, True])).item() == 3.0  # (2 + 3 + 4) / 3
+def test_per_prompt_mean_hand_computed():
+    from sharpening.targets import per_prompt_mean
+
+    values = torch.tensor([1.0, 2.0, 3.0, 3.0, 4.0, 5.0])  # rows of prompts 0, 1, 2, 0, 1, 2 (m = 2 states, B = 3)
+    prompt = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert per_prompt_mean(values, prompt, 3).tolist() == [2.0, 3.0, 4.0]
+    # a prompt with no rows gets 0, not NaN
+    assert per_prompt_mean(torch.tensor([2.0, 4.0]), torch.tensor([1, 1]), 2).tolist() == [0.0, 3.0]
 
 
 def test_reward_dpo_logits_and_loss_hand_computed():
@@ -476,9 +487,10 @@ def test_reward_dpo_logits_and_loss_hand_computed():
     loss = losses.reward_dpo_loss(logits, torch.tensor([True]))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(0.2)), abs=1e-6)
     assert math.log(1 + math.exp(0.2)) == pytest.approx(0.7981388693815918, abs=1e-15)
-    # two prompts, the second without a pair: only the first counts
-    logits2 = torch.tensor([-0.2, 50.0])
-    assert losses.reward_dpo_loss(logits2, torch.tensor([True, False])).item() == pytest.approx(0.7981388693815918, abs=1e-6)
+    # two prompts, the second without a pair: its row is replaced (log 2), and only the first is trained
+    logits2 = torch.tensor([-0.2, float("nan")])
+    per_prompt = losses.reward_dpo_loss(logits2, torch.tensor([True, False]))
+    assert per_prompt.tolist() == pytest.approx([0.7981388693815918, math.log(2)], abs=1e-6)
 
 
 def test_reward_dpo_with_gamma_zero_is_diffusion_dpo_with_half_beta():
@@ -530,7 +542,7 @@ def test_all_nan_prompt_does_not_poison_the_dpo_loss_of_the_others():
     pw = torch.tensor([0.10, 0.10], requires_grad=True)
     mse = torch.tensor([0.12, 0.12])
     logits = losses.reward_dpo_logits(pw, mse, mse, mse, sel.winner_reward, sel.loser_reward, beta=10.0, gamma=1.0)
-    loss = losses.reward_dpo_loss(logits, sel.has_pair)
+    loss = losses.masked_sum(losses.reward_dpo_loss(logits, sel.has_pair), sel.has_pair)
     # prompt 1 alone: logits = -10 * (-0.02 - 0) - (3 - 1) = 0.2 - 2 = -1.8 ; loss = log(1 + e^1.8)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(1.8)), abs=1e-5)
     loss.backward()

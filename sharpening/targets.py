@@ -1,0 +1,137 @@
+"""Training targets: which states a variant trains on, and which clean image each state is regressed toward.
+
+Exploration leaves, per prompt, n candidate paths of m states each, their one-step x0 previews and a ranking.
+A target turns that into `Rows`: detached states x_t at timesteps t, each paired with the clean latent the
+model should predict from it (`clean`) and the noise that goes with it (`noise`, the epsilon target).
+
+Why the choice matters (measured with benchmarks/reward_response.py; README "Training targets"): when every
+candidate of a prompt is a re-noising of ONE x0 (SFT's data image, RLHF's single rollout), Eq. 9's target (the
+candidate's starting noise) points every state back to that same x0. Lowering the winner's error then removes
+the very deviation that made its previews score well, and raising the loser's error amplifies the deviation that
+made its previews score badly: the paper-literal targets push against the reward (TailorPO, arXiv 2502.01667,
+shows the same for trajectory-level labels at noisy states). The reward-seeking targets below regress toward
+the clean image a path PRODUCED (its last x0 preview, the "endpoint"), so that the winner and the loser differ
+in what they point to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampler import DDIM
+from .trajectory import Candidates
+
+SFT_TARGETS = {
+    "noise": "Eq. 9 as written: the winner's m states regressed onto its starting noise (toward the data image).",
+    "exact": "the winner's m states regressed onto the data image (the noise that maps it exactly to each state).",
+    "endpoint": "the winner's m states regressed onto the winner's own endpoint (its last x0 preview).",
+    "best_endpoint": "the states of ALL n candidates regressed onto the winner's endpoint: every path is taught "
+                     "to end where the best one did.",
+}
+DPO_TARGETS = {
+    "noise": "Eq. 11 as written: winner and loser states regressed onto their starting noise (both toward the one x0).",
+    "exact": "winner and loser states regressed onto the generated x0.",
+    "endpoint": "winner states onto the winner's endpoint, loser states onto the loser's endpoint.",
+    "shared": "the states of ALL n candidates, regressed onto the winner's endpoint (w) and onto the loser's "
+              "endpoint (l): the same states, two outcomes, so the preference is between outcomes, not states.",
+    "fresh": "Diffusion-DPO between the winner's and the loser's endpoints, noised with one fresh noise at one "
+             "fresh timestep per prompt (as Diffusion-DPO trains on image pairs).",
+}
+
+
+@dataclass
+class Rows:
+    """What one regression call sees: row r is state `states[r]` at `timesteps[r]` of prompt `prompt[r]`
+    (index into the micro-batch), regressed toward `clean[r]` through the epsilon target `noise[r]`."""
+
+    states: torch.Tensor  # (R, C, H, W)
+    timesteps: torch.Tensor  # (R,)
+    clean: torch.Tensor  # (R, C, H, W)
+    noise: torch.Tensor  # (R, C, H, W)
+    prompt: torch.Tensor  # (R,) long
+
+    def target(self, ddim: DDIM) -> torch.Tensor:
+        """The model-output target (epsilon, velocity or x0, whatever the scheduler predicts)."""
+        return ddim.target(self.clean, self.noise, self.timesteps)
+
+    @staticmethod
+    def cat(parts: list["Rows"]) -> "Rows":
+        return Rows(*(torch.cat(field) for field in zip(*((r.states, r.timesteps, r.clean, r.noise, r.prompt) for r in parts))))
+
+    def with_clean(self, ddim: DDIM, clean: torch.Tensor) -> "Rows":
+        """The same states regressed toward other clean latents (exact noise)."""
+        return Rows(self.states, self.timesteps, clean, ddim.exact_noise(clean, self.states, self.timesteps), self.prompt)
+
+
+def path_rows(ddim: DDIM, candidates: Candidates, which: torch.Tensor, clean: torch.Tensor | None) -> Rows:
+    """The m states of candidate which[b] of every prompt b (rows step-major: state k of prompt b is row k*B + b).
+    clean: (B, C, H, W) per prompt, regressed to exactly; None = the paper's target (the starting noise, toward x0)."""
+    rows = candidates.rows_of(which)
+    m, batch = candidates.exploration.timesteps.shape[0], len(which)
+    states = candidates.exploration.states[:, rows].flatten(0, 1)
+    timesteps = candidates.exploration.timesteps[:, rows].flatten(0, 1)
+    prompt = torch.arange(batch).repeat(m)
+    if clean is None:
+        return Rows(states, timesteps, candidates.x0[prompt], candidates.noise[rows].repeat(m, 1, 1, 1), prompt)
+    clean = clean[prompt].to(states)
+    return Rows(states, timesteps, clean, ddim.exact_noise(clean, states, timesteps), prompt)
+
+
+def all_paths_rows(ddim: DDIM, candidates: Candidates, clean: torch.Tensor) -> Rows:
+    """The m states of ALL n candidates of every prompt, each regressed toward its prompt's `clean` (B, C, H, W)."""
+    n = candidates.exploration.timesteps.shape[1] // len(clean)
+    return Rows.cat([path_rows(ddim, candidates, torch.full((len(clean),), i), clean) for i in range(n)])
+
+
+def fresh_rows(ddim: DDIM, clean: torch.Tensor, per_prompt: int, generator: torch.Generator) -> Rows:
+    """`per_prompt` fresh noisings of each prompt's `clean` at timesteps drawn uniformly from the training range,
+    as the ordinary diffusion loss (and Diffusion-DPO) sees its data."""
+    batch = clean.shape[0]
+    prompt = torch.arange(batch).repeat(per_prompt)
+    timesteps = torch.randint(0, ddim.scheduler.config.num_train_timesteps, (len(prompt),), generator=generator)
+    noise = torch.randn((len(prompt), *clean.shape[1:]), generator=generator).to(clean)
+    return Rows(ddim.add_noise(clean[prompt], noise, timesteps), timesteps, clean[prompt], noise, prompt)
+
+
+def sft_rows(name: str, ddim: DDIM, candidates: Candidates) -> Rows:
+    """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS)."""
+    winner = candidates.selection.winner
+    if name == "noise":
+        return path_rows(ddim, candidates, winner, None)
+    if name == "exact":
+        return path_rows(ddim, candidates, winner, candidates.x0)
+    if name == "endpoint":
+        return path_rows(ddim, candidates, winner, candidates.endpoints_of(winner))
+    if name == "best_endpoint":
+        return all_paths_rows(ddim, candidates, candidates.endpoints_of(winner))
+    raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
+
+
+def dpo_rows(name: str, ddim: DDIM, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:
+    """(winner rows, loser rows) of the DPO loss (Eq. 11) for target `name` (DPO_TARGETS); the two sides have
+    the same number of rows per prompt."""
+    sel = candidates.selection
+    if name in ("noise", "exact", "endpoint"):
+        def side(which):
+            clean = {"noise": None, "exact": candidates.x0, "endpoint": candidates.endpoints_of(which)}[name]
+            return path_rows(ddim, candidates, which, clean)
+
+        return side(sel.winner), side(sel.loser)
+    if name == "shared":
+        rows_w = all_paths_rows(ddim, candidates, candidates.endpoints_of(sel.winner))
+        return rows_w, rows_w.with_clean(ddim, candidates.endpoints_of(sel.loser)[rows_w.prompt])
+    if name == "fresh":
+        m = candidates.exploration.timesteps.shape[0]
+        rows_w = fresh_rows(ddim, candidates.endpoints_of(sel.winner), m, generator)
+        loser = candidates.endpoints_of(sel.loser)[rows_w.prompt]
+        return rows_w, Rows(ddim.add_noise(loser, rows_w.noise, rows_w.timesteps), rows_w.timesteps, loser, rows_w.noise, rows_w.prompt)
+    raise ValueError(f"unknown DPO target {name!r}; choose from {sorted(DPO_TARGETS)}")
+
+
+def per_prompt_mean(values: torch.Tensor, prompt: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """(R,) row values -> (num_prompts,) mean over each prompt's rows."""
+    prompt = prompt.to(values.device)
+    sums = torch.zeros(num_prompts, dtype=values.dtype, device=values.device).index_add(0, prompt, values)
+    counts = torch.bincount(prompt, minlength=num_prompts).clamp(min=1).to(values.dtype)
+    return sums / counts

@@ -1,0 +1,115 @@
+"""Training targets (sharpening/targets.py): the rows each target builds, against the arithmetic written out."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharpening import targets
+from sharpening.sampler import DDIM
+from sharpening.trajectory import Candidates, Exploration, select
+from toyworld.train_base import build_scheduler
+
+N, B, M = 3, 2, 2
+
+
+@pytest.fixture(scope="module")
+def ddim():
+    return DDIM(dict(build_scheduler().config), 20)
+
+
+@pytest.fixture(scope="module")
+def alphas_cumprod():
+    return torch.as_tensor(build_scheduler().alphas_cumprod, dtype=torch.float64)
+
+
+@pytest.fixture()
+def candidates():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, 4, 2, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(N * B, 4, 2, 2, generator=g, dtype=torch.float64)
+    timesteps = torch.tensor([[901, 501] * N, [851, 451] * N])  # (m, n*B): per-row timesteps
+    exploration = Exploration(states=torch.randn(M, N * B, 4, 2, 2, generator=g, dtype=torch.float64), timesteps=timesteps,
+                              x0_preds=torch.randn(M, N * B, 4, 2, 2, generator=g, dtype=torch.float64))
+    path_rewards = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.8, 0.4])  # candidate-major: prompt 0 -> 0.1, 0.5, 0.8
+    c = Candidates(x0, noise, exploration, path_rewards, select(path_rewards, N))
+    assert c.selection.winner.tolist() == [2, 0] and c.selection.loser.tolist() == [0, 1]
+    return c
+
+
+def expected_rows(c: Candidates, alphas_cumprod, candidate_of_prompt, clean_of_prompt):
+    """(states, timesteps, prompt, eps target) row by row: state k of candidate candidate_of_prompt[b] of prompt b,
+    eps = (x - sqrt(abar) clean) / sqrt(1 - abar), or the starting noise where clean is None."""
+    out = []
+    for k in range(M):
+        for b in range(B):
+            row = candidate_of_prompt[b] * B + b
+            state, t = c.exploration.states[k, row], int(c.exploration.timesteps[k, row])
+            abar = alphas_cumprod[t]
+            clean = clean_of_prompt[b]
+            eps = c.noise[row] if clean is None else (state - abar.sqrt() * clean) / (1 - abar).sqrt()
+            out.append((state, t, b, eps))
+    return out
+
+
+def assert_rows(rows: targets.Rows, expected):
+    assert len(rows.prompt) == len(expected)
+    for r, (state, t, b, eps) in enumerate(expected):
+        torch.testing.assert_close(rows.states[r], state)
+        assert int(rows.timesteps[r]) == t and int(rows.prompt[r]) == b
+        torch.testing.assert_close(rows.noise[r], eps.to(rows.noise.dtype), rtol=1e-6, atol=1e-9)
+
+
+def endpoint(c, candidate, b):
+    return c.exploration.x0_preds[-1, candidate * B + b]
+
+
+@pytest.mark.parametrize("name", ["noise", "exact", "endpoint"])
+def test_sft_targets_on_the_winners_states(name, ddim, alphas_cumprod, candidates):
+    c, winner = candidates, candidates.selection.winner.tolist()
+    clean = {"noise": [None] * B, "exact": list(c.x0), "endpoint": [endpoint(c, winner[b], b) for b in range(B)]}[name]
+    assert_rows(targets.sft_rows(name, ddim, c), expected_rows(c, alphas_cumprod, winner, clean))
+
+
+def test_sft_best_endpoint_regresses_every_candidates_states_onto_the_winners_endpoint(ddim, alphas_cumprod, candidates):
+    c, winner = candidates, candidates.selection.winner.tolist()
+    best = [endpoint(c, winner[b], b) for b in range(B)]
+    expected = [row for i in range(N) for row in expected_rows(c, alphas_cumprod, [i] * B, best)]
+    assert_rows(targets.sft_rows("best_endpoint", ddim, c), expected)
+
+
+@pytest.mark.parametrize("name", ["noise", "exact", "endpoint"])
+def test_dpo_targets_on_winner_and_loser_states(name, ddim, alphas_cumprod, candidates):
+    c, sel = candidates, candidates.selection
+    rows_w, rows_l = targets.dpo_rows(name, ddim, c, torch.Generator().manual_seed(0))
+    for rows, which in ((rows_w, sel.winner.tolist()), (rows_l, sel.loser.tolist())):
+        clean = {"noise": [None] * B, "exact": list(c.x0), "endpoint": [endpoint(c, which[b], b) for b in range(B)]}[name]
+        assert_rows(rows, expected_rows(c, alphas_cumprod, which, clean))
+
+
+def test_dpo_shared_puts_the_same_states_against_two_outcomes(ddim, alphas_cumprod, candidates):
+    c, sel = candidates, candidates.selection
+    rows_w, rows_l = targets.dpo_rows("shared", ddim, c, torch.Generator().manual_seed(0))
+    for rows, which in ((rows_w, sel.winner.tolist()), (rows_l, sel.loser.tolist())):
+        outcome = [endpoint(c, which[b], b) for b in range(B)]
+        assert_rows(rows, [row for i in range(N) for row in expected_rows(c, alphas_cumprod, [i] * B, outcome)])
+
+
+def test_dpo_fresh_noises_both_endpoints_with_one_noise_and_timestep(ddim, alphas_cumprod, candidates):
+    c, sel = candidates, candidates.selection
+    rows_w, rows_l = targets.dpo_rows("fresh", ddim, c, torch.Generator().manual_seed(0))
+    assert torch.equal(rows_w.noise, rows_l.noise) and torch.equal(rows_w.timesteps, rows_l.timesteps)
+    assert rows_w.prompt.tolist() == rows_l.prompt.tolist() == [0, 1] * M
+    for rows, which in ((rows_w, sel.winner), (rows_l, sel.loser)):
+        for r in range(len(rows.prompt)):
+            b = int(rows.prompt[r])
+            abar = alphas_cumprod[int(rows.timesteps[r])]
+            clean = endpoint(c, int(which[b]), b)
+            torch.testing.assert_close(rows.clean[r], clean)
+            torch.testing.assert_close(rows.states[r], abar.sqrt() * clean + (1 - abar).sqrt() * rows.noise[r])
+
+
+def test_unknown_target_names_the_choices(ddim, candidates):
+    with pytest.raises(ValueError, match="best_endpoint"):
+        targets.sft_rows("nope", ddim, candidates)
+    with pytest.raises(ValueError, match="shared"):
+        targets.dpo_rows("nope", ddim, candidates, torch.Generator())
