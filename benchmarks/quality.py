@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, write_data  # noqa: E402
+from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
 
 SFT_SCRIPT = "train_sft_diffusion_sharpening_sdxl.py"
 RLHF_SCRIPT = "train_rlhf_diffusion_sharpening_sdxl.py"
@@ -68,19 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip_training", action="store_true", help="Re-evaluate the runs already in --work_dir.")
     return p.parse_args(argv)
-
-
-def overrides_for(name: str, overrides: list[str]) -> dict:
-    """The --set values that apply to variant `name` (values stay strings: they go onto a command line)."""
-    out = {}
-    for item in overrides:
-        target, _, assignment = item.rpartition(":")
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
-        if target in ("", name):
-            out[key.lstrip("-")] = value
-    return out
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -84,3 +84,43 @@ def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
                                          "--set", "rlhf:beta_dpo=100"]))
     with pytest.raises(SystemExit, match="VARIANT"):
         quality.overrides_for("rlhf-sharpening", ["beta_dpo"])
+
+
+def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
+    """benchmarks/reward_response.py on the tiny SDXL: two rewards x (one built-in variant + one --variant), 2 steps:
+    each run gets its reward and flags, every checkpoint is scored with the trained reward and the guards, and
+    the JSON, Markdown and PNG are written."""
+    bench = load_benchmark("reward_response")
+    work = tmp_path / "rr"
+    args = bench.parse_args([
+        "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "saturation", "--variants", "sft-paper",
+        "--variant", "rlhf-fresh=rlhf:dpo_target=fresh,num_noisy_latents=2", "--steps", "2", "--eval_every", "1",
+        "--train_images", "4", "--eval_prompts", "2", "--images_per_prompt", "2", "--eval_steps", "2", "--threads", "1",
+        "--set", "train_batch_size=2", "--set", "infer_steps=4"])
+    results = bench.main(args)
+    for reward in ("brightness", "saturation"):
+        assert "--sft_target noise" in (work / reward / "sft-paper.log").read_text().splitlines()[0]
+        rlhf_cmd = (work / reward / "rlhf-fresh.log").read_text().splitlines()[0]
+        assert f"--reward_model {reward}" in rlhf_cmd and "--dpo_target fresh" in rlhf_cmd and "--num_noisy_latents 2" in rlhf_cmd
+        for name in ("sft-paper", "rlhf-fresh"):
+            run = results[reward][name]
+            assert [p["step"] for p in run["curve"]] == [0, 1, 2]
+            assert set(run["final"]) == {reward, "toy/objects", "toy/relation", "toy/clean"}
+            assert all(isinstance(p["diff"], float) for p in run["curve"])
+    record = json.loads((work / "reward_response.json").read_text())
+    assert record["runs"]["rlhf-fresh"]["flags"]["dpo_target"] == "fresh"
+    text = (work / "reward_response.md").read_text()
+    assert "| rlhf-fresh |" in text and "**saturation**" in text
+    assert (work / "reward_response.png").stat().st_size > 1000
+
+
+def test_reward_response_refuses_unknown_variants(tmp_path):
+    import pytest
+
+    bench = load_benchmark("reward_response")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variant", "x=dpo:beta=1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--set", "nope:beta_dpo=1"])

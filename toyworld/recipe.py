@@ -38,7 +38,9 @@ COMMON = {
     "proportion_empty_prompts": 0.1,
 }
 SFT = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
-STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1}  # plain fine-tuning through the same script
+# Plain fine-tuning through the same script: one candidate, one state, regressed onto the data image's noise
+# (the ordinary diffusion loss on the DDIM grid; never looks at the reward).
+STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1, "sft_target": "noise"}
 RLHF = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
 
 
@@ -60,6 +62,19 @@ def flags(settings: dict) -> list[str]:
             out.append(f"--{key}")
         elif value not in (None, False):
             out += [f"--{key}", str(value)]
+    return out
+
+
+def overrides_for(name: str, overrides: list[str]) -> dict:
+    """The --set values that apply to variant `name` (values stay strings: they go onto a command line)."""
+    out = {}
+    for item in overrides:
+        target, _, assignment = item.rpartition(":")
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
+        if target in ("", name):
+            out[key.lstrip("-")] = value
     return out
 
 

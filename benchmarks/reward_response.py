@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Does a training objective raise the reward it is trained on? The reward-response benchmark.
+
+For every reward and every training variant: fine-tune the shipped toy SDXL for `--steps` optimizer steps on the
+toy world's TRAINING compositions (checkpoints every `--eval_every`), then sample every checkpoint and the base
+model with the same seeds on training-pair prompts and report, paired against base:
+
+  - Δ of the TRAINED reward ± paired SE, and the first checkpoint where it exceeds +3 SE (reward efficiency);
+  - Δ of guard metrics that show reward hacking: the toy reward's objects, relation and clean components
+    (a brightness reward that erases the objects raises brightness and sinks toy/objects).
+
+Rewards the base model does not already maximise: brightness, saturation, JPEG compressibility and
+incompressibility (as DDPO defines them, in reward.py) and the toy compositional reward.
+
+Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward:
+the control), `sft` and `rlhf` (each script's DEFAULTS), and `sft-paper` / `rlhf-paper` (the paper-literal
+targets, Eq. 9 and Eq. 11 toward the starting noise). `--variant NAME=sft|rlhf[:FLAG=VALUE,...]` adds your own.
+
+    python benchmarks/reward_response.py --quick                  # a few minutes on a CPU
+    python benchmarks/reward_response.py                          # every reward and variant (about an hour on 2 cores)
+    python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
+
+Writes `reward_response.json`, `reward_response.md` and `reward_response.png` (Δ reward vs step) to --work_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
+
+SCRIPTS = {"sft": "train_sft_diffusion_sharpening_sdxl.py", "rlhf": "train_rlhf_diffusion_sharpening_sdxl.py"}
+REWARDS = ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility", "toy")
+GUARDS = ("toy/objects", "toy/relation", "toy/clean")
+VARIANTS = {
+    "standard-ft": ("sft", STANDARD_FT),
+    "sft-paper": ("sft", {**SFT, "sft_target": "noise"}),
+    "sft": ("sft", SFT),
+    "rlhf-paper": ("rlhf", {**RLHF, "dpo_target": "noise", "reward_margin_units": "raw"}),
+    "rlhf": ("rlhf", RLHF),
+}
+QUICK = {"rewards": ["brightness", "jpeg_incompressibility"], "variants": ["standard-ft", "sft", "rlhf"], "steps": 20, "eval_every": 10,
+         "eval_prompts": 32, "images_per_prompt": 2}
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
+    """NAME=sft|rlhf[:FLAG=VALUE,...] -> (NAME, (script kind, recipe settings + flags))."""
+    name, sep, rest = text.partition("=")
+    kind, _, assignments = rest.partition(":")
+    if not sep or not name or kind not in SCRIPTS:
+        raise SystemExit(f"--variant {text!r}: expected NAME=sft|rlhf[:FLAG=VALUE,...]")
+    settings = dict({"sft": SFT, "rlhf": RLHF}[kind])
+    for item in filter(None, assignments.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not FLAG=VALUE")
+        settings[key.lstrip("-")] = value
+    return name, (kind, settings)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"A few minutes on a CPU: {QUICK}.")
+    p.add_argument("--rewards", nargs="+", default=None, help=f"Rewards to train on (default: {' '.join(REWARDS)}).")
+    p.add_argument("--variants", nargs="+", default=None, help=f"Built-in variants to run (default: {' '.join(VARIANTS)}).")
+    p.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME=sft|rlhf[:FLAG=VALUE,...]",
+                   help="An extra variant: a script and the flags it gets on top of the toy recipe (repeatable).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[VARIANT:]FLAG=VALUE",
+                   help="Override a training flag for every run or for one variant (repeatable).")
+    p.add_argument("--steps", type=int, default=60, help="Optimizer steps of every run (the toy recipe's budget).")
+    p.add_argument("--eval_every", type=int, default=20, help="Checkpoint (and evaluate) every N steps.")
+    p.add_argument("--eval_prompts", type=int, default=56, help="Training-pair prompts evaluated.")
+    p.add_argument("--images_per_prompt", type=int, default=2)
+    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps of the evaluation samples.")
+    p.add_argument("--train_images", type=int, default=512, help="Images in the SFT imagefolder.")
+    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--work_dir", default=str(ROOT / "output" / "reward_response"))
+    p.add_argument("--jobs", type=int, default=1, help="Trainings run at once (threads are split between them).")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: the idle cores).")
+    p.add_argument("--device", default="cpu", help="Evaluation device; training uses what accelerate finds.")
+    p.add_argument("--skip_training", action="store_true", help="Re-evaluate the runs already in --work_dir.")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if p.get_default(key) == getattr(args, key):
+                setattr(args, key, value)
+    args.rewards = args.rewards or list(REWARDS)
+    names = args.variants if args.variants is not None else list(VARIANTS)
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants names unknown variants {sorted(unknown)}; built-in: {sorted(VARIANTS)}")
+    args.runs = {name: VARIANTS[name] for name in names} | dict(parse_variant(v) for v in args.extra_variants)
+    if not args.runs:
+        p.error("no variant to run")
+    unknown = {item.rpartition(":")[0] for item in args.overrides} - set(args.runs) - {""}
+    if unknown:
+        p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
+    if args.steps % args.eval_every:
+        p.error("--steps must be a multiple of --eval_every (so the last checkpoint is the final model).")
+    return args
+
+
+def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:
+    """Every (reward, variant) run, `--jobs` at a time; returns seconds per run."""
+    total_threads = args.threads or cpu_threads()
+    threads = max(1, total_threads // args.jobs)
+    jobs = []
+    for reward in args.rewards:
+        for name, (kind, settings) in args.runs.items():
+            flags = {**COMMON, **settings, "reward_model": reward, "pretrained_model_name_or_path": args.model,
+                     "output_dir": str(work / reward / name), "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
+            flags |= overrides_for(name, args.overrides)
+            flags |= {"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)}
+            jobs.append((f"{reward}/{name}", SCRIPTS[kind], flags))
+
+    def run(job):
+        label, script, flags = job
+        print(f"[reward_response] training {label} ({args.steps} steps)", flush=True)
+        seconds = launch(script, flags, work / f"{label}.log", threads)
+        print(f"[reward_response]   {label}: {seconds:.0f} s", flush=True)
+        return label, round(seconds, 1)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return dict(pool.map(run, jobs))
+
+
+def first_step_above(curve: list[dict], sigmas: float = 3.0) -> int | None:
+    """The first checkpoint whose paired Δ exceeds `sigmas` standard errors, or None."""
+    for point in curve:
+        if point["diff_se"] > 0 and point["diff"] > sigmas * point["diff_se"]:
+            return point["step"]
+    return None
+
+
+def summarise(record: dict, args) -> dict:
+    """{reward: {variant: {"curve": [{step, diff, diff_se}], "final": {metric: entry}, "steps_to_3se": ...}}}."""
+    summary, checkpoints = record["summary"], list(range(args.eval_every, args.steps + 1, args.eval_every))
+    out = {}
+    for reward in args.rewards:
+        out[reward] = {"base": {m: summary["base"][m] for m in (reward, *GUARDS)}}
+        for name in args.runs:
+            curve = [{"step": 0, "diff": 0.0, "diff_se": 0.0}] + [
+                {"step": s, "diff": summary[f"{reward}/{name}@{s}"][reward]["diff"], "diff_se": summary[f"{reward}/{name}@{s}"][reward]["diff_se"]}
+                for s in checkpoints
+            ]
+            final = summary[f"{reward}/{name}@{args.steps}"]
+            out[reward][name] = {"curve": curve, "final": {m: final[m] for m in (reward, *GUARDS)}, "steps_to_3se": first_step_above(curve[1:])}
+    return out
+
+
+def _diff(entry: dict) -> str:
+    return f"{entry['diff']:+.3f} ± {entry['diff_se']:.3f}" if math.isfinite(entry.get("diff", float("nan"))) else "n/a"
+
+
+def markdown(results: dict, args) -> str:
+    lines = [f"Reward response: {args.steps} optimizer steps of batch {COMMON['train_batch_size']} per run, toy SDXL, training-pair prompts "
+             f"({args.eval_prompts} x {args.images_per_prompt} seeds); Δ = paired difference vs base ± paired SE over prompts.", ""]
+    names = list(args.runs)
+    lines += ["Δ of the trained reward, in standard errors (final checkpoint; ✓ = more than +3 SE):", "",
+              "| variant | " + " | ".join(args.rewards) + " |", "|---|" + "---|" * len(args.rewards)]
+    for name in names:
+        cells = []
+        for reward in args.rewards:
+            e = results[reward][name]["final"][reward]
+            z = e["diff"] / e["diff_se"] if e.get("diff_se") else float("nan")
+            cells.append(f"{z:+.1f}{' ✓' if z > 3 else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for reward in args.rewards:
+        base = results[reward]["base"]
+        lines += ["", f"**{reward}** (base {base[reward]['mean']:.3f}; toy/objects {base['toy/objects']['mean']:.3f}, "
+                      f"relation {base['toy/relation']['mean']:.3f}, clean {base['toy/clean']['mean']:.3f})", "",
+                  f"| variant | Δ {reward} | steps to +3 SE | Δ toy/objects | Δ toy/relation | toy/clean |", "|---|---|---|---|---|---|"]
+        for name in names:
+            r = results[reward][name]
+            f = r["final"]
+            steps = r["steps_to_3se"] if r["steps_to_3se"] is not None else f"> {args.steps}"
+            lines.append(f"| {name} | {_diff(f[reward])} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
+                         f"{f['toy/clean']['mean']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.rewards), figsize=(4 * len(args.rewards), 3.4), squeeze=False)
+    for ax, reward in zip(axes[0], args.rewards):
+        for name in args.runs:
+            curve = results[reward][name]["curve"]
+            ax.errorbar([p["step"] for p in curve], [p["diff"] for p in curve], yerr=[p["diff_se"] for p in curve], label=name, capsize=2, marker="o", ms=3)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{reward} (base {results[reward]['base'][reward]['mean']:.3f})", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("Δ reward vs base (± paired SE)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> dict:
+    import torch
+
+    import evaluate
+
+    started = time.time()
+    work = Path(args.work_dir)
+    data, prompt_file = write_data(work / "data", args.train_images)
+    seconds = {} if args.skip_training else train_all(args, work, data, prompt_file)
+
+    checkpoints = range(args.eval_every, args.steps + 1, args.eval_every)
+    models = [f"base={args.model}"] + [
+        f"{reward}/{name}@{s}={args.model},unet={work / reward / name / f'checkpoint-{s}'}"
+        for reward in args.rewards for name in args.runs for s in checkpoints
+    ]
+    torch.set_num_threads(args.threads or cpu_threads())
+    record = evaluate.main(evaluate.parse_args(
+        [f"--model={m}" for m in models]
+        + [f"--also_score={r}" for r in args.rewards if r != "toy"]
+        + ["--reward_model", "toy", "--toy_split", "train_pairs", "--num_prompts", str(args.eval_prompts),
+           "--images_per_prompt", str(args.images_per_prompt), "--steps", str(args.eval_steps),
+           "--guidance_scale", str(COMMON["guidance_scale"]), "--device", args.device, "--output_dir", str(work / "eval"),
+           "--seed", "1234", "--grid_prompts", "8"]))
+    results = summarise(record, args)
+    text = markdown(results, args)
+    (work / "reward_response.md").write_text(text + "\n")
+    (work / "reward_response.json").write_text(json.dumps({
+        "results": results, "train_seconds": seconds, "steps": args.steps, "eval_every": args.eval_every,
+        "runs": {k: {"script": SCRIPTS[v[0]], "flags": v[1]} for k, v in args.runs.items()}, "overrides": args.overrides,
+        "recipe": COMMON, "minutes": round((time.time() - started) / 60, 1)}, indent=2))
+    plot(results, args, work / "reward_response.png")
+    print("\n" + text + f"\n\n[reward_response] wrote {work / 'reward_response.md'}, .json, .png; "
+          f"{(time.time() - started) / 60:.1f} min", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
