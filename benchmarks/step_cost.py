@@ -6,7 +6,7 @@
     python benchmarks/step_cost.py --preset gpu                     # real-size random SDXL, 512 px, 4 configs
 
 "Ours" is the real step function of each script (`sft_step`, `rlhf_step`) run through the real `Trainer`,
-followed by the Trainer's own update (`_finish_update`: clip, optimizer, LR scheduler, zero_grad), exactly the
+followed by the Trainer's own update (`train_micro_batch`: clip, optimizer, LR scheduler, zero_grad), exactly the
 body of `Trainer.train` for one micro-batch with no accumulation.
 
 "Baseline" does the same work the way the upstream release does (paper-digest section 3.1), on the SAME
@@ -21,7 +21,7 @@ resolution and random draws (t and the noises come from the same per-step genera
     with their own seed noise (D11); reference MSE once at the first state (D2); best and worst path;
     (ours generates B images WITH CFG, i.e. 2B rows per grid step: at n = 2 the two rollouts cost the same);
     loss = -(log sigmoid(beta * logits) - (r_w - r_l)) with the reward gap outside the sigmoid (D1);
-  * one backward, then the same `_finish_update` as ours.
+  * one backward, then the same update (`Trainer.train_micro_batch`) as ours.
 What the baseline has from us, because the upstream code cannot run otherwise (B1-B3): our batched per-sample
 DDIM step, per-prompt argmax/argmin, and start timesteps drawn on the DDIM grid (so both do m steps).
 
@@ -439,7 +439,6 @@ def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, t: torch.Te
 def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
     """SFT the upstream way (digest 3.1, SFT L1021-1123) on the same inputs and draws as `sft_step`."""
     from sharpening import sdxl
-    from sharpening.losses import masked_mean
     from sharpening.training import StepResult
     from sharpening.trajectory import draw_start_timesteps, select
 
@@ -455,15 +454,14 @@ def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
     mse, rewards = _upstream_trajectory(trainer, x0_n, x, t, cond_n, noise, captions * n)
     sel = select(rewards, n)
     rows = sel.winner.to(mse.device) * batch_size + torch.arange(batch_size, device=mse.device)
-    loss = masked_mean(mse[rows], sel.has_winner)  # loss = l[argmax r] (per prompt)
-    return StepResult(loss, int(sel.has_winner.sum()))
+    return StepResult(mse[rows], sel.has_winner.to(mse.device))  # loss = l[argmax r] (per prompt)
 
 
 def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
     """RLHF the upstream way (digest 3.1, RLHF L1028-1163) on the same prompts as `rlhf_step`."""
     import torch.nn.functional as F
 
-    from sharpening.losses import masked_mean, per_sample_mse
+    from sharpening.losses import per_sample_mse
     from sharpening.sampler import sample
     from sharpening.training import StepResult
     from sharpening.trajectory import draw_start_timesteps, select
@@ -485,21 +483,15 @@ def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
     logits = (ref_mse[w] - ref_mse[l]) - (mse[w] - mse[l])
     gap = (sel.winner_reward - sel.loser_reward).to(mse.device)
     # The reward gap sits outside the sigmoid (D1): a constant, kept for fidelity; masked so ties cannot NaN.
-    loss = masked_mean(-F.logsigmoid(args.beta_dpo * logits) + torch.nan_to_num(gap), sel.has_pair)
-    return StepResult(loss, int(sel.has_pair.sum()))
+    return StepResult(-F.logsigmoid(args.beta_dpo * logits) + torch.nan_to_num(gap), sel.has_pair.to(mse.device))
 
 
 # ------------------------------------------------------------------------------------------------ measuring
 def optimizer_step(trainer, step_fn, batch: dict, generator: torch.Generator) -> str:
     """One micro-batch and one update, as the body of Trainer.train does it (no accumulation)."""
-    from sharpening.training import _Window
+    from sharpening.training import UpdateWindow
 
-    acc, window = trainer.accelerator, _Window()
-    with acc.accumulate(trainer.unet):
-        result = step_fn(trainer, batch, generator)
-        acc.backward(result.loss)
-        window.add(result)
-        return trainer._finish_update(window)
+    return trainer.train_micro_batch(step_fn, batch, generator, UpdateWindow())
 
 
 def measure(trainer, step_fn, batch, seed: int, counter: CallCounter, memory: MemoryMeter) -> dict:

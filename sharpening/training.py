@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from . import sdxl
-from .losses import per_sample_mse
 from .sampler import DDIM, Conditioning, guided, sample, unet_forward
-from .trajectory import Exploration, Selection, draw_start_timesteps, effective_steps, explore, path_reward, score_exploration, select
+from .losses import masked_sum
+from .targets import Rows
+from .trajectory import Candidates, draw_start_timesteps, effective_steps, explore, path_reward, score_exploration, select
 
 logger = logging.getLogger("sharpening")
 
@@ -198,40 +199,21 @@ def mix_seed(*parts: int) -> int:
 
 # --------------------------------------------------------------------------------------------- step API
 @dataclass
-class Candidates:
-    """What exploration hands to a variant's loss: n candidates per prompt, scored and ranked."""
-
-    x0: torch.Tensor  # (B, C, H, W) the clean latent trajectories start from
-    noise: torch.Tensor  # (n*B, C, H, W) the noise each candidate was started with
-    exploration: Exploration
-    path_rewards: torch.Tensor  # (n*B,)
-    selection: Selection
-
-    def rows_of(self, which: torch.Tensor) -> torch.Tensor:
-        """Candidate-major row of candidate which[j] of prompt j % B (B indices: the winners; 2B: winners then losers)."""
-        batch = self.selection.winner.shape[0]
-        return which.cpu() * batch + torch.arange(len(which)) % batch
-
-    def states_of(self, which: torch.Tensor):
-        """States, timesteps and starting noise, each flattened to (m * len(which), ...), of candidate which[j]
-        of prompt j % B: pass B indices (the winners) or 2B (winners then losers, RLHF)."""
-        rows = self.rows_of(which)
-        m = self.exploration.timesteps.shape[0]
-        states = self.exploration.states[:, rows].flatten(0, 1)
-        timesteps = self.exploration.timesteps[:, rows].flatten(0, 1)
-        return states, timesteps, self.noise[rows].repeat(m, 1, 1, 1)
-
-    def endpoints_of(self, which: torch.Tensor) -> torch.Tensor:
-        """(len(which), C, H, W): where each chosen path ended, its last one-step x0 prediction (the last image
-        the reward scored on that path)."""
-        return self.exploration.x0_preds[-1, self.rows_of(which)]
-
-
-@dataclass
 class StepResult:
-    loss: torch.Tensor
-    num_trained: int  # prompts of this micro-batch that contributed to the loss
+    """What a variant's step returns for one micro-batch of B prompts. The Trainer sums the losses of the trained
+    prompts and, at the update, divides by the number of trained prompts over the whole accumulation window and
+    all processes, so every trained prompt weighs the same however the ties fell across micro-batches."""
+
+    prompt_losses: torch.Tensor  # (B,) each prompt's loss (any value, even NaN, where not trained)
+    trained: torch.Tensor  # (B,) bool: the prompt had a usable reward ranking and counts in the update
     logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_trained(self) -> int:
+        return int(self.trained.sum())
+
+    def loss_sum(self) -> torch.Tensor:
+        return masked_sum(self.prompt_losses, self.trained)
 
 
 StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
@@ -316,10 +298,12 @@ class Trainer:
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
-            if needs_reference:
-                # Frozen base model for the RLHF log-ratio; with LoRA the same UNet with adapters off serves.
-                self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
             unet.requires_grad_(True).to(self.device, dtype=torch.float32)
+            if needs_reference:
+                # Frozen base model for the RLHF log-ratio (with LoRA the same UNet with adapters off serves), in
+                # the policy's dtype: a half-precision copy would differ from the fp32 policy under autocast, so the
+                # DPO logits would not start at 0 and beta (2500) would turn that rounding into a random preference.
+                self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -329,7 +313,10 @@ class Trainer:
         if args.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.trainable_params, decay=args.ema_decay)
+            if args.use_lora:  # EMA of the adapters: checkpointed with accelerate's custom state
+                self.ema = EMAModel(self.trainable_params, decay=args.ema_decay)
+            else:  # EMA of the whole UNet: checkpointed as a loadable `unet_ema/`, as diffusers' scripts do
+                self.ema = EMAModel(self.trainable_params, decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
             self.ema.to(self.device)
 
     def _setup_optimisation(self, dataset, collate_fn) -> None:
@@ -379,7 +366,7 @@ class Trainer:
         self.raw_unet = acc.unwrap_model(self.unet)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
-        if self.ema is not None:
+        if self.ema is not None and args.use_lora:
             acc.register_for_checkpointing(self.ema)
 
     # ----------------------------------------------------------------------------------------- model calls
@@ -396,10 +383,11 @@ class Trainer:
 
     @torch.no_grad()
     def reference(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The frozen base model: a copy for full fine-tuning, the same UNet with adapters off for LoRA."""
+        """The frozen base model, run exactly as the policy runs (same weights dtype, inputs and autocast): a copy for
+        full fine-tuning, the same UNet with adapters off for LoRA."""
         if self.reference_unet is not None:
             with self.accelerator.autocast():
-                return unet_forward(self.reference_unet)(x.to(self.weight_dtype), t, cond.to(dtype=self.weight_dtype))
+                return unet_forward(self.reference_unet)(x, t, cond)
         self.raw_unet.disable_adapters()
         try:
             with self.accelerator.autocast():
@@ -407,12 +395,20 @@ class Trainer:
         finally:
             self.raw_unet.enable_adapters()
 
-    def conditioning(self, captions: list[str], time_ids: torch.Tensor, generator: torch.Generator | None = None) -> Conditioning:
-        """Prompt embeddings; with a generator, caption dropout (--proportion_empty_prompts) is applied."""
-        if generator is not None and self.args.proportion_empty_prompts > 0:
-            drop = torch.rand(len(captions), generator=generator) < self.args.proportion_empty_prompts
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    def conditioning(self, captions: list[str], time_ids: torch.Tensor) -> Conditioning:
+        """Prompt embeddings of the captions."""
         return sdxl.encode_prompts(self.parts, captions, time_ids, self.device)
+
+    def caption_dropout(self, cond: Conditioning, generator: torch.Generator) -> Conditioning:
+        """The TRAINING conditioning: each row replaced, with probability --proportion_empty_prompts, by the same
+        empty conditioning that classifier-free guidance uses (sdxl.unconditional), so the unconditional branch
+        the model learns here is the one sampling calls."""
+        if self.args.proportion_empty_prompts <= 0:
+            return cond
+        drop = torch.rand(cond.pooled.shape[0], generator=generator) < self.args.proportion_empty_prompts
+        if not drop.any():
+            return cond
+        return cond.where(~drop, sdxl.unconditional(self.parts, cond, self.device))
 
     def default_time_ids(self, batch_size: int) -> torch.Tensor:
         r = self.args.resolution
@@ -450,20 +446,9 @@ class Trainer:
         rewards = path_reward(exploration.step_rewards, self.args.path_reward)
         return Candidates(x0, noise, exploration, rewards, select(rewards, n))
 
-    def trajectory_mse(self, model, x0: torch.Tensor, candidates: Candidates, which: torch.Tensor, cond: Conditioning, target: str) -> torch.Tensor:
-        """(m, B) errors of `model` on the states of the chosen candidate per prompt, against
-        target="noise": the original noise (Eq. 9); "exact": the noise that maps x0 exactly to each state;
-        "endpoint": the noise that maps the path's OWN result (Candidates.endpoints_of) to each state, so that
-        the clean image a path's states are scored against is the image that path produced."""
-        states, timesteps, noise = candidates.states_of(which)
-        m = self.num_steps
-        if target == "endpoint":
-            x0 = candidates.endpoints_of(which).to(x0)
-        x0_m = x0.repeat(m, 1, 1, 1)
-        if target in ("exact", "endpoint"):
-            noise = self.ddim.exact_noise(x0_m, states, timesteps)
-        prediction = model(states, timesteps, cond.repeat(m))
-        return per_sample_mse(prediction, self.ddim.target(x0_m, noise, timesteps)).view(m, -1)
+    def predict(self, model, rows: Rows, cond: Conditioning) -> torch.Tensor:
+        """`model`'s output on the rows' states, each with its prompt's conditioning (one batched call)."""
+        return model(rows.states, rows.timesteps, cond.select(rows.prompt.to(cond.pooled.device)))
 
     @staticmethod
     def exploration_logs(candidates: Candidates) -> dict[str, float]:
@@ -493,7 +478,7 @@ class Trainer:
             self.variant, args.max_train_steps, acc.num_processes, args.train_batch_size, args.gradient_accumulation_steps,
             args.num_noisy_latents, self.num_steps, int(self.ddim.grid[0]), int(self.ddim.grid[-1]), self.ddim.stride,
         )
-        window = _Window()
+        window = UpdateWindow()
         for epoch in range(first_epoch, args.num_train_epochs):
             loader = self.loader
             if epoch == first_epoch and skip_batches:
@@ -508,13 +493,9 @@ class Trainer:
             for micro_index, batch in enumerate(loader, start=start):
                 self._count_rows(batch)
                 generator = torch.Generator().manual_seed(mix_seed(args.seed, epoch, micro_index, acc.process_index))
-                with acc.accumulate(self.unet):
-                    result = step_fn(self, batch, generator)
-                    acc.backward(result.loss)
-                    window.add(result)
-                    if not acc.sync_gradients:
-                        continue
-                    outcome = self._finish_update(window)
+                outcome = self.train_micro_batch(step_fn, batch, generator, window)
+                if outcome is None:
+                    continue
                 if outcome == "nonfinite":
                     nonfinite_in_a_row += 1
                     if nonfinite_in_a_row >= args.max_nonfinite_steps:
@@ -537,7 +518,7 @@ class Trainer:
                 logs |= {f"reward_model/{k}": v for k, v in self.reward.counters().items()}
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", outcome=outcome)
                 acc.log(logs, step=global_step)
-                window = _Window()
+                window = UpdateWindow()
                 stop = self._any_process(self.stop_requested)
                 if global_step % args.checkpointing_steps == 0 or stop:
                     self.save_checkpoint(global_step)
@@ -559,7 +540,20 @@ class Trainer:
         self.save_final()
         acc.end_training()
 
-    def _finish_update(self, window: "_Window") -> str:
+    def train_micro_batch(self, step_fn: StepFn, batch: dict, generator: torch.Generator, window: "UpdateWindow") -> str | None:
+        """One micro-batch: the variant's step and the backward of its summed loss; at the end of an accumulation
+        window also the update. Returns the update's outcome ("updated", "skipped", "nonfinite", "overflow"), or
+        None in the middle of a window."""
+        acc = self.accelerator
+        with acc.accumulate(self.unet):
+            result = step_fn(self, batch, generator)
+            acc.backward(result.loss_sum())
+            window.add(result)
+            if not acc.sync_gradients:
+                return None
+            return self._finish_update(window)
+
+    def _finish_update(self, window: "UpdateWindow") -> str:
         """At the end of an accumulation window: skip, step, or let the fp16 scaler skip. Returns the outcome."""
         acc = self.accelerator
         flags = acc.reduce(torch.tensor([float(window.nonfinite_loss), float(window.num_trained)], device=self.device), reduction="sum")
@@ -573,6 +567,13 @@ class Trainer:
             self.counters["no_preference_skips"] += 1
             logger.info("No prompt of this update had a usable reward ranking: update skipped.")
             return "skipped"
+        # Gradients now hold sum_{trained prompts} grad(loss) / (processes x accumulation steps): accelerate divides
+        # each backward by the accumulation steps and DDP averages over processes. Make it a mean over the
+        # prompts that trained in this window on every process (one all-reduce, above).
+        scale = acc.num_processes * self.args.gradient_accumulation_steps / float(flags[1])
+        for p in self.trainable_params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
         grad_norm = acc.clip_grad_norm_(self.trainable_params, self.args.max_grad_norm or float("inf"))
         window.grad_norm = float(grad_norm)
         if not math.isfinite(window.grad_norm):
@@ -619,21 +620,32 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _save_hook(self, models, weights, output_dir) -> None:
-        """Checkpoint only what trains (the whole UNet, or just the LoRA weights), as safetensors."""
-        from safetensors.torch import save_file
-
-        for i, model in enumerate(models):
+        """Checkpoint what trains in diffusers' layout, so a checkpoint is also a usable model: a full fine-tune
+        as a loadable `unet/` (and `unet_ema/` with --use_ema), LoRA as `pytorch_lora_weights.safetensors`."""
+        for model in models:
             if self.accelerator.is_main_process:
-                state = {k: v.detach().contiguous() for k, v in self.accelerator.unwrap_model(model).named_parameters() if v.requires_grad}
-                save_file(state, os.path.join(output_dir, "trainable_weights.safetensors"))
+                if self.args.use_lora:
+                    self._save_lora(Path(output_dir))
+                else:
+                    self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+                    if self.ema is not None:
+                        self.ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
             if weights:
                 weights.pop()
 
     def _load_hook(self, models, input_dir) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(os.path.join(input_dir, "trainable_weights.safetensors"))
         model = self.accelerator.unwrap_model(models.pop())
+        if self.args.use_lora:
+            state = self._lora_state(Path(input_dir))
+        else:
+            if not (Path(input_dir) / "unet" / "config.json").is_file():
+                raise ValueError(f"Checkpoint {input_dir} holds no unet/: was it made by a LoRA run (then add --use_lora)?")
+            state = type(model).from_pretrained(input_dir, subfolder="unet").state_dict()
+            if self.ema is not None:
+                from diffusers.training_utils import EMAModel
+
+                self.ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict())
+                self.ema.to(self.device)
         params = dict(model.named_parameters())
         expected = {k for k, v in params.items() if v.requires_grad}
         if set(state) != expected:
@@ -644,6 +656,32 @@ class Trainer:
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
+
+    def _save_lora(self, out: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.raw_unet))
+        StableDiffusionXLPipeline.save_lora_weights(
+            save_directory=str(out), unet_lora_layers=layers, safe_serialization=True,
+            # rank and alpha travel with the weights, so load_lora_weights applies the trained scale
+            unet_lora_adapter_metadata=self.raw_unet.peft_config["default"].to_dict(),
+        )
+
+    def _lora_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The adapters of a LoRA checkpoint, under this run's parameter names (the inverse of _save_lora)."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        weights = folder / "pytorch_lora_weights.safetensors"
+        if not weights.is_file():
+            raise ValueError(f"Checkpoint {folder} holds no pytorch_lora_weights.safetensors: was it made by a full fine-tune (then drop --use_lora)?")
+        lora, _ = StableDiffusionXLPipeline.lora_state_dict(str(folder))
+        peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items() if k.startswith("unet.")})
+        # peft names parameters `<module>.lora_A.default.weight`; the saved keys lack the adapter name.
+        return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+                for k, v in peft_state.items()}
 
     def save_checkpoint(self, global_step: int) -> None:
         """checkpoint-<step> written atomically: into a temp folder, renamed when complete; pruning only after."""
@@ -732,35 +770,36 @@ class Trainer:
                 tracker.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions)]}, step=step)
 
     def save_final(self) -> None:
+        """diffusers' output contract: a full fine-tune leaves a complete pipeline in --output_dir (the trained UNet,
+        or its EMA weights with --use_ema), LoRA leaves `pytorch_lora_weights.safetensors`."""
         args, acc = self.args, self.accelerator
         if not acc.is_main_process:
             return
         out = Path(args.output_dir)
         with self.ema_weights():
             if args.use_lora:
-                from diffusers import StableDiffusionXLPipeline
-                from diffusers.utils import convert_state_dict_to_diffusers
-                from peft.utils import get_peft_model_state_dict
-
-                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.raw_unet))
-                StableDiffusionXLPipeline.save_lora_weights(
-                    save_directory=str(out), unet_lora_layers=layers, safe_serialization=True,
-                    # rank and alpha travel with the weights, so load_lora_weights applies the trained scale
-                    unet_lora_adapter_metadata=self.raw_unet.peft_config["default"].to_dict(),
-                )
+                self._save_lora(out)
             else:
-                self.raw_unet.save_pretrained(out / "unet", safe_serialization=True)
+                from diffusers import StableDiffusionXLPipeline
+
+                parts = self.parts
+                pipeline = StableDiffusionXLPipeline.from_pretrained(
+                    args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                    unet=self.raw_unet, vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+                    tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
+                )
+                pipeline.save_pretrained(out, safe_serialization=True)
         write_model_card(args, out, self.variant, self.num_steps)
-        logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "UNet", out)
+        logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
 
 
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int) -> None:
-    kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else "a full UNet in `unet/`"
-    load = (
-        f'pipe.load_lora_weights("{out}")'
-        if args.use_lora
-        else f'pipe.unet = UNet2DConditionModel.from_pretrained("{out}", subfolder="unet", torch_dtype=torch.float16)'
-    )
+    kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else "a complete StableDiffusionXLPipeline with the trained UNet"
+    if args.use_lora:
+        load = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)\n'
+                f'pipe.load_lora_weights("{out}")')
+    else:
+        load = f'pipe = StableDiffusionXLPipeline.from_pretrained("{out}", torch_dtype=torch.float16)'
     text = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
@@ -786,8 +825,7 @@ This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 250
 
 ```python
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-pipe = StableDiffusionXLPipeline.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)
+from diffusers import StableDiffusionXLPipeline
 {load}
 ```
 """
@@ -806,24 +844,25 @@ def _progress_bar(total: int, initial: int, disable: bool):
 
 
 @dataclass
-class _Window:
+class UpdateWindow:
     """Sums over the micro-batches of one accumulation window, turned into logs at the update."""
 
-    losses: list = field(default_factory=list)
+    loss_sum: float = 0.0
     num_trained: int = 0
     nonfinite_loss: bool = False
     grad_norm: float = float("nan")
     extra: dict = field(default_factory=dict)
 
     def add(self, result: StepResult) -> None:
-        value = float(result.loss.detach())
+        value = float(result.loss_sum().detach())
         self.nonfinite_loss |= not math.isfinite(value)
-        self.losses.append(value)
+        self.loss_sum += value
         self.num_trained += result.num_trained
         for k, v in result.logs.items():
             self.extra.setdefault(k, []).append(v)
 
     def logs(self) -> dict[str, float]:
-        out = {"loss": float(np.mean(self.losses)), "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
+        loss = self.loss_sum / self.num_trained if self.num_trained else float("nan")
+        out = {"loss": loss, "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
         out |= {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in self.extra.items()}
         return out

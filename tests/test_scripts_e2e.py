@@ -125,7 +125,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(checkpoints) == 1, text[-3000:]
     step = json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"]
-    assert 1 <= step < 500 and (checkpoints[0] / "trainable_weights.safetensors").is_file()
+    assert 1 <= step < 500 and (checkpoints[0] / "unet" / "config.json").is_file()
 
     resumed = subprocess.run(
         [sys.executable, str(ROOT / "train_sft_diffusion_sharpening_sdxl.py"),

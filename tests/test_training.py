@@ -107,7 +107,7 @@ def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path
 
     def nan_step(tr, batch, generator):
         result = sft.sft_step(tr, batch, generator)
-        return training.StepResult(result.loss * float("nan"), result.num_trained, result.logs)
+        return training.StepResult(result.prompt_losses * float("nan"), result.trained, result.logs)
 
     with pytest.raises(RuntimeError, match="3 consecutive updates had a non-finite loss"):
         trainer.train(nan_step)
@@ -126,7 +126,7 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_sdxl, tmp_path)
         if len(seen) == 2:
             before = {k: v.detach().clone() for k, v in tr.raw_unet.named_parameters()}
             seen.append(before)
-            return training.StepResult(result.loss + float("inf"), result.num_trained, result.logs)
+            return training.StepResult(result.prompt_losses + float("inf"), result.trained, result.logs)
         if len(seen) == 4:  # the step after the skipped one starts from the same weights
             for k, v in tr.raw_unet.named_parameters():
                 assert torch.equal(v, seen[2][k])
@@ -286,44 +286,78 @@ def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
         rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, num_noisy_latents=1))
 
 
-@pytest.mark.parametrize("target", ["noise", "exact", "endpoint"])
-def test_trajectory_mse_targets_by_hand(target):
-    """The three regression targets of the winner/loser states, against the arithmetic written out:
-    noise = the candidate's starting noise; exact = the noise mapping the shared x0 to each state;
-    endpoint = the noise mapping the PATH'S OWN last x0 prediction to each state."""
-    from types import SimpleNamespace
+def test_update_is_the_mean_over_the_trained_prompts_of_the_whole_window(tiny_sdxl, tmp_path):
+    """Two micro-batches in one accumulation window, the first with one trained prompt of two, the second with two:
+    the gradient is the mean over the three trained prompts, not the mean of the two micro-batch means (which
+    would weigh the lone prompt twice)."""
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0)
+    param = trainer.trainable_params[0]
+    plan = iter([([1.0, 100.0], [True, False]), ([2.0, 3.0], [True, True])])
 
-    from sharpening.sampler import DDIM
-    from sharpening.trajectory import Exploration, select
-    from toyworld.train_base import build_scheduler
+    def step(tr, batch, generator):
+        coefs, trained = next(plan)
+        return training.StepResult(torch.stack([c * param.sum() for c in coefs]), torch.tensor(trained))
 
-    ddim = DDIM(dict(build_scheduler().config), 20)
-    n, batch, m = 3, 2, 2
+    grads = []
+    original_step = trainer.optimizer.step
+
+    def capture(*a, **k):
+        grads.append(param.grad.detach().clone())
+        return original_step(*a, **k)
+
+    trainer.optimizer.step = capture
+    trainer.train(step)
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], torch.full_like(param, (1.0 + 2.0 + 3.0) / 3))
+
+
+def test_caption_dropout_uses_the_classifier_free_guidance_empty_conditioning(tiny_sdxl, tmp_path):
+    from sharpening import sdxl
+
+    trainer = sft_trainer(tiny_sdxl, tmp_path, proportion_empty_prompts=0.5)
+    captions = [f"a red square {i}" for i in range(16)]
+    cond = trainer.conditioning(captions, trainer.default_time_ids(16))
+    generator = torch.Generator().manual_seed(3)
+    dropped = trainer.caption_dropout(cond, generator)
+    drop = torch.rand(16, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert 0 < drop.sum() < 16
+    empty = sdxl.unconditional(trainer.parts, cond, trainer.device)
+    for b in range(16):
+        source = empty if drop[b] else cond
+        torch.testing.assert_close(dropped.prompt_embeds[b], source.prompt_embeds[b], rtol=0, atol=0)
+        torch.testing.assert_close(dropped.pooled[b], source.pooled[b], rtol=0, atol=0)
+    assert trainer.parts.force_zeros_for_empty_prompt and dropped.pooled[drop].abs().sum() == 0
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdxl, tmp_path, use_lora, precision):
+    """Policy and reference must run with the same numerics: otherwise beta (2500) turns their rounding
+    differences into a random preference at step 0."""
+    from reward import RewardOutput
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=1, use_lora=use_lora or None,
+                                     mixed_precision=precision, reward_margin_scale=0.0))
+    trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
+    trainer.reward.evaluate = lambda images, texts: RewardOutput(torch.arange(len(images), dtype=torch.float32), {})
+    # The tiny model's fresh norm weights (1 and 0) are exact in every dtype; real ones are not.
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(batch, 4, 2, 2, generator=g, dtype=torch.float64)
-    noise = torch.randn(n * batch, 4, 2, 2, generator=g, dtype=torch.float64)
-    timesteps = torch.tensor([[901, 501] * n, [851, 451] * n])  # (m, n*B), per-row timesteps
-    exploration = Exploration(states=torch.randn(m, n * batch, 4, 2, 2, generator=g, dtype=torch.float64), timesteps=timesteps,
-                              x0_preds=torch.randn(m, n * batch, 4, 2, 2, generator=g, dtype=torch.float64))
-    path_rewards = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.8, 0.4])  # candidate-major: prompt 0 -> 0.1, 0.5, 0.8
-    candidates = training.Candidates(x0, noise, exploration, path_rewards, select(path_rewards, n))
-    assert candidates.selection.winner.tolist() == [2, 0] and candidates.selection.loser.tolist() == [0, 1]
-    which = torch.cat([candidates.selection.winner, candidates.selection.loser])
+    with torch.no_grad():
+        for name, param in trainer.raw_unet.named_parameters():
+            if "norm" in name and "lora" not in name:
+                delta = torch.randn(param.shape, generator=g) * 0.1
+                for model in filter(None, (trainer.raw_unet, trainer.reference_unet)):
+                    model.get_parameter(name).add_(delta.to(param.dtype))
+    seen = []
 
-    def model(states, t, cond):  # any fixed function of the inputs
-        return 0.5 * states + t.view(-1, 1, 1, 1) / 1000
+    def step(tr, batch, generator):
+        result = rlhf.rlhf_step(tr, batch, generator)
+        seen.append(result)
+        return result
 
-    host = SimpleNamespace(num_steps=m, ddim=ddim)
-    cond = SimpleNamespace(repeat=lambda k: None)
-    got = training.Trainer.trajectory_mse(host, model, x0.repeat(2, 1, 1, 1), candidates, which, cond, target)
-
-    alphas_cumprod = torch.as_tensor(build_scheduler().alphas_cumprod, dtype=torch.float64)
-    for j, candidate in enumerate(which.tolist()):
-        row = candidate * batch + j % batch
-        for k in range(m):
-            state, t = exploration.states[k, row], int(timesteps[k, row])
-            abar = alphas_cumprod[t]
-            clean = {"noise": None, "exact": x0[j % batch], "endpoint": exploration.x0_preds[-1, row]}[target]
-            eps = noise[row] if clean is None else (state - abar.sqrt() * clean) / (1 - abar).sqrt()
-            expected = ((0.5 * state + t / 1000 - eps) ** 2).mean()
-            torch.testing.assert_close(got[k, j], expected.to(got.dtype), rtol=1e-6, atol=1e-9)
+    trainer.train(step)
+    assert seen[0].trained.all()
+    assert seen[0].logs["dpo_logits"] == 0.0
+    torch.testing.assert_close(seen[0].prompt_losses, torch.full((2,), 0.6931471805599453), rtol=0, atol=1e-7)  # log 2

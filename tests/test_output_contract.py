@@ -1,0 +1,139 @@
+"""diffusers' output and checkpoint contract for both scripts (in-process on the tiny SDXL).
+
+The checkpoint semantics are those of diffusers' own example tests (examples/text_to_image/test_text_to_image.py):
+which `checkpoint-N` folders exist after a run, after a resume, and under --checkpoints_total_limit; and what a
+checkpoint and the output folder hold (a loadable `unet/`, `unet_ema/` with EMA, a complete pipeline at the end)."""
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_args, write_image_folder
+
+import train_rlhf_diffusion_sharpening_sdxl as rlhf
+import train_sft_diffusion_sharpening_sdxl as sft
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(params=["sft", "rlhf"])
+def run(request, tiny_sdxl, tmp_path):
+    """run(out, **flags): one in-process run of the SFT or the RLHF script on the tiny SDXL."""
+    data = write_image_folder(tmp_path / "data", count=4)
+    script = {"sft": sft, "rlhf": rlhf}[request.param]
+
+    def go(out: Path, **flags):
+        from accelerate.state import AcceleratorState, GradientState
+
+        script.main(script.parse_args(tiny_args(tiny_sdxl, out, train_data_dir=data, train_batch_size=1, **flags)))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    return go
+
+
+def checkpoints(out: Path) -> set[int]:
+    return {int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")}
+
+
+def test_checkpoints_are_kept_resumed_and_pruned_as_in_diffusers(run, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=5, checkpointing_steps=2)
+    assert checkpoints(out) == {2, 4}
+    UNet2DConditionModel.from_pretrained(out, subfolder="checkpoint-2/unet")  # every checkpoint holds a loadable UNet
+
+    shutil.rmtree(out / "checkpoint-2")
+    run(out, max_train_steps=7, checkpointing_steps=2, resume_from_checkpoint="checkpoint-4")
+    assert checkpoints(out) == {4, 6}
+
+    limited = tmp_path / "limited"
+    run(limited, max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=2)
+    assert checkpoints(limited) == {4, 6}
+
+    several = tmp_path / "several"
+    run(several, max_train_steps=9, checkpointing_steps=2)
+    assert checkpoints(several) == {2, 4, 6, 8}
+    run(several, max_train_steps=11, checkpointing_steps=2, resume_from_checkpoint="checkpoint-8", checkpoints_total_limit=3)
+    assert checkpoints(several) == {6, 8, 10}  # two old ones removed at once
+
+
+def test_ema_checkpoints_hold_unet_ema_and_resume(run, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=5, checkpointing_steps=2, use_ema=True)
+    assert checkpoints(out) == {2, 4}
+    for name in ("unet", "unet_ema"):
+        UNet2DConditionModel.from_pretrained(out, subfolder=f"checkpoint-4/{name}")
+    shutil.rmtree(out / "checkpoint-2")
+    run(out, max_train_steps=7, checkpointing_steps=2, resume_from_checkpoint="checkpoint-4", use_ema=True)
+    assert checkpoints(out) == {4, 6}
+
+
+def test_full_fine_tune_leaves_a_pipeline_with_the_trained_unet(run, tiny_sdxl, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=2, checkpointing_steps=2)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    trained = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
+def test_with_ema_the_pipeline_holds_the_ema_weights(run, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    ema = load_file(out / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_lora_checkpoints_hold_loadable_lora_weights_and_resume(run, tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=3, checkpointing_steps=2, use_lora=True)
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(out / "checkpoint-2")
+    run(out, max_train_steps=4, checkpointing_steps=2, use_lora=True, resume_from_checkpoint="latest")
+    assert checkpoints(out) == {2, 4}
+    with pytest.raises(ValueError, match="drop --use_lora"):
+        run(tmp_path / "full", max_train_steps=1, checkpointing_steps=1)
+        run(tmp_path / "full", max_train_steps=2, use_lora=True, resume_from_checkpoint="latest")
+
+
+def test_resume_with_ema_continues_exactly(run, tmp_path):
+    run(tmp_path / "straight", max_train_steps=4, use_ema=True, ema_decay=0.5)
+    run(tmp_path / "resumed", max_train_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
+    run(tmp_path / "resumed", max_train_steps=4, resume_from_checkpoint="latest", use_ema=True, ema_decay=0.5)
+    straight = load_file(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=0)
