@@ -11,9 +11,8 @@
         --lora runs/rlhf --prompt_file prompts.txt --reward_model "clip,image_reward" \\
         --device cuda --dtype fp16 --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --resolution 1024
 
-Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. `unet` is a diffusers UNet folder, a training output
-folder holding `unet/`, or a training checkpoint (`checkpoint-N/trainable_weights.safetensors` of a full
-fine-tune); `lora` is a LoRA output folder or `.safetensors` file. `--models_json` takes the same as
+Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. `unet` is a diffusers UNet folder, or a training output
+or checkpoint folder holding `unet/`; `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
 {"NAME": {"base": ..., "unet": ..., "lora": ...}}.
 
 Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
@@ -164,19 +163,8 @@ def load_unet(spec: ModelSpec, args, device, dtype):
 
     if spec.unet:
         path = Path(spec.unet)
-        if (path / "trainable_weights.safetensors").is_file():  # a training checkpoint of a full fine-tune
-            from safetensors.torch import load_file
-
-            unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet", revision=args.revision, variant=args.variant)
-            state = load_file(path / "trainable_weights.safetensors")
-            if any("lora" in k for k in state):
-                raise ValueError(f"{path} is a LoRA training checkpoint; evaluate the LoRA output folder with lora=PATH instead.")
-            missing, unexpected = unet.load_state_dict(state, strict=False)
-            if unexpected or len(missing) == len(unet.state_dict()):
-                raise ValueError(f"{path}: checkpoint does not match the UNet of {spec.base} ({len(unexpected)} unexpected keys).")
-        else:
-            folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-            unet = UNet2DConditionModel.from_pretrained(folder)
+        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+        unet = UNet2DConditionModel.from_pretrained(folder)
     else:
         unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet", revision=args.revision, variant=args.variant)
     unet = _move(unet, device, dtype)

@@ -6,9 +6,13 @@ grad), noise it with n fresh noises at a timestep t on the DDIM grid, run m DDIM
 path (Eq. 8), take the best (w) and worst (l) trajectory, and minimise Eq. 11:
 
     -log sigmoid( -beta * (Delta_w - Delta_l) - gamma * (R_w - R_l) ),
-    Delta = mean over the trajectory's states of ||eps_theta - eps||^2 - ||eps_ref - eps||^2
+    Delta = mean over the trained states of ||eps_theta - eps||^2 - ||eps_ref - eps||^2
 
-with the frozen base UNet as reference (LoRA: the same UNet with adapters disabled).
+with the frozen base UNet as reference (LoRA: the same UNet with adapters disabled). By default
+(`--dpo_target shared`) both Deltas are taken on the states of all n trajectories, with eps the noise that maps
+the state to the winner's (w) or the loser's (l) end image: one set of states, two outcomes. Eq. 11's literal
+target (`--dpo_target noise`: each path's starting noise, i.e. both back toward the one generated x0) moves the
+reward the wrong way: see sharpening/targets.py.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "micro-batch's pooled within-prompt standard deviation of the path rewards, so gamma means the same for "
              "every reward and every m.")
     parser.add_argument(
-        "--dpo_target", default="noise", choices=sorted(DPO_TARGETS),
+        "--dpo_target", default="shared", choices=sorted(DPO_TARGETS),
         help="What the DPO errors regress to. " + " ".join(f"{k}: {v}" for k, v in DPO_TARGETS.items()))
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):

@@ -2,8 +2,11 @@
 """SFT Diffusion-Sharpening for SDXL (arXiv 2502.12146, Algorithm 1).
 
 For each image-text pair (x, c): noise x with n fresh noises at a timestep t on the DDIM grid, run m DDIM
-steps from each without grad, score every step's x0 preview with the reward on the real caption, keep the
-trajectory with the highest path reward (Eq. 8) and train the UNet on that trajectory's states (Eq. 9).
+steps from each without grad, score every step's x0 preview with the reward on the real caption, find the
+trajectory with the highest path reward (Eq. 8) and regress (Eq. 9's loss) toward it. By default
+(`--sft_target best_endpoint`) the states of all n trajectories are regressed onto the clean image the best one
+ended at, so that every path learns to end where the best did; Eq. 9's literal target (`--sft_target noise`,
+the winner's starting noise, i.e. back toward x) does not raise the reward: see sharpening/targets.py.
 
     accelerate launch train_sft_diffusion_sharpening_sdxl.py --pretrained_model_name_or_path ... --dataset_name ...
 """
@@ -27,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser)
     add_reward_args(parser)
     parser.add_argument(
-        "--sft_target", default="noise", choices=sorted(SFT_TARGETS),
+        "--sft_target", default="best_endpoint", choices=sorted(SFT_TARGETS),
         help="What the selected states are regressed toward. " + " ".join(f"{k}: {v}" for k, v in SFT_TARGETS.items()),
     )
     parser.add_argument(

@@ -12,9 +12,11 @@ model with the same seeds on training-pair prompts and report, paired against ba
 Rewards the base model does not already maximise: brightness, saturation, JPEG compressibility and
 incompressibility (as DDPO defines them, in reward.py) and the toy compositional reward.
 
-Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward:
-the control), `sft` and `rlhf` (each script's DEFAULTS), and `sft-paper` / `rlhf-paper` (the paper-literal
-targets, Eq. 9 and Eq. 11 toward the starting noise). `--variant NAME=sft|rlhf[:FLAG=VALUE,...]` adds your own.
+Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward),
+`sft` and `rlhf` (each script's DEFAULTS), `sft-paper` / `rlhf-paper` (the paper-literal targets, Eq. 9 and Eq. 11
+toward the starting noise), and `best-of-n-control` (benchmarks/best_of_n_control.py: fine-tune on the best of n
+FINISHED images, as RAFT does; it tells a weak objective from a reward the budget cannot move).
+`--variant NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]` adds your own.
 
     python benchmarks/reward_response.py --quick                  # a few minutes on a CPU
     python benchmarks/reward_response.py                          # every reward and variant (about an hour on 2 cores)
@@ -37,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
 
-SCRIPTS = {"sft": "train_sft_diffusion_sharpening_sdxl.py", "rlhf": "train_rlhf_diffusion_sharpening_sdxl.py"}
+SCRIPTS = {"sft": "train_sft_diffusion_sharpening_sdxl.py", "rlhf": "train_rlhf_diffusion_sharpening_sdxl.py",
+           "best_of_n": "benchmarks/best_of_n_control.py"}
 REWARDS = ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility", "toy")
 GUARDS = ("toy/objects", "toy/relation", "toy/clean")
 VARIANTS = {
@@ -46,18 +49,19 @@ VARIANTS = {
     "sft": ("sft", SFT),
     "rlhf-paper": ("rlhf", {**RLHF, "dpo_target": "noise", "reward_margin_units": "raw"}),
     "rlhf": ("rlhf", RLHF),
+    "best-of-n-control": ("best_of_n", RLHF),
 }
 QUICK = {"rewards": ["brightness", "jpeg_incompressibility"], "variants": ["standard-ft", "sft", "rlhf"], "steps": 20, "eval_every": 10,
          "eval_prompts": 32, "images_per_prompt": 2}
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
-    """NAME=sft|rlhf[:FLAG=VALUE,...] -> (NAME, (script kind, recipe settings + flags))."""
+    """NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...] -> (NAME, (script kind, recipe settings + flags))."""
     name, sep, rest = text.partition("=")
     kind, _, assignments = rest.partition(":")
     if not sep or not name or kind not in SCRIPTS:
-        raise SystemExit(f"--variant {text!r}: expected NAME=sft|rlhf[:FLAG=VALUE,...]")
-    settings = dict({"sft": SFT, "rlhf": RLHF}[kind])
+        raise SystemExit(f"--variant {text!r}: expected NAME={'|'.join(SCRIPTS)}[:FLAG=VALUE,...]")
+    settings = dict(SFT if kind == "sft" else RLHF)
     for item in filter(None, assignments.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -70,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"A few minutes on a CPU: {QUICK}.")
     p.add_argument("--rewards", nargs="+", default=None, help=f"Rewards to train on (default: {' '.join(REWARDS)}).")
-    p.add_argument("--variants", nargs="+", default=None, help=f"Built-in variants to run (default: {' '.join(VARIANTS)}).")
-    p.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME=sft|rlhf[:FLAG=VALUE,...]",
+    p.add_argument("--variants", nargs="*", default=None, help=f"Built-in variants to run (default: {' '.join(VARIANTS)}).")
+    p.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]",
                    help="An extra variant: a script and the flags it gets on top of the toy recipe (repeatable).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[VARIANT:]FLAG=VALUE",
                    help="Override a training flag for every run or for one variant (repeatable).")

@@ -64,7 +64,8 @@ class RiggedReward:
 
 
 def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tmp_path):
-    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1)
+    # Eq. 9's target trains the winner's states only, which makes the per-prompt selection visible here.
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, sft_target="noise")
     # Prompt 0's best candidate is 2, prompt 1's is 0: a flattened argmax would pick only prompt 0's.
     trainer.reward = RiggedReward(torch.tensor([[0.1, 0.9], [0.2, 0.5], [0.8, 0.3]]))
     calls, captured = [], {}
