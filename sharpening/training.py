@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import sdxl
+from . import sdxl, tracking
 from .sampler import DDIM, Conditioning, guided, sample, unet_forward
 from .losses import masked_sum
 from .targets import Rows
@@ -115,6 +115,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs.")
     g.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
+    g.add_argument("--log_trajectories_every", type=int, default=100,
+                   help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
+                        "winner and loser marked) and reward histograms to the trackers; 0 = off.")
+    g.add_argument("--log_trajectories_prompts", type=int, default=2, help="Prompts of the micro-batch shown in each trajectory log.")
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
@@ -255,6 +259,7 @@ class Trainer:
 
         self.reward = build_reward(args.reward_model, args, device=self.device)
         self.stop_requested = False
+        self.last_explored = None
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.counters = {"bad_rows": 0, "rows_read": 0, "nonfinite_skips": 0, "no_preference_skips": 0, "fp16_overflow_skips": 0}
         if acc.is_main_process and log_with:
@@ -444,7 +449,9 @@ class Trainer:
         exploration = explore(model, self.ddim, x_t, t, cond_n, self.num_steps)
         score_exploration(exploration, prompts * n, self.decode, self.reward)
         rewards = path_reward(exploration.step_rewards, self.args.path_reward)
-        return Candidates(x0, noise, exploration, rewards, select(rewards, n))
+        candidates = Candidates(x0, noise, exploration, rewards, select(rewards, n))
+        self.last_explored = (candidates, prompts)  # what the next trajectory grid shows
+        return candidates
 
     def predict(self, model, rows: Rows, cond: Conditioning) -> torch.Tensor:
         """`model`'s output on the rows' states, each with its prompt's conditioning (one batched call)."""
@@ -518,6 +525,8 @@ class Trainer:
                 logs |= {f"reward_model/{k}": v for k, v in self.reward.counters().items()}
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", outcome=outcome)
                 acc.log(logs, step=global_step)
+                if acc.is_main_process and args.log_trajectories_every and global_step % args.log_trajectories_every == 0 and self.last_explored:
+                    tracking.log_trajectories(acc, *self.last_explored, global_step, args.log_trajectories_prompts)
                 window = UpdateWindow()
                 stop = self._any_process(self.stop_requested)
                 if global_step % args.checkpointing_steps == 0 or stop:
@@ -757,17 +766,7 @@ class Trainer:
             images = self.generate([args.validation_prompt] * args.num_validation_images, args.seed)
         self.raw_unet.train()
         sdxl.save_images(images, Path(args.output_dir) / "validation", f"step-{global_step:06d}")
-        self.log_images("validation", images, [args.validation_prompt] * len(images), global_step)
-
-    def log_images(self, name: str, images: list, captions: list[str], step: int) -> None:
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                arrays = np.stack([np.asarray(i) for i in images])
-                tracker.writer.add_images(name, arrays, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({name: [wandb.Image(i, caption=c) for i, c in zip(images, captions)]}, step=step)
+        tracking.log_images(acc, "validation", images, [args.validation_prompt] * len(images), global_step)
 
     def save_final(self) -> None:
         """diffusers' output contract: a full fine-tune leaves a complete pipeline in --output_dir (the trained UNet,

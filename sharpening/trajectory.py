@@ -33,6 +33,7 @@ class Exploration:
     x0_preds: torch.Tensor  # (m, N, C, H, W): one-step x0 prediction at each state (what the reward sees)
     step_rewards: torch.Tensor | None = None  # (m, N), NaN where the reward could not be had
     step_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (m, N)
+    images: list | None = None  # the m * N decoded previews the reward saw (state-major), for the trajectory grids
 
 
 @torch.no_grad()
@@ -61,6 +62,7 @@ def score_exploration(exploration: Exploration, prompts: list[str], decode: Call
         values = values.float().cpu()
         return torch.where(finite, values, torch.full_like(values, float("nan"))).view(m, N)
 
+    exploration.images = images
     exploration.step_rewards = grid(result.total)
     exploration.step_components = {k: grid(v) for k, v in result.components.items()}
 

@@ -362,3 +362,44 @@ def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdx
     assert seen[0].trained.all()
     assert seen[0].logs["dpo_logits"] == 0.0
     torch.testing.assert_close(seen[0].prompt_losses, torch.full((2,), 0.6931471805599453), rtol=0, atol=1e-7)  # log 2
+
+
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_trajectory_grids_and_histograms_reach_tensorboard(tiny_sdxl, tmp_path, variant):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from PIL import Image
+    import io
+
+    flags = dict(max_train_steps=3, report_to="tensorboard", log_trajectories_every=1, log_trajectories_prompts=2)
+    if variant == "sft":
+        trainer, step = sft_trainer(tiny_sdxl, tmp_path, **flags), sft.sft_step
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red square\na blue circle\n")
+        args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, **flags))
+        trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
+        step = rlhf.rlhf_step
+    trainer.train(step)
+    events = EventAccumulator(str(next((tmp_path / "out" / "logs").rglob("events.out.tfevents*")).parent), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"trajectories/0", "trajectories/1"} <= set(tags["images"])
+    grids = events.Images("trajectories/0")
+    assert [g.step for g in grids] == [1, 2, 3]
+    grid = Image.open(io.BytesIO(grids[0].encoded_image_string))
+    m, n = trainer.num_steps, trainer.args.num_noisy_latents
+    assert grid.width > m * 96 and grid.height > n * 96  # n candidate rows x m previews
+    assert "reward_histogram/path" in tags["histograms"] and "reward_histogram/brightness" in tags["histograms"]
+
+
+def test_trajectory_grids_reach_wandb_offline(tiny_sdxl, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=2, report_to="wandb", log_trajectories_every=1, log_trajectories_prompts=1)
+    trainer.train(sft.sft_step)
+    media = list(tmp_path.rglob("media/images/trajectories_*.png"))
+    assert len(media) == 2, sorted(p.name for p in tmp_path.rglob("*"))[:50]
+    # the offline run's record (.wandb) holds the logged histograms
+    assert any(b"reward_histogram/path" in f.read_bytes() for f in tmp_path.rglob("*.wandb"))
