@@ -4,7 +4,7 @@
     out = reward.evaluate(images, prompts)      # out.total: float32 [N], NaN where no score could be had
     out.components                              # unweighted score of every component, same shape
 
-Rewards (DESIGN.md, "Rewards"):
+Rewards:
   clip           open_clip cosine similarity of image and prompt (ViT-L-14 OpenAI weights by default)
   image_reward   ImageReward-v1.0 (BLIP ViT-L + BERT "med" cross-attention + MLP head), rebuilt on
                  transformers' BLIP classes and loaded from the official ImageReward.pt

@@ -9,7 +9,7 @@
 followed by the Trainer's own update (`train_micro_batch`: clip, optimizer, LR scheduler, zero_grad), exactly the
 body of `Trainer.train` for one micro-batch with no accumulation.
 
-"Baseline" does the same work the way the upstream release does (paper-digest section 3.1), on the SAME
+"Baseline" does the same work the way the upstream release does (Gen-Verse/Diffusion-Sharpening at commit 78c79f9), on the SAME
 Trainer: same UNet, VAE, text encoders, reward, optimizer, accelerate autocast / loss scaler, batch, n, m,
 resolution and random draws (t and the noises come from the same per-step generator, in the same order):
   * every one of the n candidates runs through the UNet WITH grad at each of the m steps (D4), no CFG;
@@ -96,7 +96,7 @@ COUNTERS = (
     "unet_grad_calls", "unet_grad_rows", "unet_nograd_calls", "unet_nograd_rows",
     "vae_decode_calls", "vae_decode_images", "vae_decode_images_with_graph", "reward_calls", "reward_images",
 )
-# Targets of issue 6 (reported, not asserted): SFT on the tiny model at n = m = 3, batch 2.
+# Targets we set ourselves (reported, not asserted): SFT on the tiny model at n = m = 3, batch 2.
 TARGETS = {"time": 0.6, "peak_growth": 0.4}
 
 # ------------------------------------------------------------------------------------------------ SDXL configs
@@ -417,7 +417,7 @@ def _decode_with_autograd(vae, latents: torch.Tensor):
 
 
 def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond_n, noise: torch.Tensor, prompts_n: list[str]):
-    """The upstream trajectory loop (digest 3.1, SFT L1055-1109): n*B candidates with grad at each of the m
+    """The upstream trajectory loop (upstream train_sft_diffusion_sharpen_sdxl.py L1055-1109): n*B candidates with grad at each of the m
     steps, states not detached, x0 previews decoded with autograd on, one reward request per image.
     Returns (mean-over-steps MSE with its graph, mean-over-steps reward), both (n*B,)."""
     from sharpening.losses import per_sample_mse
@@ -437,7 +437,7 @@ def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, t: torch.Te
 
 
 def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
-    """SFT the upstream way (digest 3.1, SFT L1021-1123) on the same inputs and draws as `sft_step`."""
+    """SFT the upstream way (upstream train_sft_diffusion_sharpen_sdxl.py L1021-1123) on the same inputs and draws as `sft_step`."""
     from sharpening import sdxl
     from sharpening.training import StepResult
     from sharpening.trajectory import draw_start_timesteps, select
@@ -458,7 +458,7 @@ def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
 
 
 def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
-    """RLHF the upstream way (digest 3.1, RLHF L1028-1163) on the same prompts as `rlhf_step`."""
+    """RLHF the upstream way (upstream train_rlhf_diffusion_sharpen_sdxl.py L1028-1163) on the same prompts as `rlhf_step`."""
     import torch.nn.functional as F
 
     from sharpening.losses import per_sample_mse

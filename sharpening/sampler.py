@@ -1,7 +1,7 @@
 """Batched deterministic DDIM (eta = 0) with a timestep PER SAMPLE, and classifier-free-guided rollouts.
 
 diffusers' `DDIMScheduler.step` takes one scalar timestep for the whole batch (the upstream release passed a
-vector and crashes for n > 1, paper-digest B1). Trajectories start at different timesteps per prompt, so we
+vector and crashes for n > 1: Gen-Verse/Diffusion-Sharpening, train_sft_diffusion_sharpen_sdxl.py L1087). Trajectories start at different timesteps per prompt, so we
 keep the scheduler only for its noise schedule and do the DDIM update ourselves, with alpha-bar looked up per
 sample and reshaped to (N, 1, 1, 1).
 """

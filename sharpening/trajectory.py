@@ -15,7 +15,8 @@ from .sampler import DDIM, Conditioning, UNetFn
 
 def draw_start_timesteps(ddim: DDIM, batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
     """Per-prompt start timesteps drawn uniformly from the DDIM grid positions that leave room for
-    `num_steps` states on the grid (the upstream `gather(t).max()` shares one biased t: paper-digest B4)."""
+    `num_steps` states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050, shares one
+    t across ranks, their maximum: biased toward high noise)."""
     last_start = len(ddim.grid) - num_steps
     positions = torch.randint(0, last_start + 1, (batch_size,), generator=generator)
     return ddim.grid[positions]
@@ -88,7 +89,8 @@ class Selection:
 
 
 def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
-    """Per prompt (reduce over the n axis, not over the flattened batch: paper-digest B2): argmax and argmin
+    """Per prompt (reduce over the n axis, not over the flattened batch as the upstream release does, which
+    trains one prompt per batch): argmax and argmin
     of the path reward among candidates with a finite reward."""
     grid = path_rewards.view(num_candidates, -1).float()
     finite = torch.isfinite(grid)
