@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard requirement
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# Reference implementations used only by tests; installed without their (outdated) pins.
-	if [ -f requirements-reference.txt ]; then $(PY) -m pip install -q --no-deps -r requirements-reference.txt; fi
+	if [ -f requirements-reference.txt ]; then $(PY) -m pip install -q --no-deps -r requirements-reference.txt && $(PY) tests/install_reference_fixups.py; fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -101,12 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet and text encoders; the VAE stays fp32 unless a replacement VAE is given.")
 
     g = p.add_argument_group("rewards and outputs")
-    add_reward_args(p)
+    add_reward_args(p, argv)
     p.set_defaults(reward_model="toy")
     g.add_argument("--also_score", action="append", default=[], metavar="REWARD",
                    help="Another reward to score the same images with, reported beside --reward_model (e.g. guard metrics "
                         "that show reward hacking); repeatable.")
-    g.add_argument("--reward_plugin", action="append", default=[], help="A Python file that registers extra rewards; repeatable.")
     g.add_argument("--output_dir", default="evaluation")
     g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids.")
     g.add_argument("--save_images", action="store_true", help="Also save every image as PNG.")
@@ -344,9 +343,7 @@ def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prom
 
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    from reward import build_reward, parse_reward_spec
-
-    from sharpening.plugins import load_reward_plugins
+    from reward import build_reward, load_reward_plugins, parse_reward_spec
 
     started = time.time()
     load_reward_plugins(args.reward_plugin)

@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -141,14 +142,21 @@ def _to_scores(values: torch.Tensor) -> torch.Tensor:
 
 # ============================================================================================= registry
 RewardFactory = Callable[[argparse.Namespace, torch.device, torch.dtype], Reward]
+FlagsHook = Callable[[argparse._ArgumentGroup], None]
+ValidateHook = Callable[[argparse.Namespace], None]
 REWARDS: dict[str, RewardFactory] = {}
+REWARD_FLAGS: dict[str, FlagsHook] = {}  # name -> adds that reward's own flags to its argument group
+REWARD_VALIDATORS: dict[str, ValidateHook] = {}  # name -> checks its flags before any model is loaded
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator: `@register_reward("toy") def build(args, device, dtype) -> Reward`.
+def register_reward(name: str, *, flags: FlagsHook | None = None,
+                    validate: ValidateHook | None = None) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator: `@register_reward("toy", flags=add_toy_flags, validate=check) def build(args, device, dtype)`.
 
-    Re-registering a name is allowed only for the same function (a plugin file imported twice);
-    anything else would silently replace a reward, so it raises.
+    `flags(group)` adds the reward's own command-line flags (every script that takes reward flags shows them,
+    including those of a `--reward_plugin` file); `validate(args)` runs when the reward is selected, before
+    any model is loaded. Re-registering a name is allowed only for the same function (a plugin file imported
+    twice); anything else would silently replace a reward, so it raises.
     """
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
         raise ValueError(f"reward name {name!r} must be letters, digits, '_' or '-' (it appears in --reward_model).")
@@ -158,9 +166,35 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
         if existing is not None and _qualname(existing) != _qualname(factory):
             raise ValueError(f"reward {name!r} is already registered by {_qualname(existing)}.")
         REWARDS[name] = factory
+        if flags is not None:
+            REWARD_FLAGS[name] = flags
+        if validate is not None:
+            REWARD_VALIDATORS[name] = validate
         return factory
 
     return decorator
+
+
+def load_reward_plugins(paths: Sequence[str] | None) -> None:
+    """Import each `--reward_plugin` file; it registers its rewards (and their flags) with `register_reward`."""
+    import hashlib
+    import importlib.util
+
+    for path in paths or []:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--reward_plugin {path!r} does not exist.")
+        name = "reward_plugin_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+        # Imported again on every call (registering the same functions again is allowed), so a registry
+        # that was reset still gets the plugin's rewards.
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
 
 
 def _qualname(fn: Callable) -> str:
@@ -201,15 +235,32 @@ def _parse_spec_entry(part: str, spec: str) -> tuple[str, float]:
 
 
 # ================================================================================================ flags
-def add_reward_args(parser: argparse.ArgumentParser) -> None:
-    """All reward flags, in their own group. Defaults follow the paper (ViT-L-14 OpenAI, ImageReward-v1.0, GPT-4o)."""
+def add_reward_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
+    """The reward flags: the shared ones, then each registered reward's own group. `--reward_plugin` files named
+    in `argv` (default: sys.argv) are imported first, so their flags are part of the parser too."""
     g = parser.add_argument_group("reward model")
     g.add_argument("--reward_model", default="clip",
-                   help="Reward to optimise: one of clip, image_reward, compositional, mllm, brightness, saturation, "
-                        "jpeg_compressibility, jpeg_incompressibility, toy (or a registered plugin), "
-                        "or a weighted sum such as 'clip:1.0,image_reward:0.5' (components are logged separately).")
+                   help="Reward to optimise: one of " + ", ".join(sorted(REWARDS)) + " (or a reward registered by "
+                        "--reward_plugin), or a weighted sum such as 'clip:1.0,image_reward:0.5' (components are "
+                        "logged separately).")
     g.add_argument("--reward_batch_size", type=int, default=32,
-                   help="Images per forward pass of the local reward models (clip, image_reward, compositional).")
+                   help="Images per forward pass of the local reward models (clip, pickscore, hpsv2, aesthetic, "
+                        "image_reward, compositional).")
+    g.add_argument("--reward_plugin", action="append", default=[], metavar="FILE.py",
+                   help="A Python file that registers extra rewards with reward.register_reward (and may add their "
+                        "flags); repeatable.")
+    load_reward_plugins(_plugin_paths(sys.argv[1:] if argv is None else argv))
+    for name, add_flags in REWARD_FLAGS.items():
+        add_flags(parser.add_argument_group(f"reward: {name}"))
+
+
+def _plugin_paths(argv: Sequence[str]) -> list[str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--reward_plugin", action="append", default=[])
+    return pre.parse_known_args(list(argv))[0].reward_plugin
+
+
+def _clip_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--clip_model", default="ViT-L-14",
                    help="open_clip architecture for the clip reward (e.g. ViT-L-14, ViT-L-14-quickgelu, ViT-H-14), "
                         "or 'hf-hub:org/repo' / 'local-dir:/path' with an open_clip config.")
@@ -217,16 +268,26 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
                    help="open_clip weights: a pretrained tag of --clip_model (default 'openai', the paper's CLIP) or a "
                         "local checkpoint file. For a local copy of OpenAI weights use --clip_model "
                         "ViT-L-14-quickgelu, since a file does not say which activation it was trained with.")
+
+
+def _image_reward_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--image_reward_model", default="THUDM/ImageReward",
                    help="ImageReward-v1.0: a folder (or the ImageReward.pt inside it) holding ImageReward.pt and "
                         "med_config.json, or a Hugging Face Hub repo id with those files.")
     g.add_argument("--image_reward_tokenizer", default="bert-base-uncased",
                    help="BERT tokenizer of the image_reward and compositional rewards: a hub id, a folder saved with "
                         "save_pretrained, or a vocab.txt file (BLIP adds [DEC] and [ENC] to bert-base-uncased).")
+
+
+def _compositional_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--compositional_model", default=None,
                    help="IterComp reward models: a folder or hub repo id holding attribute_binding.pt, "
                         "spatial_relationship.pt, non_spatial_relationship.pt and med_config.json "
-                        "(checkpoints as saved by IterComp's train/train_reward_models.py).")
+                        "(checkpoints as saved by IterComp's train/train_reward_models.py); its BERT tokenizer is "
+                        "--image_reward_tokenizer.")
+
+
+def _mllm_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--api_key", type=Secret, default=None,
                    help="Key for the mllm grader. Prefer the OPENAI_API_KEY environment variable: a key on the command "
                         "line is visible to other users of the machine. Never logged or saved.")
@@ -252,16 +313,11 @@ def add_reward_args(parser: argparse.ArgumentParser) -> None:
                    help="Ask the server for JSON mode; use 'none' for servers that reject response_format.")
 
 
-_DEFAULTS_CACHE: dict[str, Any] | None = None
-
-
 def _reward_defaults() -> dict[str, Any]:
-    global _DEFAULTS_CACHE
-    if _DEFAULTS_CACHE is None:
-        parser = argparse.ArgumentParser(add_help=False)
-        add_reward_args(parser)
-        _DEFAULTS_CACHE = vars(parser.parse_args([]))
-    return dict(_DEFAULTS_CACHE)
+    """Every reward flag at its default, including those of rewards registered since the last call."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_reward_args(parser, argv=[])
+    return vars(parser.parse_args([]))
 
 
 def _complete_args(args: argparse.Namespace | None) -> argparse.Namespace:
@@ -277,10 +333,9 @@ def validate_reward_args(args: argparse.Namespace) -> None:
     names = [name for name, _ in parse_reward_spec(args.reward_model)]
     if args.reward_batch_size < 1:
         raise ValueError("--reward_batch_size must be >= 1.")
-    if "compositional" in names and not args.compositional_model:
-        raise ValueError(_COMPOSITIONAL_MISSING)
-    if "mllm" in names:
-        _check_mllm_args(args)
+    for name in names:
+        if name in REWARD_VALIDATORS:
+            REWARD_VALIDATORS[name](args)
 
 
 def build_reward(spec: str, args: argparse.Namespace | None, device: torch.device | str = "cpu",
@@ -382,39 +437,308 @@ class ClipReward(Reward):
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@register_reward("clip")
+@register_reward("clip", flags=_clip_flags)
 def build_clip_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ClipReward:
+    backbone = open_clip_backbone(args.clip_model, args.clip_pretrained, device, dtype, "--clip_model", "--clip_pretrained")
+    reward = ClipReward(backbone.model, backbone.preprocess, backbone.tokenizer, device, dtype, args.reward_batch_size)
+    reward.backbone = backbone  # keeps the shared backbone alive as long as the reward
+    return reward
+
+
+@dataclass(eq=False)
+class OpenClipBackbone:
+    """An open_clip model with its preprocessing and tokenizer. Rewards on the same architecture, weights,
+    device and dtype (e.g. 'clip,aesthetic' on ViT-L-14 OpenAI) share one copy instead of loading it twice."""
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+
+
+_BACKBONES: "weakref.WeakValueDictionary[tuple, OpenClipBackbone]" = weakref.WeakValueDictionary()
+
+
+def open_clip_backbone(model_name: str, pretrained: str | None, device: torch.device, dtype: torch.dtype,
+                       model_flag: str, pretrained_flag: str) -> OpenClipBackbone:
+    """Load (or reuse) an open_clip model with trained weights: a pretrained tag or a local checkpoint file."""
     import open_clip
 
-    model_name, pretrained = args.clip_model, args.clip_pretrained
+    key = (model_name, pretrained, str(device), dtype)
+    backbone = _BACKBONES.get(key)
+    if backbone is not None:
+        return backbone
     kwargs: dict[str, Any] = {}
     if not model_name.startswith(("hf-hub:", "local-dir:")):
         model_name = model_name.replace("/", "-")  # OpenAI's spelling "ViT-L/14" -> open_clip's "ViT-L-14"
-        tag_cfg = _check_clip_weights(open_clip, model_name, pretrained)
+        tag_cfg = _check_clip_weights(open_clip, model_name, pretrained, model_flag, pretrained_flag)
         # OpenAI's CLIP was trained with QuickGELU; open_clip's plain configs use GELU and only warn on the
         # mismatch, which silently shifts every score. The tag says which one the weights need.
         kwargs = {"pretrained": pretrained, "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
     if dtype not in _OPEN_CLIP_PRECISION:
-        raise ValueError(f"clip reward: unsupported dtype {dtype}; use float32, float16 or bfloat16.")
+        raise ValueError(f"{model_flag}: unsupported dtype {dtype}; use float32, float16 or bfloat16.")
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, device=device, precision=_OPEN_CLIP_PRECISION[dtype], **kwargs)
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return ClipReward(model, preprocess, tokenizer, device, dtype, args.reward_batch_size)
+    backbone = OpenClipBackbone(model, preprocess, open_clip.get_tokenizer(model_name))
+    _BACKBONES[key] = backbone
+    return backbone
 
 
-def _check_clip_weights(open_clip: Any, model_name: str, pretrained: str | None) -> dict:
+def _check_clip_weights(open_clip: Any, model_name: str, pretrained: str | None, model_flag: str,
+                        pretrained_flag: str) -> dict:
     if model_name not in open_clip.list_models():
-        raise ValueError(f"--clip_model {model_name!r} is not an open_clip architecture; see open_clip.list_models().")
+        raise ValueError(f"{model_flag} {model_name!r} is not an open_clip architecture; see open_clip.list_models().")
     if not pretrained:
-        raise ValueError("--clip_pretrained is empty: a CLIP reward needs trained weights (a tag such as 'openai' "
+        raise ValueError(f"{pretrained_flag} is empty: a CLIP reward needs trained weights (a tag such as 'openai' "
                          "or a checkpoint file).")
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg and not os.path.isfile(pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-        raise ValueError(f"--clip_pretrained {pretrained!r} is neither a pretrained tag of {model_name} "
+        raise ValueError(f"{pretrained_flag} {pretrained!r} is neither a pretrained tag of {model_name} "
                          f"(tags: {tags}) nor an existing checkpoint file.")
     return tag_cfg
+
+
+# ======================================================================================== HPS v2 / v2.1
+# Human Preference Score v2 (Wu et al., arXiv 2306.09341; github.com/tgxs002/HPSv2): OpenCLIP ViT-H-14
+# fine-tuned on human preferences; the score is the cosine of image and prompt embeddings (hpsv2/img_score.py).
+HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+
+
+def _hpsv2_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--hpsv2_checkpoint", default="xswu/HPSv2",
+                   help="HPS weights: a .pt file, or a folder / Hugging Face Hub repo id holding the file of "
+                        "--hpsv2_version.")
+    g.add_argument("--hpsv2_version", default="v2.1", choices=sorted(HPS_CHECKPOINTS),
+                   help="Which HPS checkpoint to take from a folder or repo (v2.1 is the one Flow-GRPO and DanceGRPO train on).")
+    g.add_argument("--hpsv2_clip_model", default="ViT-H-14", help="open_clip architecture of the HPS checkpoint.")
+
+
+def hps_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """HPS's evaluation transform: the longer side bicubic-resized (on the tensor) to image_size, zero-padded to
+    a centred square, CLIP normalisation. Unlike HPS, an image already image_size long is padded too, so that
+    non-square images of that size can be batched."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        pixels = TF.to_tensor(_to_rgb(image))
+        height, width = pixels.shape[1:]
+        scale = image_size / max(height, width)
+        if scale != 1.0:
+            height, width = round(height * scale), round(width * scale)
+            pixels = TF.resize(pixels, [height, width], InterpolationMode.BICUBIC)
+        pad_h, pad_w = image_size - height, image_size - width
+        if pad_h or pad_w:
+            pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        return TF.normalize(pixels, CLIP_PIXEL_MEAN, CLIP_PIXEL_STD)
+
+    return transform
+
+
+def load_state_dict_file(path: Path, flag: str) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint saved with torch.save (a state dict, or a dict with 'state_dict'), 'module.' removed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{flag}: cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err}).") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{flag}: {path} does not hold a state dict of tensors.")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _single_file(source: str, filename: str, flag: str) -> Path:
+    """A checkpoint given as the file itself, or as a folder / hub repo holding `filename`."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    return resolve_model_files(source, [filename], flag)[0]
+
+
+class OpenClipCosineReward(Reward):
+    """Cosine of normalised open_clip image and prompt embeddings, with the reward's own image transform."""
+
+    def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                 device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.name, self.model, self.preprocess, self.tokenizer = name, model, preprocess, tokenizer
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self._nonfinite = 0
+
+    @torch.no_grad()
+    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+        _check_batch(images, prompts)
+        scores = []
+        for s in _chunks(len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(image) for image in images[s]]).to(self.device, self.dtype)
+            tokens = self.tokenizer(list(prompts[s])).to(self.device)
+            image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            scores.append((image_features * text_features).sum(dim=-1))
+        total = _to_scores(torch.cat(scores)) if scores else torch.zeros(0)
+        self._nonfinite += int(torch.isnan(total).sum())
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self) -> dict[str, int]:
+        return {f"{self.name}/nonfinite": self._nonfinite} if self._nonfinite else {}
+
+
+@register_reward("hpsv2", flags=_hpsv2_flags)
+def build_hpsv2_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> OpenClipCosineReward:
+    import open_clip
+
+    if args.hpsv2_clip_model not in open_clip.list_models():
+        raise ValueError(f"--hpsv2_clip_model {args.hpsv2_clip_model!r} is not an open_clip architecture.")
+    checkpoint = _single_file(args.hpsv2_checkpoint, HPS_CHECKPOINTS[args.hpsv2_version], "--hpsv2_checkpoint")
+    state = load_state_dict_file(checkpoint, "--hpsv2_checkpoint")
+    model = open_clip.create_model(args.hpsv2_clip_model, pretrained=None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"--hpsv2_checkpoint {checkpoint} does not fit --hpsv2_clip_model "
+                         f"{args.hpsv2_clip_model}: {err}") from None
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return OpenClipCosineReward("hpsv2", model, hps_preprocess(int(size)), open_clip.get_tokenizer(args.hpsv2_clip_model),
+                                device, dtype, args.reward_batch_size)
+
+
+# ============================================================================================ PickScore
+# PickScore v1 (Kirstain et al., arXiv 2305.01569): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences,
+# scored as in its model card: logit_scale.exp() * cosine(image, prompt), about 20-23 for typical images.
+def _pickscore_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--pickscore_model", default="yuvalkirstain/PickScore_v1",
+                   help="PickScore weights (a transformers CLIPModel): hub id or local folder.")
+    g.add_argument("--pickscore_processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                   help="Its processor (image transform and tokenizer): hub id or local folder.")
+
+
+class PickScoreReward(Reward):
+    name = "pickscore"
+
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.model, self.processor = model, processor
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self._nonfinite = 0
+
+    @torch.no_grad()
+    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+        _check_batch(images, prompts)
+        scores = []
+        for s in _chunks(len(images), self.batch_size):
+            pixels = self.processor(images=[_to_rgb(image) for image in images[s]], return_tensors="pt").pixel_values
+            text = self.processor(text=list(prompts[s]), padding=True, truncation=True, max_length=77, return_tensors="pt")
+            image_embeds = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+            text_embeds = _pooled(self.model.get_text_features(input_ids=text.input_ids.to(self.device),
+                                                               attention_mask=text.attention_mask.to(self.device)))
+            cosine = (torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+                      * torch.nn.functional.normalize(text_embeds.float(), dim=-1)).sum(dim=-1)
+            scores.append(self.model.logit_scale.float().exp() * cosine)
+        total = _to_scores(torch.cat(scores)) if scores else torch.zeros(0)
+        self._nonfinite += int(torch.isnan(total).sum())
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self) -> dict[str, int]:
+        return {"pickscore/nonfinite": self._nonfinite} if self._nonfinite else {}
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """transformers 4 returns the projected embedding; transformers 5 an output whose pooler_output holds it."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _from_pretrained(cls: Any, source: str, flag: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"{flag} {source!r}: cannot load it ({type(err).__name__}: {err}). Without network, "
+                           f"download the repo elsewhere (huggingface-cli download {source}) and pass the local "
+                           "folder.") from None
+
+
+@register_reward("pickscore", flags=_pickscore_flags)
+def build_pickscore_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PickScoreReward:
+    from transformers import AutoProcessor, CLIPModel
+
+    processor = _from_pretrained(AutoProcessor, args.pickscore_processor, "--pickscore_processor")
+    model = _from_pretrained(CLIPModel, args.pickscore_model, "--pickscore_model", dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return PickScoreReward(model, processor, device, dtype, args.reward_batch_size)
+
+
+# ============================================================================================ aesthetic
+# LAION aesthetic predictor v2 (github.com/christophschuhmann/improved-aesthetic-predictor, simple_inference.py):
+# an MLP on the L2-normalised CLIP ViT-L/14 (OpenAI) image embedding, predicting a 1-10 rating. The weights are
+# sac+logos+ava1-l14-linearMSE.pth, mirrored as trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth (DDPO).
+AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # Linear layers of the original nn.Sequential (Dropouts in between, no activation)
+
+
+def _aesthetic_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--aesthetic_model", default="trl-lib/ddpo-aesthetic-predictor",
+                   help="Aesthetic MLP weights: the .pth file (e.g. sac+logos+ava1-l14-linearMSE.pth), or a folder / "
+                        "hub repo holding aesthetic-model.pth.")
+    g.add_argument("--aesthetic_clip_model", default="ViT-L-14",
+                   help="open_clip image encoder the MLP was trained on (shared with the clip reward when equal).")
+    g.add_argument("--aesthetic_clip_pretrained", default="openai", help="Its weights: an open_clip tag or a file.")
+
+
+class AestheticMLP(torch.nn.Module):
+    """The predictor's head: Linear layers only (its Dropouts are identity at inference), widths from the weights."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: str) -> None:
+        super().__init__()
+        missing = [f"layers.{i}.{p}" for i in AESTHETIC_LAYERS for p in ("weight", "bias") if f"layers.{i}.{p}" not in state]
+        if missing:
+            raise ValueError(f"--aesthetic_model {source}: not an aesthetic predictor (missing {', '.join(missing)}).")
+        self.linears = torch.nn.ModuleList(
+            torch.nn.Linear(state[f"layers.{i}.weight"].shape[1], state[f"layers.{i}.weight"].shape[0]) for i in AESTHETIC_LAYERS)
+        self.linears.load_state_dict({f"{k}.{p}": state[f"layers.{i}.{p}"] for k, i in enumerate(AESTHETIC_LAYERS) for p in ("weight", "bias")})
+        self.in_features = self.linears[0].in_features
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        for linear in self.linears:
+            embedding = linear(embedding)
+        return embedding.squeeze(-1)
+
+
+class AestheticReward(Reward):
+    name = "aesthetic"
+
+    def __init__(self, backbone: OpenClipBackbone, head: AestheticMLP, device: torch.device, dtype: torch.dtype,
+                 batch_size: int) -> None:
+        self.backbone, self.head = backbone, head.to(device).eval().requires_grad_(False)
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self._nonfinite = 0
+
+    @torch.no_grad()
+    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+        _check_batch(images, prompts)
+        scores = []
+        for s in _chunks(len(images), self.batch_size):
+            pixels = torch.stack([self.backbone.preprocess(image) for image in images[s]]).to(self.device, self.dtype)
+            embedding = torch.nn.functional.normalize(self.backbone.model.encode_image(pixels).float(), dim=-1)
+            scores.append(self.head(embedding))
+        total = _to_scores(torch.cat(scores)) if scores else torch.zeros(0)
+        self._nonfinite += int(torch.isnan(total).sum())
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self) -> dict[str, int]:
+        return {"aesthetic/nonfinite": self._nonfinite} if self._nonfinite else {}
+
+
+@register_reward("aesthetic", flags=_aesthetic_flags)
+def build_aesthetic_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> AestheticReward:
+    path = _single_file(args.aesthetic_model, "aesthetic-model.pth", "--aesthetic_model")
+    head = AestheticMLP(load_state_dict_file(path, "--aesthetic_model"), str(path))
+    backbone = open_clip_backbone(args.aesthetic_clip_model, args.aesthetic_clip_pretrained, device, dtype,
+                                  "--aesthetic_clip_model", "--aesthetic_clip_pretrained")
+    width = backbone.model.visual.output_dim
+    if width != head.in_features:
+        raise ValueError(f"--aesthetic_model {path} takes {head.in_features}-dim embeddings but --aesthetic_clip_model "
+                         f"{args.aesthetic_clip_model} gives {width}.")
+    return AestheticReward(backbone, head, device, dtype, args.reward_batch_size)
 
 
 # ==================================================================== ImageReward architecture (BLIP)
@@ -690,7 +1014,7 @@ def resolve_model_files(source: str, filenames: Sequence[str], flag: str) -> lis
     return files
 
 
-@register_reward("image_reward")
+@register_reward("image_reward", flags=_image_reward_flags)
 def build_image_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> BlipReward:
     source = args.image_reward_model
     if Path(source).expanduser().is_file():  # the ImageReward.pt itself, med_config.json beside it
@@ -719,7 +1043,12 @@ _COMPOSITIONAL_MISSING = (
     "and copy the best checkpoints under those names.")
 
 
-@register_reward("compositional")
+def _check_compositional_args(args: argparse.Namespace) -> None:
+    if not args.compositional_model:
+        raise ValueError(_COMPOSITIONAL_MISSING)
+
+
+@register_reward("compositional", flags=_compositional_flags, validate=_check_compositional_args)
 def build_compositional_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> BlipReward:
     if not args.compositional_model:
         raise ValueError(_COMPOSITIONAL_MISSING)
@@ -1017,7 +1346,7 @@ def _check_mllm_args(args: argparse.Namespace) -> None:
                          "requires; say so in the template or pass --mllm_response_format none.")
 
 
-@register_reward("mllm")
+@register_reward("mllm", flags=_mllm_flags, validate=_check_mllm_args)
 def build_mllm_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> MllmReward:
     import openai
 
@@ -1155,7 +1484,7 @@ def write_json(path: Path, reward: Reward, rows: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a folder of images against their prompts with a reward model.")
-    add_reward_args(parser)
+    add_reward_args(parser, argv)
     g = parser.add_argument_group("scoring a folder")
     g.add_argument("--images", type=Path, required=True, help="Folder of images to score.")
     g.add_argument("--prompts", type=Path, default=None,

@@ -35,7 +35,7 @@ logger = logging.getLogger("sharpening")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
-    add_reward_args(parser)
+    add_reward_args(parser, argv)
     parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines with a 'prompt'/'text' field (.jsonl).")
     parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of Eq. 11 (= Diffusion-DPO's beta / 2).")
     parser.add_argument("--reward_margin_scale", type=float, default=1.0, help="gamma of Eq. 11; 0 gives Diffusion-DPO on trajectories.")

@@ -28,7 +28,7 @@ from sharpening.training import StepResult, Trainer, add_training_args, validate
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
-    add_reward_args(parser)
+    add_reward_args(parser, argv)
     parser.add_argument(
         "--sft_target", default="best_endpoint", choices=sorted(SFT_TARGETS),
         help="What the selected states are regressed toward. " + " ".join(f"{k}: {v}" for k, v in SFT_TARGETS.items()),

@@ -31,7 +31,7 @@ from train_rlhf_diffusion_sharpening_sdxl import load_prompts  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
-    add_reward_args(parser)
+    add_reward_args(parser, argv)
     parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines (.jsonl).")
     args = parser.parse_args(argv)
     validate_training_args(args)

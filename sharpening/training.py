@@ -75,7 +75,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")
-    g.add_argument("--reward_plugin", action="append", default=[], help="A Python file that registers extra rewards (reward.register_reward); repeatable.")
     g.add_argument("--decode_batch_size", type=int, default=8, help="VAE decodes of x0 previews per chunk.")
 
     g = parser.add_argument_group("optimisation")
@@ -123,9 +122,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded."""
-    from reward import validate_reward_args
-
-    from .plugins import load_reward_plugins
+    from reward import load_reward_plugins, validate_reward_args
 
     load_reward_plugins(args.reward_plugin)
     validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)

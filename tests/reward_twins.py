@@ -182,3 +182,69 @@ def sample_prompts(count: int) -> list[str]:
                 "a shiny metal bird above the sea", "a green forest at sunset", "three yellow birds on a street",
                 "a black and white photo of a city at night"]
     return [subjects[i % len(subjects)] + ("" if i < len(subjects) else f" number {i}") for i in range(count)]
+
+
+# ------------------------------------------------------------------------- preference and aesthetic models
+TINY_HPS_NAME = "tiny-hps-reward-twin"
+TINY_HPS_CONFIG = {  # ViT-H-14's layout (GELU, 77-token BPE text tower), shrunk; 32 px images
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def register_open_clip_config(open_clip_module, folder: Path, name: str, config: dict) -> None:
+    """Make `name` an architecture of an open_clip package (ours, or the copy vendored in hpsv2)."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    if name not in open_clip_module.list_models():
+        open_clip_module.add_model_config(path)
+
+
+def write_hps_twin(folder: Path, seed: int = 0) -> tuple[str, Path]:
+    """A tiny open_clip model saved as HPS saves its checkpoints ({'state_dict': ...} in HPS_v2.1_compressed.pt)."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    register_open_clip_config(open_clip, folder, TINY_HPS_NAME, TINY_HPS_CONFIG)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_HPS_NAME, pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, folder / "HPS_v2.1_compressed.pt")
+    return TINY_HPS_NAME, folder
+
+
+def write_pickscore_twin(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP BPE tokenizer, 32 px transform)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from sharpening.tiny import write_clip_tokenizer
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                     "max_position_embeddings": 77, "vocab_size": 49408},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    model = CLIPModel(config)
+    model.save_pretrained(folder / "model")
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder / "tokenizer"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder / "processor")
+    return folder / "model", folder / "processor"
+
+
+AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)  # the LAION predictor's head after the CLIP embedding
+
+
+def write_aesthetic_twin(folder: Path, in_features: int, seed: int = 0) -> Path:
+    """Random weights laid out like sac+logos+ava1-l14-linearMSE.pth (layers.{0,2,4,6,7}), saved as DDPO names it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    state, fan_in = {}, in_features
+    for index, width in zip((0, 2, 4, 6, 7), AESTHETIC_WIDTHS):
+        state[f"layers.{index}.weight"] = torch.randn(width, fan_in, generator=generator) / fan_in ** 0.5
+        state[f"layers.{index}.bias"] = 0.1 * torch.randn(width, generator=generator)
+        fan_in = width
+    torch.save(state, folder / "aesthetic-model.pth")
+    return folder

@@ -243,9 +243,9 @@ def test_parse_reward_spec(spec, expected):
 
 def test_unknown_reward_lists_valid_names():
     with pytest.raises(ValueError) as info:
-        parse_reward_spec("clip,aesthetic")
+        parse_reward_spec("clip,aesthetics")
     message = str(info.value)
-    assert "'aesthetic'" in message
+    assert "'aesthetics'" in message
     assert all(name in message for name in ("clip", "image_reward", "compositional", "mllm"))
 
 
