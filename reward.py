@@ -9,13 +9,18 @@ Rewards:
   image_reward   ImageReward-v1.0 (BLIP ViT-L + BERT "med" cross-attention + MLP head), rebuilt on
                  transformers' BLIP classes and loaded from the official ImageReward.pt
   compositional  IterComp's three composition-aware reward models (same architecture), averaged
+  pickscore      PickScore v1 (transformers CLIP ViT-H/14): logit_scale * cosine, as its model card scores
+  hpsv2          Human Preference Score v2.1 (or v2.0): open_clip ViT-H-14 cosine with HPS's transform
+  aesthetic      the LAION aesthetic predictor v2: an MLP on the normalised CLIP ViT-L/14 image embedding
   mllm           an OpenAI-compatible multimodal chat model grading with the rubric in mllm_template/
   brightness, saturation, jpeg_compressibility, jpeg_incompressibility
                  pixel statistics (the prompt is ignored), for checking that an objective moves a reward at all
   toy            the toy world's caption checker (toyworld/reward.py), for `make demo` and the benchmarks
 
-The training code only uses `parse_reward_spec`, `add_reward_args`, `build_reward` and the `Reward`
-interface; nothing here knows about training. As a command, this file scores a folder of images:
+Each reward registers its factory with its own flags and checks (`register_reward(name, flags=, validate=)`);
+a `--reward_plugin FILE.py` does the same for rewards of its own. The training code only uses
+`parse_reward_spec`, `add_reward_args`, `build_reward` and the `Reward` interface; nothing here knows about
+training. As a command, this file scores a folder of images:
 
     python reward.py --reward_model clip --images DIR [--prompts FILE] [--json OUT]
 """
