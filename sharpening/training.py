@@ -699,7 +699,7 @@ class Trainer:
         acc.save_state(str(tmp))  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"global_step": global_step, "seed": self.args.seed, "counters": self.counters}
+            state = {"global_step": global_step, "seed": self.args.seed, "counters": self.counters, "layout": self.layout()}
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -716,6 +716,27 @@ class Trainer:
             logger.info("Removing old checkpoint %s (--checkpoints_total_limit=%d)", old, limit)
             shutil.rmtree(old)
 
+    def layout(self) -> dict[str, int]:
+        """What the data position and the per-rank random streams of a step depend on."""
+        return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.args.train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
+    def check_layout(self, saved: dict[str, int] | None, path: Path) -> None:
+        """A checkpoint continues exactly only under the layout that wrote it: with another number of processes,
+        batch or accumulation, the same global step is another place in the data and other random draws."""
+        if saved is None:  # written before the layout was recorded
+            logger.warning("%s does not record its processes/batch/accumulation; assuming they match this run.", path)
+            return
+        current = self.layout()
+        if saved != current:
+            def show(layout: dict[str, int]) -> str:
+                return (f"{layout['num_processes']} process(es) x --train_batch_size {layout['train_batch_size']} x "
+                        f"--gradient_accumulation_steps {layout['gradient_accumulation_steps']}")
+
+            raise ValueError(f"{path} was written by {show(saved)}, but this run has {show(current)}. Resume with the "
+                             "same layout to continue exactly; to fine-tune further under another layout, start a new "
+                             f"run (another --output_dir) from its weights ({path}/unet or its LoRA weights).")
+
     def _maybe_resume(self) -> tuple[int, int, int]:
         """Returns (global_step, first_epoch, micro-batches to skip in that epoch)."""
         args = self.args
@@ -725,6 +746,7 @@ class Trainer:
                 logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from scratch.", args.output_dir)
             return 0, 0, 0
         state = json.loads((path / "training_state.json").read_text())
+        self.check_layout(state.get("layout"), path)
         self.accelerator.load_state(str(path))
         if self.ema is not None:
             self.ema.to(self.device)  # accelerate restores custom state on the CPU

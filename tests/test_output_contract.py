@@ -5,6 +5,7 @@ which `checkpoint-N` folders exist after a run, after a resume, and under --chec
 checkpoint and the output folder hold (a loadable `unet/`, `unet_ema/` with EMA, a complete pipeline at the end)."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from pathlib import Path
@@ -39,9 +40,11 @@ def run(request, tiny_sdxl, tmp_path):
     def go(out: Path, **flags):
         from accelerate.state import AcceleratorState, GradientState
 
-        script.main(script.parse_args(tiny_args(tiny_sdxl, out, train_data_dir=data, train_batch_size=1, **flags)))
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        try:
+            script.main(script.parse_args(tiny_args(tiny_sdxl, out, **{"train_data_dir": data, "train_batch_size": 1, **flags})))
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
 
     return go
 
@@ -137,3 +140,16 @@ def test_resume_with_ema_continues_exactly(run, tmp_path):
     resumed = load_file(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors")
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_another_batch_or_accumulation(run, tmp_path):
+    """The same global step is another data position under another layout: refuse, and say what to do."""
+    out = tmp_path / "out"
+    run(out, max_train_steps=2, checkpointing_steps=2)
+    state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
+    assert state["layout"] == {"num_processes": 1, "train_batch_size": 1, "gradient_accumulation_steps": 1}
+    with pytest.raises(ValueError, match=r"1 process\(es\) x --train_batch_size 1 x --gradient_accumulation_steps 1, "
+                                         r"but this run has 1 process\(es\) x --train_batch_size 2"):
+        run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", train_batch_size=2)
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 2"):
+        run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", gradient_accumulation_steps=2)
