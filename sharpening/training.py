@@ -37,6 +37,7 @@ from .trajectory import Candidates, draw_start_timesteps, effective_steps, explo
 logger = logging.getLogger("sharpening")
 
 SIGTERM_EXIT_CODE = 143
+PREEMPTED_MARKER = "PREEMPTED.json"
 SECRET_ARGS = ("api_key",)
 
 
@@ -475,6 +476,7 @@ class Trainer:
     def train(self, step_fn: StepFn) -> None:
         args, acc = self.args, self.accelerator
         global_step, first_epoch, skip_batches = self._maybe_resume()
+        self.mark_preempted(None)  # this run takes over from a preempted one
         nonfinite_in_a_row = skipped_in_a_row = 0
         progress = _progress_bar(args.max_train_steps, global_step, not acc.is_local_main_process)
         logger.info(
@@ -529,6 +531,7 @@ class Trainer:
                 if global_step % args.checkpointing_steps == 0 or stop:
                     self.save_checkpoint(global_step)
                 if stop:
+                    self.mark_preempted(global_step)
                     logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
                     acc.end_training()
                     sys.exit(SIGTERM_EXIT_CODE)
@@ -715,6 +718,19 @@ class Trainer:
         for old in _checkpoints(Path(self.args.output_dir))[:-limit]:
             logger.info("Removing old checkpoint %s (--checkpoints_total_limit=%d)", old, limit)
             shutil.rmtree(old)
+
+    def mark_preempted(self, global_step: int | None) -> None:
+        """Write (or, with None, remove) OUTPUT_DIR/PREEMPTED.json. A single process exits 143 after SIGTERM, but
+        `accelerate launch` with several processes reports any worker's non-zero exit as 1, like a crash; the marker
+        tells a wrapper or scheduler that the run stopped on purpose with a complete checkpoint to resume from."""
+        if not self.accelerator.is_main_process:
+            return
+        marker = Path(self.args.output_dir) / PREEMPTED_MARKER
+        if global_step is None:
+            marker.unlink(missing_ok=True)
+            return
+        marker.write_text(json.dumps({"checkpoint": f"checkpoint-{global_step}", "global_step": global_step,
+                                      "exit_code": SIGTERM_EXIT_CODE, "resume": "--resume_from_checkpoint latest"}))
 
     def layout(self) -> dict[str, int]:
         """What the data position and the per-rank random streams of a step depend on."""

@@ -88,6 +88,15 @@ def tiny_args(model: Path, output_dir: Path, **overrides) -> list[str]:
 
 def accelerate_launch(script: str, argv: list[str], num_processes: int = 1, timeout: int = 600, env_extra=None) -> subprocess.CompletedProcess:
     """Run a training script the way users do. Two processes use gloo on CPU (`--cpu` would run only one)."""
+    cmd, env = launch_command(script, argv, num_processes, env_extra)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
+    return result
+
+
+def launch_command(script: str, argv: list[str], num_processes: int = 1, env_extra=None) -> tuple[list[str], dict]:
+    """The `accelerate launch` command line and environment of `accelerate_launch`."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env_extra or {}))
     if num_processes > 1:
@@ -95,11 +104,7 @@ def accelerate_launch(script: str, argv: list[str], num_processes: int = 1, time
         env["ACCELERATE_USE_CPU"] = "true"
     else:
         launcher += ["--num_processes", "1"]
-    cmd = launcher + [str(ROOT / script)] + argv
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        print(result.stdout[-5000:], result.stderr[-10000:], sep="\n")
-    return result
+    return launcher + [str(ROOT / script)] + argv, env
 
 
 def _free_port() -> int:

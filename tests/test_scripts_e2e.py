@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, accelerate_launch, tiny_args, write_image_folder
+from conftest import ROOT, accelerate_launch, launch_command, tiny_args, write_image_folder
 
 SECRET = "sk-test-NEVER-LOG-THIS-0123456789"
 
@@ -122,6 +122,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
         returncode = process.wait(timeout=300)
     text = log.read_text()
     assert returncode == 143, text[-3000:]
+    assert json.loads((out / "PREEMPTED.json").read_text())["exit_code"] == 143
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(checkpoints) == 1, text[-3000:]
     step = json.loads((checkpoints[0] / "training_state.json").read_text())["global_step"]
@@ -135,3 +136,34 @@ def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
     assert (out / "unet").is_dir()
+
+
+def test_sigterm_under_two_processes_leaves_a_marker_and_resumes(tiny_sdxl, tmp_path):
+    """`accelerate launch` with 2 (gloo) ranks forwards SIGTERM to both; each finishes its update, the checkpoint is
+    written, and OUTPUT_DIR/PREEMPTED.json says so, because the launcher reports the workers' 143 as a plain 1."""
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000, train_batch_size=1)
+    cmd, env = launch_command("train_sft_diffusion_sharpening_sdxl.py", argv, num_processes=2)
+    log = tmp_path / "log.txt"
+    with open(log, "w") as stream:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "outcome=updated" not in log.read_text() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=300)
+    text = log.read_text()
+    assert "2 processes" in text, text[-3000:]
+    assert returncode != 0, text[-3000:]  # 1 from the launcher (143 from a single process)
+    marker = json.loads((out / "PREEMPTED.json").read_text())
+    step = marker["global_step"]
+    assert marker["exit_code"] == 143 and (out / marker["checkpoint"] / "unet" / "config.json").is_file(), text[-3000:]
+    assert 1 <= step < 500
+
+    resumed = accelerate_launch("train_sft_diffusion_sharpening_sdxl.py",
+                                tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=step + 1, train_batch_size=1,
+                                          resume_from_checkpoint="latest"), num_processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stderr
+    assert not (out / "PREEMPTED.json").exists()  # the resumed run took over and finished
