@@ -1195,10 +1195,42 @@ class MllmReward(Reward):
         if not images:
             empty = torch.zeros(0)
             return RewardOutput(total=empty, components={self.name: empty})
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(images)), thread_name_prefix="mllm") as pool:
-            scores = list(pool.map(self._grade, images, prompts, range(len(images))))
+        scores = self._grade_all(list(images), list(prompts))
         total = torch.tensor(scores, dtype=torch.float32)
         return RewardOutput(total=total, components={self.name: total})
+
+    def _grade_all(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        """Grade with `concurrency` worker threads. A fatal error (rejected key, unknown model) raises at once:
+        no new request starts, and requests still in flight are abandoned (daemon threads) instead of awaited, so
+        a run with a bad key stops in about one round trip, on every rank that sees it."""
+        scores: list[float] = [float("nan")] * len(images)
+        pending = iter(range(len(images)))
+        lock, finished, failure = threading.Lock(), threading.Event(), []
+        remaining = [len(images)]
+
+        def work() -> None:
+            while not failure:
+                with lock:
+                    index = next(pending, None)
+                if index is None:
+                    return
+                try:
+                    scores[index] = self._grade(images[index], prompts[index], index)
+                except BaseException as err:  # MllmRequestError, or a bug: stop everything
+                    failure.append(err)
+                    finished.set()
+                    return
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        finished.set()
+
+        for _ in range(min(self.concurrency, len(images))):
+            threading.Thread(target=work, name="mllm", daemon=True).start()
+        finished.wait()
+        if failure:
+            raise failure[0]
+        return scores
 
     def _grade(self, image: Image.Image, prompt: str, index: int) -> float:
         reply = self._request(self._messages(image, prompt), index)

@@ -472,6 +472,27 @@ class Trainer:
             logs[f"reward/component/{name}"] = values.nanmean().item()
         return logs
 
+    def gather_logs(self, window: "UpdateWindow") -> dict[str, float]:
+        """The update's logs over ALL processes (every rank calls this): the loss is the mean over every trained
+        prompt of the window, trained_prompts and the reward's counters are sums, other metrics the mean of the
+        processes' values. Without it a tracker would show rank 0's share only."""
+        from accelerate.utils import gather_object
+
+        local = {"logs": window.logs(), "loss_sum": window.loss_sum, "num_trained": window.num_trained,
+                 "counters": self.reward.counters()}
+        parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
+        keys = dict.fromkeys(k for part in parts for k in part["logs"])
+        logs = {k: float(np.nanmean(values)) if np.isfinite(values := [p["logs"].get(k, np.nan) for p in parts]).any()
+                else float("nan") for k in keys}
+        trained = sum(p["num_trained"] for p in parts)
+        logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
+        logs["trained_prompts"] = float(trained)
+        counters = {}
+        for part in parts:
+            for key, value in part["counters"].items():
+                counters[key] = counters.get(key, 0) + value
+        return logs | {f"reward_model/{k}": v for k, v in counters.items()}
+
     # ----------------------------------------------------------------------------------------- loop
     def train(self, step_fn: StepFn) -> None:
         args, acc = self.args, self.accelerator
@@ -520,8 +541,8 @@ class Trainer:
                         )
                 global_step += 1
                 progress.update(1)
-                logs = window.logs() | {"lr": self.lr_scheduler.get_last_lr()[0], "epoch": epoch} | {f"count/{k}": v for k, v in self.counters.items()}
-                logs |= {f"reward_model/{k}": v for k, v in self.reward.counters().items()}
+                logs = self.gather_logs(window) | {"lr": self.lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                logs |= {f"count/{k}": v for k, v in self.counters.items()}
                 progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4g}", outcome=outcome)
                 acc.log(logs, step=global_step)
                 if acc.is_main_process and args.log_trajectories_every and global_step % args.log_trajectories_every == 0 and self.last_explored:

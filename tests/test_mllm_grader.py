@@ -273,3 +273,20 @@ def test_custom_template_file(server, tmp_path):
     body = server.requests[0].body
     assert body["messages"][0]["content"][0]["text"] == 'Rate "a red {cat}" from 0 to 100. JSON: {"overall": n}'
     assert "response_format" not in body
+
+
+def test_a_rejected_key_stops_at_once_without_waiting_for_requests_in_flight(server):
+    """One 401 among slow requests: evaluate raises after about one round trip, not after the slow ones; no
+    request starts after the failure."""
+    def reply(request):
+        return Reply(status=401, body='{"error": {"message": "bad key"}}') if prompt_number(request) == 0 \
+            else Reply.chat(grade_json(50), delay_s=4.0)
+
+    server.respond_with(reply)
+    reward = make_reward(server, mllm_concurrency=4)
+    started = time.monotonic()
+    with pytest.raises(MllmRequestError, match="401"):
+        reward.evaluate(images(40), [f"prompt number {n}" for n in range(40)])
+    assert time.monotonic() - started < 2.0
+    time.sleep(0.2)
+    assert len(server.requests) <= 4  # the first wave only; the other 36 never started

@@ -71,10 +71,17 @@ def test_sft_one_process_full_unet(tiny_sdxl, tmp_path):
 def test_sft_two_processes_lora(tiny_sdxl, tmp_path):
     data = write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=2, use_lora=True, lora_rank=4, train_batch_size=1)
+    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=2, use_lora=True, lora_rank=4, train_batch_size=1,
+                     report_to="tensorboard")
     result = accelerate_launch("train_sft_diffusion_sharpening_sdxl.py", argv, num_processes=2)
     assert result.returncode == 0
     assert "2 processes" in result.stderr  # really two ranks, not one process with --cpu
+    # logged metrics cover both ranks: one trained prompt each (brightness never ties), not rank 0's one
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert [e.value for e in events.Scalars("trained_prompts")] == [2.0, 2.0]
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
     # LoRA B matrices start at zero (gaussian init); after training at least one has moved.
