@@ -195,9 +195,7 @@ class BaseParts:
         del parts.unet  # each model loads its own UNet
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
-        # The stock SDXL VAE overflows in fp16: fp32 unless a replacement (fp16-fix) VAE is given.
-        vae_dtype = dtype if args.pretrained_vae_model_name_or_path else torch.float32
-        _move(parts.vae.requires_grad_(False), device, vae_dtype)
+        _move(parts.vae.requires_grad_(False), device, sdxl.vae_dtype(parts.vae, dtype))
         self.parts = parts
         self.scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
@@ -214,8 +212,9 @@ def initial_noise(num_prompts: int, images_per_prompt: int, shape: tuple[int, ..
 
 
 @torch.no_grad()
-def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.Tensor, args, device, dtype) -> list:
-    """Images (prompt-major: prompt i, image k at i * K + k) for one model."""
+def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.Tensor, args, device, dtype) -> tuple[list, np.ndarray]:
+    """Images (prompt-major: prompt i, image k at i * K + k) for one model, and whether each decoded to finite
+    pixels (an image that did not is scored NaN, as in training, not as the black picture it becomes)."""
     from sharpening import sdxl
     from sharpening.sampler import DDIM, guided, sample, unet_forward
 
@@ -225,16 +224,18 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     flat_noise = noise.flatten(0, 1)
     r = args.resolution
-    images = []
+    images, finite = [], []
     for start in range(0, len(flat_prompts), args.batch_size):
         batch = flat_prompts[start : start + args.batch_size]
         ids = sdxl.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
         cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
         model = guided(unet_forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
         latents = sample(model, ddim, flat_noise[start : start + len(batch)].to(device, dtype), cond)
-        images += sdxl.decode_to_pil(base.parts.vae, latents, args.decode_batch_size)
+        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size)
+        images += batch_images
+        finite.append(batch_finite.numpy())
     del unet
-    return images
+    return images, np.concatenate(finite)
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -373,14 +374,16 @@ def main(args: argparse.Namespace) -> dict:
             noise = initial_noise(len(prompts), args.images_per_prompt, shape, args.seed)
         elif tuple(noise.shape[2:]) != shape:
             raise ValueError(f"--model {spec.name}: latent shape {shape} differs from the first model's {tuple(noise.shape[2:])}; paired seeds need the same shape.")
-        images[spec.name] = generate(spec, base, prompts, noise, args, device, dtype)
+        images[spec.name], finite = generate(spec, base, prompts, noise, args, device, dtype)
+        if not finite.all():
+            print(f"[evaluate] {spec.name}: {int((~finite).sum())} image(s) decoded to non-finite pixels; scored NaN", flush=True)
         flat_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
         metrics = {}
         for reward_spec, reward in rewards.items():
             result = reward.evaluate(images[spec.name], flat_prompts)
-            metrics[reward_spec] = result.total.float().cpu().numpy()
+            metrics[reward_spec] = np.where(finite, result.total.float().cpu().numpy(), np.nan)
             for name, values in result.components.items():
-                metrics.setdefault(name, values.float().cpu().numpy())
+                metrics.setdefault(name, np.where(finite, values.float().cpu().numpy(), np.nan))
         scores[spec.name] = metrics
         seconds[spec.name] = round(time.time() - t0, 1)
         print(f"[evaluate] {spec.name}: {args.reward_model} = {np.nanmean(metrics[args.reward_model]):.4f} ({seconds[spec.name]} s)", flush=True)

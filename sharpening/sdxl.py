@@ -112,6 +112,12 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
     return (dist.mean + dist.std * noise) * latent_scale(vae)
 
 
+def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
+    """The stock SDXL VAE overflows in fp16 (its config says force_upcast): fp32 for it; a VAE without the flag
+    (madebyollin/sdxl-vae-fp16-fix) runs in the weights' dtype. Training and evaluation use this one rule."""
+    return torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, chunk_size: int = 8) -> tuple[list[Image.Image], torch.Tensor]:
     """Scaled latents -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory stays
@@ -125,11 +131,6 @@ def decode(vae, latents: torch.Tensor, chunk_size: int = 8) -> tuple[list[Image.
         arrays = ((pixels.nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images.extend(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)
     return images, torch.cat(finite) if finite else torch.zeros(0, dtype=torch.bool)
-
-
-def decode_to_pil(vae, latents: torch.Tensor, chunk_size: int = 8) -> list[Image.Image]:
-    """Scaled latents -> PIL images (see `decode` for the finiteness flags)."""
-    return decode(vae, latents, chunk_size)[0]
 
 
 def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: str) -> list[Path]:

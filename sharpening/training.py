@@ -275,9 +275,7 @@ class Trainer:
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the DDIM grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.ddim.grid))
 
-        # The stock SDXL VAE overflows in fp16 (its config says force_upcast); the fp16-fix VAE does not.
-        vae_dtype = torch.float32 if parts.vae.config.get("force_upcast", True) else self.weight_dtype
-        parts.vae.requires_grad_(False).to(self.device, dtype=vae_dtype)
+        parts.vae.requires_grad_(False).to(self.device, dtype=sdxl.vae_dtype(parts.vae, self.weight_dtype))
         for encoder in parts.text_encoders:
             encoder.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
         unet = parts.unet

@@ -683,10 +683,10 @@ def test_unconditional_is_zeros_with_force_zeros(parts):
     assert torch.equal(unc.time_ids, tid)
 
 
-def test_decode_to_pil_is_independent_of_chunk_size(parts):
+def test_decode_is_independent_of_chunk_size(parts):
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    one = sdxl.decode_to_pil(parts.vae, latents, chunk_size=1)
-    eight = sdxl.decode_to_pil(parts.vae, latents, chunk_size=8)
+    one = sdxl.decode(parts.vae, latents, chunk_size=1)[0]
+    eight = sdxl.decode(parts.vae, latents, chunk_size=8)[0]
     assert len(one) == len(eight) == 3
     assert all(im.size == (16, 16) and im.mode == "RGB" for im in one)
     for a, b in zip(one, eight):

@@ -89,3 +89,33 @@ def test_statistics_are_over_prompts():
     assert summary["base"]["r"]["se"] == pytest.approx(0.25)
     assert summary["new"]["r"]["unscored_images"] == 1
     assert summary["new"]["r"]["diff"] == pytest.approx(0.25)  # paired: (1 - 0.5) and (1 - 1)
+
+
+def test_an_image_that_decoded_to_nan_is_scored_nan_not_black(tiny_sdxl, tmp_path, monkeypatch):
+    """As in training: a non-finite decode (e.g. the stock VAE overflowing in fp16) is no score, not a black picture."""
+    from sharpening import sdxl
+
+    real_decode = sdxl.decode
+
+    def decode_with_a_failure(vae, latents, chunk_size=8):
+        images, finite = real_decode(vae, latents, chunk_size)
+        finite[1] = False
+        return images, finite
+
+    monkeypatch.setattr(sdxl, "decode", decode_with_a_failure)
+    record = _run(tmp_path, [f"base={tiny_sdxl}"])
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    scores = saved["scores"]["base"]["toy"]
+    assert scores[1] is None and all(s is not None for i, s in enumerate(scores) if i != 1)
+    assert record["summary"]["base"]["toy"]["unscored_images"] == 1
+
+
+def test_vae_precision_rule_is_the_trainings():
+    import torch
+    from types import SimpleNamespace
+
+    from sharpening import sdxl
+
+    stock, fixed = SimpleNamespace(config={"force_upcast": True}), SimpleNamespace(config={"force_upcast": False})
+    assert sdxl.vae_dtype(stock, torch.float16) == torch.float32
+    assert sdxl.vae_dtype(fixed, torch.float16) == torch.float16
