@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
-    g.add_argument("--decode_batch_size", type=int, default=8)
+    g.add_argument("--decode_batch_size", type=int, default=None, help="VAE decodes per chunk (default: 8 at 512 px, 2 at 1024 px).")
     g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet and text encoders; the VAE stays fp32 unless a replacement VAE is given.")
 
@@ -231,7 +231,7 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
         model = guided(unet_forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
         latents = sample(model, ddim, flat_noise[start : start + len(batch)].to(device, dtype), cond)
-        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size)
+        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size or sdxl.default_decode_chunk(r))
         images += batch_images
         finite.append(batch_finite.numpy())
     del unet

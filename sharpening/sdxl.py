@@ -118,6 +118,12 @@ def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if vae.config.get("force_upcast", True) else weight_dtype
 
 
+def default_decode_chunk(resolution: int) -> int:
+    """Images per VAE decode: 8 at 512 px and fewer as the pixel count grows (2 at 1024 px), so decoding the B·n·m
+    previews of a step keeps the decoder's activations (which grow with the pixel count) near their 512 px size."""
+    return max(1, int(8 * (512 / resolution) ** 2))
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, chunk_size: int = 8) -> tuple[list[Image.Image], torch.Tensor]:
     """Scaled latents -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory stays

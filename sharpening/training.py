@@ -76,7 +76,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")
-    g.add_argument("--decode_batch_size", type=int, default=8, help="VAE decodes of x0 previews per chunk.")
+    g.add_argument("--decode_batch_size", type=int, default=None,
+                   help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
+    g.add_argument("--vae_tiling", action="store_true",
+                   help="Decode previews in overlapping tiles (diffusers' enable_tiling): less memory at 1024 px, slightly "
+                        "different pixels at tile seams.")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=1, help="Prompts per device per micro-batch.")
@@ -133,6 +137,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--infer_steps must be between 1 and 1000.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
+    if args.decode_batch_size is not None and args.decode_batch_size < 1:
+        raise ValueError("--decode_batch_size must be >= 1 (or left out for the resolution's default).")
     if args.resolution % 8:
         raise ValueError("--resolution must be divisible by 8.")
     if args.enable_xformers_memory_efficient_attention:
@@ -276,6 +282,8 @@ class Trainer:
             logger.warning("--trajectory_nums %d clipped to %d (the DDIM grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.ddim.grid))
 
         parts.vae.requires_grad_(False).to(self.device, dtype=sdxl.vae_dtype(parts.vae, self.weight_dtype))
+        if args.vae_tiling:
+            parts.vae.enable_tiling()
         for encoder in parts.text_encoders:
             encoder.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
         unet = parts.unet
@@ -424,7 +432,7 @@ class Trainer:
 
     def decode(self, latents: torch.Tensor):
         """(images, finite flags) of scaled latents."""
-        return sdxl.decode(self.parts.vae, latents, self.args.decode_batch_size)
+        return sdxl.decode(self.parts.vae, latents, self.args.decode_batch_size or sdxl.default_decode_chunk(self.args.resolution))
 
     @torch.no_grad()
     def rollout(self, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:

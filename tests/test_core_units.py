@@ -691,3 +691,9 @@ def test_decode_is_independent_of_chunk_size(parts):
     assert all(im.size == (16, 16) and im.mode == "RGB" for im in one)
     for a, b in zip(one, eight):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_default_decode_chunk_keeps_decoded_pixels_per_chunk_constant():
+    assert sdxl.default_decode_chunk(512) == 8 and sdxl.default_decode_chunk(1024) == 2
+    assert sdxl.default_decode_chunk(768) == 3 and sdxl.default_decode_chunk(2048) == 1
+    assert sdxl.default_decode_chunk(32) >= 8
