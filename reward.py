@@ -1598,13 +1598,24 @@ for _name in PIXEL_STATISTICS:
     _register_pixel_statistic(_name)
 
 
-@register_reward("toy")
-def build_toy_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Reward:
-    """The toy world's programmatic reward (toyworld/reward.py): how well a demo image's colours, shapes and
-    positions match its caption, in [0, 1]; NaN for captions outside the toy grammar. Runs on the CPU."""
-    from toyworld.reward import make_toy_reward
+def register_lazy_reward(name: str, target: str, *, flags: FlagsHook | None = None,
+                         validate: ValidateHook | None = None) -> None:
+    """Register a reward whose factory `module:function` is imported only when the reward is built, so this file
+    never imports a module that imports it back (toyworld.reward subclasses `Reward`)."""
+    module_name, _, function = target.partition(":")
 
-    return make_toy_reward(args, device, dtype)
+    def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Reward:
+        import importlib
+
+        return getattr(importlib.import_module(module_name), function)(args, device, dtype)
+
+    build.__qualname__ = f"lazy[{target}]"
+    register_reward(name, flags=flags, validate=validate)(build)
+
+
+# The toy world's programmatic reward: how well a demo image's colours, shapes and positions match its caption,
+# in [0, 1]; NaN for captions outside the toy grammar. Runs on the CPU.
+register_lazy_reward("toy", "toyworld.reward:make_toy_reward")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

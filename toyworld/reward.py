@@ -24,6 +24,8 @@ from collections import deque
 import numpy as np
 import torch
 
+from reward import Reward, RewardOutput
+
 from . import world
 
 _PALETTE = np.array([world.BACKGROUND, *world.COLOURS.values()], dtype=np.float32)
@@ -139,34 +141,29 @@ def score_image(image, caption: str) -> dict[str, float]:
     return {"total": total, "objects": float(np.mean(object_scores)), "relation": float(relation), "clean": clean}
 
 
-def _reward_base():
-    from reward import Reward, RewardOutput
+class ToyReward(Reward):
+    """`--reward_model toy`: the toy world's caption checker (see the module docstring)."""
 
-    class ToyReward(Reward):
-        """`--reward_model toy`: the toy world's caption checker (see the module docstring)."""
+    name = "toy"
 
-        name = "toy"
+    def __init__(self):
+        self.calls = self.images_scored = self.unparseable = 0
 
-        def __init__(self):
-            self.calls = self.images_scored = self.unparseable = 0
+    def evaluate(self, images, prompts):
+        if len(images) != len(prompts):
+            raise ValueError(f"toy reward: {len(images)} images but {len(prompts)} prompts")
+        self.calls += 1
+        self.images_scored += len(images)
+        rows = [score_image(image, prompt) for image, prompt in zip(images, prompts)]
+        self.unparseable += sum(math.isnan(r["total"]) for r in rows)
+        total = torch.tensor([r["total"] for r in rows], dtype=torch.float32)
+        components = {f"toy/{k}": torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in COMPONENTS}
+        return RewardOutput(total=total, components=components)
 
-        def evaluate(self, images, prompts):
-            if len(images) != len(prompts):
-                raise ValueError(f"toy reward: {len(images)} images but {len(prompts)} prompts")
-            self.calls += 1
-            self.images_scored += len(images)
-            rows = [score_image(image, prompt) for image, prompt in zip(images, prompts)]
-            self.unparseable += sum(math.isnan(r["total"]) for r in rows)
-            total = torch.tensor([r["total"] for r in rows], dtype=torch.float32)
-            components = {f"toy/{k}": torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in COMPONENTS}
-            return RewardOutput(total=total, components=components)
-
-        def counters(self):
-            return {"toy/calls": self.calls, "toy/images_scored": self.images_scored, "toy/unparseable_captions": self.unparseable}
-
-    return ToyReward
+    def counters(self):
+        return {"toy/calls": self.calls, "toy/images_scored": self.images_scored, "toy/unparseable_captions": self.unparseable}
 
 
 def make_toy_reward(args=None, device="cpu", dtype=None):
     """Registry factory (args, device, dtype are not needed: the reward runs on the CPU in numpy)."""
-    return _reward_base()()
+    return ToyReward()
