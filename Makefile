@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-slow test-all demo clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard requirements-reference.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed
 # pytest exits non-zero (5) when it collects no test, so an empty run fails here too.
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The slow-marked tests (CI runs them): real-size SDXL wiring (one bf16 LoRA step of each script, ~4 min, ~16 GB
+# RAM) and 20 default steps of each script raising a pixel reward end to end (~4 min).
+test-slow: install
+	$(PY) -m pytest -q -s -m slow tests
 
 test-all: install
 	$(PY) -m pytest -q tests

@@ -99,34 +99,6 @@ COUNTERS = (
 # Targets we set ourselves (reported, not asserted): SFT on the tiny model at n = m = 3, batch 2.
 TARGETS = {"time": 0.6, "peak_growth": 0.4}
 
-# ------------------------------------------------------------------------------------------------ SDXL configs
-# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, scheduler/scheduler_config.json,
-# text_encoder(_2)/config.json (only what differs from the library defaults that matters for the cost).
-SDXL_UNET_CONFIG = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
-    cross_attention_dim=2048, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5, norm_num_groups=32,
-    out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
-    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    use_linear_projection=True,
-)
-SDXL_VAE_CONFIG = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    force_upcast=True, in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
-    sample_size=1024, scaling_factor=0.13025, up_block_types=["UpDecoderBlock2D"] * 4,
-)
-SDXL_SCHEDULER_CONFIG = dict(
-    _class_name="EulerDiscreteScheduler", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
-    clip_sample=False, interpolation_type="linear", num_train_timesteps=1000, prediction_type="epsilon",
-    sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
-    trained_betas=None, use_karras_sigmas=False,
-)
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")
-CLIP_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
-
-
 # ------------------------------------------------------------------------------------------------ flags
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,7 +276,8 @@ def build_random_sdxl_parts(device: torch.device, workdir: Path, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sharpening import sdxl
-    from sharpening.tiny import CLIP_CONTEXT, CLIP_VOCAB_SIZE
+    from sharpening.tiny import (CLIP_BIGG_TEXT, CLIP_CONTEXT, CLIP_L_TEXT, CLIP_VOCAB_SIZE, SDXL_SCHEDULER_CONFIG,
+                                 SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
 
     try:
         from sharpening.tiny import write_clip_tokenizer

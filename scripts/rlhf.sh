@@ -2,7 +2,7 @@
 # RLHF Diffusion-Sharpening on real SDXL: prompts only, no images needed.
 # Usage: PROMPT_FILE=prompts.txt REWARD=image_reward bash scripts/rlhf.sh [extra flags...]
 #    or: DATASET_NAME=lambdalabs/naruto-blip-captions bash scripts/rlhf.sh   (its caption column gives the prompts)
-# REWARD: clip | image_reward | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
+# REWARD: clip | image_reward | pickscore | hpsv2 | aesthetic | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
 # For mllm set OPENAI_API_KEY (and optionally --base_url for a local OpenAI-compatible server).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SFT Diffusion-Sharpening on real SDXL (the seed's command, with the script's real name).
 # Usage: DATASET_NAME=lambdalabs/naruto-blip-captions REWARD=clip bash scripts/sft.sh [extra flags...]
-# REWARD: clip | image_reward | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
+# REWARD: clip | image_reward | pickscore | hpsv2 | aesthetic | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
 # For mllm set OPENAI_API_KEY (and optionally --base_url for a local OpenAI-compatible server).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -136,11 +136,72 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, sample_size: int 
     return out
 
 
+# ------------------------------------------------------------------------------------------ real-size SDXL
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, scheduler/scheduler_config.json,
+# text_encoder(_2)/config.json (only what differs from the library defaults that matters for the cost).
+SDXL_UNET_CONFIG = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], center_input_sample=False,
+    cross_attention_dim=2048, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5, norm_num_groups=32,
+    out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+SDXL_VAE_CONFIG = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    force_upcast=True, in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3,
+    sample_size=1024, scaling_factor=0.13025, up_block_types=["UpDecoderBlock2D"] * 4,
+)
+SDXL_SCHEDULER_CONFIG = dict(
+    _class_name="EulerDiscreteScheduler", beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085,
+    clip_sample=False, interpolation_type="linear", num_train_timesteps=1000, prediction_type="epsilon",
+    sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
+    trained_betas=None, use_karras_sigmas=False,
+)
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu")
+
+
+def build_sdxl_size(out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """Save an SDXL with every part at its real size (SDXL-base-1.0's configs: 2816-dim add embeddings, CLIP-L and
+    OpenCLIP-bigG text encoders of real width) and random weights, in diffusers layout, in `dtype` (about 7 GB in
+    bf16). Catches config wiring that the tiny model hides; it is not a model of anything."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    common = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, bos_token_id=49406,
+                  eos_token_id=49407, pad_token_id=49407)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)  # build directly in `dtype`: the fp32 UNet alone would take 10 GB
+    try:
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT, **common))
+    finally:
+        torch.set_default_dtype(previous)
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in SDXL_SCHEDULER_CONFIG.items() if k != "_class_name"})
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random SDXL in diffusers layout.")
+    parser = argparse.ArgumentParser(description="Write a tiny (or real-size) random SDXL in diffusers layout.")
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdxl_size", action="store_true", help="Every part at SDXL's real size, in bf16 (about 7 GB).")
     a = parser.parse_args()
-    print(build_tiny_sdxl(a.out_dir, a.seed))
+    print(build_sdxl_size(a.out_dir, seed=a.seed) if a.sdxl_size else build_tiny_sdxl(a.out_dir, a.seed))

@@ -574,6 +574,7 @@ class Trainer:
         acc.wait_for_everyone()
         self.validate(global_step)
         self.save_final()
+        logger.info("Peak memory of this process: %s.", peak_memory(self.device))
         acc.end_training()
 
     def train_micro_batch(self, step_fn: StepFn, batch: dict, generator: torch.Generator, window: "UpdateWindow") -> str | None:
@@ -852,6 +853,16 @@ class Trainer:
                 pipeline.save_pretrained(out, safe_serialization=True)
         write_model_card(args, out, self.variant, self.num_steps)
         logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
+
+
+def peak_memory(device: torch.device) -> str:
+    """Host peak RSS (and the CUDA allocator's peak on a GPU), for the log a user sizes the next run from."""
+    import resource
+
+    text = f"host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    if device.type == "cuda":
+        text += f", CUDA max allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return text
 
 
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int) -> None:
