@@ -43,13 +43,12 @@ The level after loading (before any step) is printed too. On CPU torch runs with
 
 Models (--model):
   * tiny (default): sharpening.tiny.build_tiny_sdxl (diffusers' SDXL test sizes; VAE downsamples by 2).
-  * sdxl-random: every part real size, built from SDXL-base-1.0's configs with random weights, directly on
-    the device (no download, nothing written to disk): the UNet (2.6 B parameters), the VAE (kept fp32, as the
-    Trainer keeps the stock SDXL VAE), CLIP ViT-L/14 and OpenCLIP bigG text encoders (random weights;
-    tokenizer: CLIP's BPE from open_clip's vocabulary file, or a byte-level one when open_clip is missing:
-    prompts are padded to 77 tokens either way, so the cost is the same). The Trainer gets them through a
-    patched `sharpening.sdxl.load_sdxl`; everything else is the real code. Only sensible on a GPU.
-Reward: the cheap `brightness` reward of tests/plugin_rewards.py (mean pixel value), so the figures are the
+  * sdxl-random: every part real size, built from SDXL-base-1.0's configs with random weights by
+    sharpening.tiny.build_sdxl_size and saved (bf16, about 7 GB, a minute) to a temp folder or --model_path:
+    the UNet (2.6 B parameters), the VAE (kept fp32, as the Trainer keeps the stock SDXL VAE), CLIP ViT-L/14 and
+    OpenCLIP bigG text encoders, CLIP's BPE tokenizer. The Trainer loads it like any checkpoint. Only sensible on
+    a GPU.
+Reward: the cheap built-in `brightness` reward (mean luma), so the figures are the
 trainer's own cost; an expensive or remote reward makes the baseline's one-image-at-a-time calls worse.
 
 --preset gpu runs --model sdxl-random at 512 px, n = m = 3, batch 1, bf16 and fp16, gradient checkpointing
@@ -60,11 +59,9 @@ it reached; ours is measured anyway.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
 import re
 import signal
@@ -85,7 +82,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-PLUGIN = ROOT / "tests" / "plugin_rewards.py"
 
 import torch  # noqa: E402
 
@@ -116,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget_s", type=float, default=None,
                    help="Stop measuring a variant after this many seconds of measured steps (at least one step each).")
     p.add_argument("--model", default="tiny", choices=["tiny", "sdxl-random"])
-    p.add_argument("--tiny_path", default=None, help="An existing tiny SDXL folder (default: build one in a temp dir).")
+    p.add_argument("--model_path", "--tiny_path", dest="model_path", default=None,
+                   help="An existing folder of the --model (default: build one in a temp dir).")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU only: torch intra-op threads (default 1: on a shared machine, OpenMP threads that wait for busy "
                         "cores make the tiny model's small ops ~50x slower; both sides use the same setting).")
@@ -256,61 +253,6 @@ class CallCounter:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _byte_level_tokenizer(folder: Path):
-    """A CLIP tokenizer with byte tokens only (no merges): used for sdxl-random when open_clip is missing."""
-    from transformers import CLIPTokenizer
-
-    from sharpening.tiny import _bytes_to_unicode
-
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), model_max_length=77)
-
-
-def build_random_sdxl_parts(device: torch.device, workdir: Path, seed: int = 0):
-    """Real-size SDXL parts from their configs with random weights, created directly on `device`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from sharpening import sdxl
-    from sharpening.tiny import (CLIP_BIGG_TEXT, CLIP_CONTEXT, CLIP_L_TEXT, CLIP_VOCAB_SIZE, SDXL_SCHEDULER_CONFIG,
-                                 SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
-
-    try:
-        from sharpening.tiny import write_clip_tokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(workdir / "tokenizer"))
-    except ImportError:  # open_clip not installed: same padded length, same cost
-        tokenizer = _byte_level_tokenizer(workdir / "tokenizer")
-    common = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
-        text_encoders = (CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **common)), CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT, **common)))
-    return sdxl.SDXLParts((tokenizer, tokenizer), text_encoders, vae, unet, dict(SDXL_SCHEDULER_CONFIG), True)
-
-
-@contextlib.contextmanager
-def patched_loader(model: str, workdir: Path, seed: int):
-    """For sdxl-random, hand the Trainer in-memory random parts instead of loading a checkpoint."""
-    from sharpening import sdxl
-
-    if model != "sdxl-random":
-        yield
-        return
-    original = sdxl.load_sdxl
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sdxl.load_sdxl = lambda *a, **k: build_random_sdxl_parts(device, workdir, seed)
-    try:
-        yield
-    finally:
-        sdxl.load_sdxl = original
-
-
 def write_data(workdir: Path, variant: str, count: int, resolution: int) -> list[str]:
     """Script flags for the data: an imagefolder (SFT) or a prompt file (RLHF)."""
     import numpy as np
@@ -344,7 +286,7 @@ def build_trainer(args: argparse.Namespace, variant: str, model_path: str, workd
         "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
         "--num_noisy_latents", str(args.n), "--trajectory_nums", str(args.m), "--infer_steps", str(args.infer_steps),
         "--learning_rate", "1e-6", "--max_train_steps", "1000000", "--checkpointing_steps", "1000000",
-        "--seed", str(args.seed), "--reward_model", "brightness", "--reward_plugin", str(PLUGIN),
+        "--seed", str(args.seed), "--reward_model", "brightness",
         "--report_to", "none", "--mixed_precision", args.mixed_precision,
     ] + write_data(workdir, variant, count, args.resolution)
     if args.gradient_checkpointing:
@@ -368,12 +310,10 @@ def build_trainer(args: argparse.Namespace, variant: str, model_path: str, workd
 
 
 def release(trainer, sigterm_handler) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
+    """Free the trainer's models; the next variant's Accelerator reuses accelerate's process state (same
+    precision and device), so no reset is needed."""
     trainer.accelerator.free_memory()
     signal.signal(signal.SIGTERM, sigterm_handler)  # the Trainer's handler holds a reference to it
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 # ------------------------------------------------------------------------------------------------ baseline
@@ -487,12 +427,13 @@ def measure(trainer, step_fn, batch, seed: int, counter: CallCounter, memory: Me
     if oom:  # leave the trainer usable for the other implementation
         trainer.optimizer.zero_grad(set_to_none=True)
         scaler = trainer.accelerator.scaler
-        if scaler is not None:  # an OOM between unscale_ and update() would make the next unscale_ raise
-            from collections import defaultdict
-
-            from torch.amp.grad_scaler import _refresh_per_optimizer_state
-
-            scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+        if scaler is not None:
+            # An OOM between unscale_ and update() leaves the scaler "unscaled", and the next unscale_ would
+            # raise; update() finishes that step (and resets the scaler). Before unscale_ there is nothing to do.
+            try:
+                scaler.update()
+            except AssertionError:  # "No inf checks were recorded": the OOM came before unscale_
+                pass
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -530,8 +471,7 @@ def summarise(records: list[dict]) -> dict:
 def run_variant(args: argparse.Namespace, variant: str, model_path: str, workdir: Path) -> dict:
     previous_handler = signal.getsignal(signal.SIGTERM)
     t_build = time.perf_counter()
-    with patched_loader(args.model, workdir, args.seed):
-        trainer, ours_fn = build_trainer(args, variant, model_path, workdir)
+    trainer, ours_fn = build_trainer(args, variant, model_path, workdir)
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
@@ -703,13 +643,7 @@ def _run(args: argparse.Namespace) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
         workdir = Path(tmp)
-        model_path = args.tiny_path
-        if args.model == "tiny" and model_path is None:
-            from sharpening.tiny import build_tiny_sdxl
-
-            model_path = str(build_tiny_sdxl(workdir / "tiny-sdxl"))
-        elif args.model == "sdxl-random":
-            model_path = "sdxl-random"  # never opened: the loader is patched
+        model_path = args.model_path or build_model(args.model, workdir)
         for variant in variants:
             vdir = workdir / variant
             vdir.mkdir()
@@ -724,6 +658,12 @@ def _run(args: argparse.Namespace) -> dict:
 GPU_PRESET = [("bf16", False), ("bf16", True), ("fp16", False), ("fp16", True)]
 
 
+def build_model(model: str, workdir: Path) -> str:
+    from sharpening.tiny import build_sdxl_size, build_tiny_sdxl
+
+    return str(build_tiny_sdxl(workdir / "tiny-sdxl") if model == "tiny" else build_sdxl_size(workdir / "sdxl-size"))
+
+
 def run_gpu_preset(args: argparse.Namespace) -> dict:
     """4 configurations, each in a fresh process (an OOM or a fragmented allocator cannot leak into the next)."""
     if not torch.cuda.is_available():
@@ -733,6 +673,7 @@ def run_gpu_preset(args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     with tempfile.TemporaryDirectory(prefix="step_cost_gpu_") as tmp:
+        model_path = args.model_path or build_model("sdxl-random", Path(tmp))  # once, for the 4 configurations
         for i, (precision, checkpointing) in enumerate(GPU_PRESET):
             left = deadline - time.perf_counter()
             label = f"{precision}, gradient checkpointing {'on' if checkpointing else 'off'}"
@@ -745,7 +686,7 @@ def run_gpu_preset(args: argparse.Namespace) -> dict:
                 sys.executable, str(Path(__file__).resolve()), "--model", "sdxl-random", "--resolution", "512",
                 "--n", str(args.n), "--m", str(args.m), "--batch_size", "1", "--mixed_precision", precision,
                 "--steps", "3", "--warmup", "1", "--budget_s", "20", "--variant", args.variant, "--seed", str(args.seed),
-                "--json", str(out),
+                "--json", str(out), "--model_path", model_path,
             ] + (["--gradient_checkpointing"] if checkpointing else [])
             print(f"=== {label}: {' '.join(cmd[1:])}", flush=True)
             started = time.perf_counter()

@@ -20,7 +20,7 @@ def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
     n, m, b, grid = 2, 2, 2, 4
     out = tmp_path / "cost.json"
     load_benchmark("step_cost").main([
-        "--tiny_path", str(tiny_sdxl), "--variant", "both", "--n", str(n), "--m", str(m), "--batch_size", str(b),
+        "--model_path", str(tiny_sdxl), "--variant", "both", "--n", str(n), "--m", str(m), "--batch_size", str(b),
         "--infer_steps", str(grid), "--steps", "1", "--warmup", "0", "--json", str(out),
     ])
     results = json.loads(out.read_text())["results"]
