@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks in one short run: both trainers on the tiny SDXL in fp16 and bf16 (full UNet and LoRA),
-# then the step-cost benchmark's GPU preset on a real-size SDXL UNet with random weights (no download).
+# GPU checks in one short run: both trainers on the tiny SDXL in fp16 and bf16 (full UNet and LoRA), each checked
+# for values (finite losses, weights changed, RLHF's DPO logits ~ 0 before the first update, peak memory), then the
+# step-cost benchmark's GPU preset on a real-size SDXL with random weights (no download).
 # Usage (on a CUDA machine with the requirements installed): bash scripts/gpu_checks.sh [OUT_DIR]
 # Set SKIP_BENCHMARK=1 to run only the training checks.
 set -uo pipefail
@@ -14,6 +15,43 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidi
 "$PY" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
 "$PY" -m sharpening.tiny "$WORK/tiny" >/dev/null
+# The values each training run must show: python check_run.py BASE OUT VARIANT KIND LOG
+cat >"$WORK/check_run.py" <<'PY'
+import math, re, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+base, out, variant, kind, log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+problems = []
+events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
+events.Reload()
+losses = [e.value for e in events.Scalars("loss")]
+if not losses or not all(math.isfinite(v) for v in losses):
+    problems.append(f"losses not all finite: {losses}")
+if kind == "lora":
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    changed = any(v.float().abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+else:
+    trained = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    original = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = any(not torch.equal(trained[k].float(), original[k].float()) for k in original)
+if not changed:
+    problems.append("weights unchanged")
+logits = None
+if variant == "rlhf":
+    logits = events.Scalars("dpo_logits")[0].value  # step 1: computed before the first update
+    if abs(logits) > 0.05:
+        problems.append(f"DPO logits {logits:.4g} at step 0 (policy and reference should agree)")
+peak = re.search(r"Peak memory of this process: (.*)\.", log.read_text())
+print(f"    losses {[round(v, 5) for v in losses]}, weights changed: {changed}"
+      + (f", DPO logits at step 0: {logits:.2e}" if logits is not None else "")
+      + f"; peak memory: {peak[1] if peak else 'not logged'}")
+if problems or not peak:
+    print("    FAILED: " + "; ".join(problems or ["no peak memory line"]))
+    sys.exit(1)
+PY
 "$PY" - "$WORK" <<'PY'
 import sys
 from pathlib import Path
@@ -31,18 +69,23 @@ for cfg in $CONFIGS; do
   script=train_${variant}_diffusion_sharpening_sdxl.py
   data=(--train_data_dir "$WORK/data"); [ "$variant" = rlhf ] && data=(--prompt_file "$WORK/prompts.txt")
   lora=(); [ "$kind" = lora ] && lora=(--use_lora)
+  # RLHF without the reward-gap term, so the first update's logged DPO logits must be ~0 (policy == reference)
+  margin=(); [ "$variant" = rlhf ] && margin=(--reward_margin_scale 0)
   log="$OUT/train_${variant}_${precision}_${kind}.log"
   start=$SECONDS
   "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$precision" --dynamo_backend no "$script" \
     --pretrained_model_name_or_path "$WORK/tiny" "${data[@]}" "${lora[@]}" --output_dir "$WORK/out_${variant}_${precision}_${kind}" \
     --resolution 64 --train_batch_size 2 --max_train_steps 4 --num_noisy_latents 3 --trajectory_nums 3 --infer_steps 10 \
-    --learning_rate 1e-4 --reward_model brightness --reward_plugin tests/plugin_rewards.py --report_to none --seed 0 \
+    --learning_rate 1e-4 --reward_model brightness --report_to tensorboard --seed 0 "${margin[@]}" \
     --gradient_checkpointing --mixed_precision "$precision" --checkpointing_steps 2 >"$log" 2>&1
   rc=$?
   secs=$((SECONDS - start))
-  losses=$(grep -o "loss=[^,]*" "$log" | sort -u | tr '\n' ' ')
-  echo "$variant $precision $kind: exit $rc, ${secs}s, $losses"
-  [ $rc -eq 0 ] || { status=1; tail -20 "$log"; }
+  echo "$variant $precision $kind: exit $rc, ${secs}s"
+  if [ $rc -eq 0 ]; then
+    "$PY" "$WORK/check_run.py" "$WORK/tiny" "$WORK/out_${variant}_${precision}_${kind}" "$variant" "$kind" "$log" || status=1
+  else
+    status=1; tail -20 "$log"
+  fi
 done
 
 if [ -z "${SKIP_BENCHMARK:-}" ]; then
