@@ -10,7 +10,7 @@ model with the same seeds on training-pair prompts and report, paired against ba
     (a brightness reward that erases the objects raises brightness and sinks toy/objects).
 
 Rewards the base model does not already maximise: brightness, saturation, JPEG compressibility and
-incompressibility (as DDPO defines them, in reward.py) and the toy compositional reward.
+incompressibility (as DDPO defines them, in rewards/pixel.py) and the toy compositional reward.
 
 Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward),
 `sft` and `rlhf` (each script's DEFAULTS), `sft-paper` / `rlhf-paper` (the paper-literal targets, Eq. 9 and Eq. 11

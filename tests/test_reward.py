@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reward as R  # noqa: E402
+import rewards.registry as registry  # noqa: E402
 import reward_twins as twins  # noqa: E402
-from reward import (REWARDS, Reward, RewardOutput, Secret, add_reward_args, build_reward,  # noqa: E402
+from reward import (Reward, RewardOutput, Secret, add_reward_args, build_reward,  # noqa: E402
                     parse_reward_spec, register_reward)
 
 N = 8
@@ -260,7 +261,7 @@ def test_parse_reward_spec_rejects(spec, match):
 
 
 def test_register_reward_refuses_to_replace_a_different_factory(monkeypatch):
-    monkeypatch.setattr(R, "REWARDS", dict(REWARDS))
+    monkeypatch.setattr(registry, "REWARDS", dict(registry.REWARDS))
 
     def build(args, device, dtype):
         raise AssertionError("not called")
@@ -304,7 +305,7 @@ def test_weighted_mix_is_the_weighted_sum_of_components(rewards, clip_twin, imag
 
 
 def test_weighted_mix_propagates_nan_and_merges_counters(monkeypatch, batch):
-    monkeypatch.setattr(R, "REWARDS", dict(REWARDS))
+    monkeypatch.setattr(registry, "REWARDS", dict(registry.REWARDS))
     register_reward("fixed_a")(lambda args, device, dtype: _Fixed("fixed_a", [1.0, 2.0, 3.0]))
     register_reward("fixed_b")(lambda args, device, dtype: _Fixed("fixed_b", [10.0, float("nan"), 30.0]))
     mix = build_reward("fixed_a:2,fixed_b:0.5", None)

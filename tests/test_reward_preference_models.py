@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reward as R  # noqa: E402
+import rewards.registry as registry  # noqa: E402
 import reward_twins as twins  # noqa: E402
 from reward import add_reward_args, build_reward  # noqa: E402
 
@@ -230,9 +231,9 @@ def build(args, device, dtype):
 
 
 def test_a_plugin_adds_its_own_flags_and_validation(tmp_path, monkeypatch, batch):
-    monkeypatch.setattr(R, "REWARDS", dict(R.REWARDS))
-    monkeypatch.setattr(R, "REWARD_FLAGS", dict(R.REWARD_FLAGS))
-    monkeypatch.setattr(R, "REWARD_VALIDATORS", dict(R.REWARD_VALIDATORS))
+    monkeypatch.setattr(registry, "REWARDS", dict(registry.REWARDS))
+    monkeypatch.setattr(registry, "REWARD_FLAGS", dict(registry.REWARD_FLAGS))
+    monkeypatch.setattr(registry, "REWARD_VALIDATORS", dict(registry.REWARD_VALIDATORS))
     plugin = tmp_path / "offset_plugin.py"
     plugin.write_text(PLUGIN_WITH_FLAGS)
     argv = ["--reward_plugin", str(plugin), "--reward_model", "offset", "--offset_value", "2.5"]

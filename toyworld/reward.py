@@ -24,7 +24,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from reward import Reward, RewardOutput
+from rewards.base import Reward, RewardOutput
 
 from . import world
 
