@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full UNet (both sides).")
+    p.add_argument("--sft_target", default=None, help="Ours: the SFT script's --sft_target (default: the script's default).")
+    p.add_argument("--dpo_target", default=None, help="Ours: the RLHF script's --dpo_target (default: the script's default).")
     p.add_argument("--steps", type=int, default=5, help="Measured optimizer steps per implementation.")
     p.add_argument("--warmup", type=int, default=1, help="Unmeasured steps first (they also create the optimizer state).")
     p.add_argument("--budget_s", type=float, default=None,
@@ -293,6 +295,9 @@ def build_trainer(args: argparse.Namespace, variant: str, model_path: str, workd
         argv.append("--gradient_checkpointing")
     if args.use_lora:
         argv.append("--use_lora")
+    target = args.sft_target if variant == "sft" else args.dpo_target
+    if target:
+        argv += [f"--{variant.replace('rlhf', 'dpo')}_target", target]
     if variant == "sft":
         import train_sft_diffusion_sharpening_sdxl as script
         from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset
@@ -593,7 +598,7 @@ def target_lines(config: dict, results: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ main
 def config_of(args: argparse.Namespace) -> dict:
-    keys = ("model", "n", "m", "batch_size", "resolution", "infer_steps", "mixed_precision", "gradient_checkpointing", "use_lora", "steps", "warmup", "seed", "threads")
+    keys = ("model", "n", "m", "batch_size", "resolution", "infer_steps", "mixed_precision", "gradient_checkpointing", "use_lora", "sft_target", "dpo_target", "steps", "warmup", "seed", "threads")
     return {k: getattr(args, k) for k in keys}
 
 
