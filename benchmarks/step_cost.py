@@ -12,17 +12,17 @@ body of `Trainer.train` for one micro-batch with no accumulation.
 "Baseline" does the same work the way the upstream release does (Gen-Verse/Diffusion-Sharpening at commit 78c79f9), on the SAME
 Trainer: same UNet, VAE, text encoders, reward, optimizer, accelerate autocast / loss scaler, batch, n, m,
 resolution and random draws (t and the noises come from the same per-step generator, in the same order):
-  * every one of the n candidates runs through the UNet WITH grad at each of the m steps (D4), no CFG;
-  * the DDIM state is NOT detached along the chain, so the loss back-propagates through the sampler (D3);
-  * the x0 preview of every step is decoded with autograd on (B7), n*B images per decode call, in fp32;
+  * every one of the n candidates runs through the UNet WITH grad at each of the m steps, no CFG;
+  * the DDIM state is NOT detached along the chain, so the loss back-propagates through the sampler;
+  * the x0 preview of every step is decoded with autograd on, n*B images per decode call, in fp32;
   * the reward is asked one image at a time (n*B*m calls, as the upstream grader does);
   * SFT: loss = mean over steps of the MSE to the original noise, of the best path (mean of step rewards);
   * RLHF: n*B images generated without CFG by the current model (--infer_steps DDIM, no grad) and re-noised
-    with their own seed noise (D11); reference MSE once at the first state (D2); best and worst path;
+    with their own seed noise; reference MSE once at the first state; best and worst path;
     (ours generates B images WITH CFG, i.e. 2B rows per grid step: at n = 2 the two rollouts cost the same);
-    loss = -(log sigmoid(beta * logits) - (r_w - r_l)) with the reward gap outside the sigmoid (D1);
+    loss = -(log sigmoid(beta * logits) - (r_w - r_l)) with the reward gap outside the sigmoid;
   * one backward, then the same update (`Trainer.train_micro_batch`) as ours.
-What the baseline has from us, because the upstream code cannot run otherwise (B1-B3): our batched per-sample
+What the baseline has from us, because the upstream code cannot run otherwise: our batched per-sample
 DDIM step, per-prompt argmax/argmin, and start timesteps drawn on the DDIM grid (so both do m steps).
 
 Measured per optimizer step: wall time (median over --steps steps after --warmup warm-up steps; ours and
@@ -323,7 +323,7 @@ def release(trainer, sigterm_handler) -> None:
 
 # ------------------------------------------------------------------------------------------------ baseline
 def _decode_with_autograd(vae, latents: torch.Tensor):
-    """Upstream B7: vae.decode of the x0 preview with autograd on (activations kept until the PIL conversion)."""
+    """Upstream: vae.decode of the x0 preview with autograd on (activations kept until the PIL conversion)."""
     import numpy as np
     from PIL import Image
 
@@ -344,14 +344,14 @@ def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, t: torch.Te
     ddim, vae, reward = trainer.ddim, trainer.parts.vae, trainer.reward
     losses, rewards = [], []
     for _ in range(trainer.num_steps):
-        eps = model(x, t, cond_n)  # WITH grad for every candidate (D4)
-        target = ddim.target(x0, noise, t)  # the original noise at every step (D5)
-        x, x0_hat = ddim.step(eps, t, x)  # x is NOT detached: the next loss back-propagates through here (D3)
+        eps = model(x, t, cond_n)  # WITH grad for every candidate
+        target = ddim.target(x0, noise, t)  # the original noise at every step
+        x, x0_hat = ddim.step(eps, t, x)  # x is NOT detached: the next loss back-propagates through here
         images = _decode_with_autograd(vae, x0_hat)
         rewards.append(torch.stack([reward.evaluate([image], [prompt]).total[0] for image, prompt in zip(images, prompts_n)]).float())
         losses.append(per_sample_mse(eps, target))
         t = t - ddim.stride
-    return torch.stack(losses).mean(0), torch.stack(rewards).mean(0)  # mean over steps (D7)
+    return torch.stack(losses).mean(0), torch.stack(rewards).mean(0)  # mean over steps
 
 
 def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
@@ -389,10 +389,10 @@ def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
     batch_size = len(prompts)
     cond_n = trainer.conditioning(prompts, trainer.default_time_ids(batch_size)).repeat(n)
     noise = trainer.randn(trainer.latent_shape(n * batch_size), generator)
-    x0 = sample(trainer.policy(grad=False), ddim, noise, cond_n)  # n images per prompt, no CFG (D8, D11), no grad
+    x0 = sample(trainer.policy(grad=False), ddim, noise, cond_n)  # n images per prompt, no CFG, no grad
     t = draw_start_timesteps(ddim, batch_size, trainer.num_steps, generator).repeat(n)
-    x = ddim.add_noise(x0, noise, t)  # re-noised with the SAME noise (D11)
-    with torch.no_grad():  # reference once, at the first state only (D2)
+    x = ddim.add_noise(x0, noise, t)  # re-noised with the SAME noise
+    with torch.no_grad():  # reference once, at the first state only
         ref_mse = per_sample_mse(trainer.reference(x, t, cond_n), ddim.target(x0, noise, t))
     mse, rewards = _upstream_trajectory(trainer, x0, x, t, cond_n, noise, prompts * n)
     sel = select(rewards, n)
@@ -400,7 +400,7 @@ def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
     w, l = sel.winner.to(mse.device) * batch_size + arange, sel.loser.to(mse.device) * batch_size + arange
     logits = (ref_mse[w] - ref_mse[l]) - (mse[w] - mse[l])
     gap = (sel.winner_reward - sel.loser_reward).to(mse.device)
-    # The reward gap sits outside the sigmoid (D1): a constant, kept for fidelity; masked so ties cannot NaN.
+    # The reward gap sits outside the sigmoid: a constant, kept for fidelity; masked so ties cannot NaN.
     return StepResult(-F.logsigmoid(args.beta_dpo * logits) + torch.nan_to_num(gap), sel.has_pair.to(mse.device))
 
 

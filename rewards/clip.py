@@ -50,7 +50,8 @@ class ClipReward(Reward):
     def _score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, self.dtype)
         # open_clip's tokenizers truncate to the context length (keeping the end-of-text token), so
-        # long JourneyDB/DiffusionDB prompts are scored on their first 77 tokens instead of crashing (B10).
+        # long JourneyDB/DiffusionDB prompts are scored on their first 77 tokens; the upstream release's CLIP
+        # scoring crashes on them.
         tokens = self.tokenizer(list(prompts)).to(self.device)
         image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
         text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
