@@ -46,14 +46,14 @@ from PIL import Image
 # The built-in rewards register on import, in this order (that of their flag groups in --help). The registry's
 # dicts (REWARDS, REWARD_FLAGS, REWARD_VALIDATORS) belong to rewards.registry: a test that swaps them patches that
 # module, not this one.
-from rewards.base import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SECRET_ARG_NAMES, Reward, RewardOutput, Secret,
-                          WeightedSumReward, chunks)
+from rewards.base import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SECRET_ARG_NAMES, ChunkedReward, Reward, RewardOutput,
+                          Secret, WeightedSumReward, chunks)
 from rewards.registry import (REWARD_FLAGS, REWARD_VALIDATORS, REWARDS, FlagsHook, RewardFactory, ValidateHook,
                               add_reward_args, build_reward, load_reward_plugins, parse_reward_spec,
                               register_lazy_reward, register_reward, validate_reward_args)
 from rewards.model_files import load_state_dict_file, resolve_model_files
 from rewards.clip import (AESTHETIC_LAYERS, HPS_CHECKPOINTS, AestheticMLP, AestheticReward, ClipReward,
-                          OpenClipBackbone, OpenClipCosineReward, PickScoreReward, build_aesthetic_reward,
+                          OpenClipBackbone, PickScoreReward, build_aesthetic_reward,
                           build_clip_reward, build_hpsv2_reward, build_pickscore_reward, hps_preprocess,
                           open_clip_backbone)
 from rewards.blip import (COMPOSITIONAL_FILES, IMAGE_REWARD_MEAN, IMAGE_REWARD_STD,
@@ -67,7 +67,8 @@ from rewards.pixel import PIXEL_STATISTICS, PixelStatisticReward, brightness, jp
 
 __all__ = [
     # rewards.base
-    "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "SECRET_ARG_NAMES", "Reward", "RewardOutput", "Secret", "WeightedSumReward",
+    "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "SECRET_ARG_NAMES", "ChunkedReward", "Reward", "RewardOutput", "Secret",
+    "WeightedSumReward",
     # rewards.registry
     "REWARDS", "REWARD_FLAGS", "REWARD_VALIDATORS", "FlagsHook", "RewardFactory", "ValidateHook", "add_reward_args",
     "build_reward", "load_reward_plugins", "parse_reward_spec", "register_lazy_reward", "register_reward",
@@ -76,7 +77,7 @@ __all__ = [
     "load_state_dict_file", "resolve_model_files",
     # rewards.clip
     "AESTHETIC_LAYERS", "HPS_CHECKPOINTS", "AestheticMLP", "AestheticReward", "ClipReward", "OpenClipBackbone",
-    "OpenClipCosineReward", "PickScoreReward", "build_aesthetic_reward", "build_clip_reward", "build_hpsv2_reward",
+    "PickScoreReward", "build_aesthetic_reward", "build_clip_reward", "build_hpsv2_reward",
     "build_pickscore_reward", "hps_preprocess", "open_clip_backbone",
     # rewards.blip
     "COMPOSITIONAL_FILES", "IMAGE_REWARD_MEAN", "IMAGE_REWARD_STD", "IMAGE_REWARD_TEXT_LENGTH", "BlipReward",

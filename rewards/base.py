@@ -110,6 +110,31 @@ CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ChunkedReward(Reward):
+    """A local model that scores `batch_size` images per forward pass: subclasses implement `score_chunk`. Scores
+    come back as float32 on the CPU; non-finite ones (e.g. an fp16 overflow) become NaN and are counted in
+    `<name>/nonfinite`."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self._nonfinite = 0
+
+    @abc.abstractmethod
+    def score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        """One score per image of the chunk."""
+
+    @torch.no_grad()
+    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+        check_batch(images, prompts)
+        scores = [self.score_chunk(images[s], prompts[s]) for s in chunks(len(images), self.batch_size)]
+        total = to_scores(torch.cat(scores)) if scores else torch.zeros(0)
+        self._nonfinite += int(torch.isnan(total).sum())
+        return RewardOutput(total=total, components={self.name: total})
+
+    def counters(self) -> dict[str, int]:
+        return {f"{self.name}/nonfinite": self._nonfinite} if self._nonfinite else {}
+
+
 # ========================================================================================= weighted sum
 class WeightedSumReward(Reward):
     """total = sum_i w_i * c_i (a NaN in any component makes the total NaN: no made-up score)."""

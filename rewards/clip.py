@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from .base import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, Reward, RewardOutput, check_batch, chunks, to_rgb, to_scores
+from .base import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, ChunkedReward, to_rgb
 from .model_files import load_state_dict_file, single_model_file
 from .registry import register_reward
 
@@ -27,27 +27,17 @@ def _clip_flags(g: argparse._ArgumentGroup) -> None:
                         "ViT-L-14-quickgelu, since a file does not say which activation it was trained with.")
 
 
-class ClipReward(Reward):
+class ClipReward(ChunkedReward):
     """Cosine similarity of normalised open_clip image and text embeddings (about 0.33 for a good
-    SDXL image with ViT-L-14: the paper's reporting scale, not the upstream's x100)."""
-
-    name = "clip"
+    SDXL image with ViT-L-14: the paper's reporting scale, not the upstream's x100). HPS v2 is the same score on
+    its own fine-tuned weights and image transform."""
 
     def __init__(self, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, device: torch.device,
-                 dtype: torch.dtype, batch_size: int) -> None:
-        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self._nonfinite = 0
+                 dtype: torch.dtype, batch_size: int, name: str = "clip") -> None:
+        super().__init__(device, dtype, batch_size)
+        self.name, self.model, self.preprocess, self.tokenizer = name, model, preprocess, tokenizer
 
-    @torch.no_grad()
-    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
-        check_batch(images, prompts)
-        scores = [self._score_chunk(images[s], prompts[s]) for s in chunks(len(images), self.batch_size)]
-        total = to_scores(torch.cat(scores)) if scores else torch.zeros(0)
-        self._nonfinite += int(torch.isnan(total).sum())
-        return RewardOutput(total=total, components={self.name: total})
-
-    def _score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+    def score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device, self.dtype)
         # open_clip's tokenizers truncate to the context length (keeping the end-of-text token), so
         # long JourneyDB/DiffusionDB prompts are scored on their first 77 tokens; the upstream release's CLIP
@@ -57,11 +47,9 @@ class ClipReward(Reward):
         text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
         return (image_features * text_features).sum(dim=-1)
 
-    def counters(self) -> dict[str, int]:
-        return {"clip/nonfinite": self._nonfinite} if self._nonfinite else {}
-
     def __repr__(self) -> str:
-        return f"ClipReward(device={str(self.device)!r}, dtype={self.dtype}, batch_size={self.batch_size})"
+        return (f"ClipReward(name={self.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"batch_size={self.batch_size})")
 
 
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -166,35 +154,8 @@ def hps_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return transform
 
 
-class OpenClipCosineReward(Reward):
-    """Cosine of normalised open_clip image and prompt embeddings, with the reward's own image transform."""
-
-    def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
-        self.name, self.model, self.preprocess, self.tokenizer = name, model, preprocess, tokenizer
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self._nonfinite = 0
-
-    @torch.no_grad()
-    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
-        check_batch(images, prompts)
-        scores = []
-        for s in chunks(len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(image) for image in images[s]]).to(self.device, self.dtype)
-            tokens = self.tokenizer(list(prompts[s])).to(self.device)
-            image_features = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
-            text_features = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            scores.append((image_features * text_features).sum(dim=-1))
-        total = to_scores(torch.cat(scores)) if scores else torch.zeros(0)
-        self._nonfinite += int(torch.isnan(total).sum())
-        return RewardOutput(total=total, components={self.name: total})
-
-    def counters(self) -> dict[str, int]:
-        return {f"{self.name}/nonfinite": self._nonfinite} if self._nonfinite else {}
-
-
 @register_reward("hpsv2", flags=_hpsv2_flags)
-def build_hpsv2_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> OpenClipCosineReward:
+def build_hpsv2_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ClipReward:
     import open_clip
 
     if args.hpsv2_clip_model not in open_clip.list_models():
@@ -210,8 +171,8 @@ def build_hpsv2_reward(args: argparse.Namespace, device: torch.device, dtype: to
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return OpenClipCosineReward("hpsv2", model, hps_preprocess(int(size)), open_clip.get_tokenizer(args.hpsv2_clip_model),
-                                device, dtype, args.reward_batch_size)
+    return ClipReward(model, hps_preprocess(int(size)), open_clip.get_tokenizer(args.hpsv2_clip_model), device, dtype,
+                      args.reward_batch_size, name="hpsv2")
 
 
 # ============================================================================================ PickScore
@@ -224,33 +185,22 @@ def _pickscore_flags(g: argparse._ArgumentGroup) -> None:
                    help="Its processor (image transform and tokenizer): hub id or local folder.")
 
 
-class PickScoreReward(Reward):
+class PickScoreReward(ChunkedReward):
     name = "pickscore"
 
     def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        super().__init__(device, dtype, batch_size)
         self.model, self.processor = model, processor
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self._nonfinite = 0
 
-    @torch.no_grad()
-    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
-        check_batch(images, prompts)
-        scores = []
-        for s in chunks(len(images), self.batch_size):
-            pixels = self.processor(images=[to_rgb(image) for image in images[s]], return_tensors="pt").pixel_values
-            text = self.processor(text=list(prompts[s]), padding=True, truncation=True, max_length=77, return_tensors="pt")
-            image_embeds = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
-            text_embeds = _pooled(self.model.get_text_features(input_ids=text.input_ids.to(self.device),
-                                                               attention_mask=text.attention_mask.to(self.device)))
-            cosine = (torch.nn.functional.normalize(image_embeds.float(), dim=-1)
-                      * torch.nn.functional.normalize(text_embeds.float(), dim=-1)).sum(dim=-1)
-            scores.append(self.model.logit_scale.float().exp() * cosine)
-        total = to_scores(torch.cat(scores)) if scores else torch.zeros(0)
-        self._nonfinite += int(torch.isnan(total).sum())
-        return RewardOutput(total=total, components={self.name: total})
-
-    def counters(self) -> dict[str, int]:
-        return {"pickscore/nonfinite": self._nonfinite} if self._nonfinite else {}
+    def score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        pixels = self.processor(images=[to_rgb(image) for image in images], return_tensors="pt").pixel_values
+        text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image_embeds = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+        text_embeds = _pooled(self.model.get_text_features(input_ids=text.input_ids.to(self.device),
+                                                           attention_mask=text.attention_mask.to(self.device)))
+        cosine = (torch.nn.functional.normalize(image_embeds.float(), dim=-1)
+                  * torch.nn.functional.normalize(text_embeds.float(), dim=-1)).sum(dim=-1)
+        return self.model.logit_scale.float().exp() * cosine
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -312,29 +262,18 @@ class AestheticMLP(torch.nn.Module):
         return embedding.squeeze(-1)
 
 
-class AestheticReward(Reward):
+class AestheticReward(ChunkedReward):
     name = "aesthetic"
 
     def __init__(self, backbone: OpenClipBackbone, head: AestheticMLP, device: torch.device, dtype: torch.dtype,
                  batch_size: int) -> None:
+        super().__init__(device, dtype, batch_size)
         self.backbone, self.head = backbone, head.to(device).eval().requires_grad_(False)
-        self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self._nonfinite = 0
 
-    @torch.no_grad()
-    def evaluate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
-        check_batch(images, prompts)
-        scores = []
-        for s in chunks(len(images), self.batch_size):
-            pixels = torch.stack([self.backbone.preprocess(image) for image in images[s]]).to(self.device, self.dtype)
-            embedding = torch.nn.functional.normalize(self.backbone.model.encode_image(pixels).float(), dim=-1)
-            scores.append(self.head(embedding))
-        total = to_scores(torch.cat(scores)) if scores else torch.zeros(0)
-        self._nonfinite += int(torch.isnan(total).sum())
-        return RewardOutput(total=total, components={self.name: total})
-
-    def counters(self) -> dict[str, int]:
-        return {"aesthetic/nonfinite": self._nonfinite} if self._nonfinite else {}
+    def score_chunk(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        pixels = torch.stack([self.backbone.preprocess(image) for image in images]).to(self.device, self.dtype)
+        embedding = torch.nn.functional.normalize(self.backbone.model.encode_image(pixels).float(), dim=-1)
+        return self.head(embedding)
 
 
 @register_reward("aesthetic", flags=_aesthetic_flags)
