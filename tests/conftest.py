@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,23 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from sharpening.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+def reset_accelerate_state() -> None:
+    """Each in-process run builds its own Accelerator: forget accelerate's process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """After an in-process run: reset accelerate's singletons and restore the SIGTERM handler the Trainer replaced."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    reset_accelerate_state()
+    signal.signal(signal.SIGTERM, previous)
 
 
 def write_image_folder(folder: Path, count: int = 8, size: int = 40, corrupt: tuple[int, ...] = ()) -> Path:

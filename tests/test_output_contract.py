@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_args, write_image_folder
+from conftest import reset_accelerate_state, tiny_args, write_image_folder
 
 import train_rlhf_diffusion_sharpening_sdxl as rlhf
 import train_sft_diffusion_sharpening_sdxl as sft
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    signal.signal(signal.SIGTERM, previous)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(params=["sft", "rlhf"])
@@ -38,13 +29,10 @@ def run(request, tiny_sdxl, tmp_path):
     script = {"sft": sft, "rlhf": rlhf}[request.param]
 
     def go(out: Path, **flags):
-        from accelerate.state import AcceleratorState, GradientState
-
         try:
             script.main(script.parse_args(tiny_args(tiny_sdxl, out, **{"train_data_dir": data, "train_batch_size": 1, **flags})))
         finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
+            reset_accelerate_state()
 
     return go
 

@@ -114,20 +114,25 @@ def test_rlhf_one_process_lora_from_dataset_captions(tiny_sdxl, tmp_path):
     assert_no_secret(out, result)
 
 
-def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
-    data = write_image_folder(tmp_path / "data")
-    out = tmp_path / "out"
-    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000)
-    log = tmp_path / "log.txt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def sigterm_after_first_update(cmd: list[str], env: dict, log: Path) -> tuple[int, str]:
+    """Start a training command, send SIGTERM once it has made an update, and return (exit status, its output)."""
     with open(log, "w") as stream:
-        process = subprocess.Popen([sys.executable, str(ROOT / "train_sft_diffusion_sharpening_sdxl.py"), *argv], cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while "outcome=updated" not in log.read_text() and time.time() < deadline and process.poll() is None:
             time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=300)
-    text = log.read_text()
+    return returncode, log.read_text()
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    returncode, text = sigterm_after_first_update([sys.executable, str(ROOT / "train_sft_diffusion_sharpening_sdxl.py"), *argv],
+                                                  env, tmp_path / "log.txt")
     assert returncode == 143, text[-3000:]
     assert json.loads((out / "PREEMPTED.json").read_text())["exit_code"] == 143
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -151,16 +156,8 @@ def test_sigterm_under_two_processes_leaves_a_marker_and_resumes(tiny_sdxl, tmp_
     data = write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
     argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000, train_batch_size=1)
-    cmd, env = launch_command("train_sft_diffusion_sharpening_sdxl.py", argv, num_processes=2)
-    log = tmp_path / "log.txt"
-    with open(log, "w") as stream:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while "outcome=updated" not in log.read_text() and time.time() < deadline and process.poll() is None:
-            time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=300)
-    text = log.read_text()
+    returncode, text = sigterm_after_first_update(*launch_command("train_sft_diffusion_sharpening_sdxl.py", argv, num_processes=2),
+                                                  tmp_path / "log.txt")
     assert "2 processes" in text, text[-3000:]
     assert returncode != 0, text[-3000:]  # 1 from the launcher (143 from a single process)
     marker = json.loads((out / "PREEMPTED.json").read_text())

@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_args, write_image_folder
+from conftest import reset_accelerate_state, tiny_args, write_image_folder
 
 import train_rlhf_diffusion_sharpening_sdxl as rlhf
 import train_sft_diffusion_sharpening_sdxl as sft
 from sharpening import training
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; reset accelerate's singletons and our SIGTERM hook."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    signal.signal(signal.SIGTERM, previous)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -150,10 +140,7 @@ def test_unscored_candidates_never_train(tiny_sdxl, tmp_path):
 def run_sft(tiny_sdxl, data, out, **overrides):
     args = sft.parse_args(tiny_args(tiny_sdxl, out, train_data_dir=data, **overrides))
     sft.main(args)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return args
 
 
