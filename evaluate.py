@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
     g.add_argument("--decode_batch_size", type=int, default=None, help="VAE decodes per chunk (default: 8 at 512 px, 2 at 1024 px).")
     g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet and text encoders; the VAE stays fp32 unless a replacement VAE is given.")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet and text encoders; the VAE stays fp32 when its config says force_upcast (the stock SDXL VAE).")
 
     g = p.add_argument_group("rewards and outputs")
     add_reward_args(p, argv)
@@ -231,7 +231,7 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
         model = guided(unet_forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
         latents = sample(model, ddim, flat_noise[start : start + len(batch)].to(device, dtype), cond)
-        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size or sdxl.default_decode_chunk(r))
+        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images
         finite.append(batch_finite.numpy())
     del unet
@@ -344,10 +344,10 @@ def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prom
 
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    from reward import build_reward, load_reward_plugins, parse_reward_spec
+    from reward import build_reward, parse_reward_spec
 
     started = time.time()
-    load_reward_plugins(args.reward_plugin)
+    # --reward_plugin files were imported by add_reward_args, before parsing: their rewards are registered.
     for spec in [args.reward_model, *args.also_score]:
         parse_reward_spec(spec)  # a bad spec fails before any model is loaded
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

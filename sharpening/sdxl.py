@@ -125,10 +125,13 @@ def default_decode_chunk(resolution: int) -> int:
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, chunk_size: int = 8) -> tuple[list[Image.Image], torch.Tensor]:
+def decode(vae, latents: torch.Tensor, chunk_size: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
     """Scaled latents -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory stays
-    bounded. A NaN/inf decode (e.g. the stock SDXL VAE overflowing in fp16) still yields an image, but its
-    flag is False so callers can score it NaN instead of scoring a made-up black picture."""
+    bounded (default: `default_decode_chunk` of the decoded resolution). A NaN/inf decode (e.g. the stock SDXL VAE
+    overflowing in fp16) still yields an image, but its flag is False so callers can score it NaN instead of
+    scoring a made-up black picture."""
+    if chunk_size is None:
+        chunk_size = default_decode_chunk(latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1))
     images: list[Image.Image] = []
     finite = []
     for chunk in latents.split(max(1, chunk_size)):

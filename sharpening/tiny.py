@@ -57,8 +57,8 @@ def write_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
 def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, sample_size: int = 32) -> Path:
     """Save a randomly initialised tiny SDXL (diffusers layout, loadable by path with
     `StableDiffusionXLPipeline.from_pretrained`). VAE downsamples by 2, so `--resolution 32` gives 16x16 latents."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -117,21 +117,21 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0, sample_size: int 
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    return save_sdxl(out, unet, vae, text_encoder, text_encoder_2, scheduler)
+
+
+def save_sdxl(out: Path, unet, vae, text_encoder, text_encoder_2, scheduler) -> Path:
+    """Save the parts as a StableDiffusionXLPipeline with OpenAI CLIP's BPE tokenizer for both encoders."""
     import shutil
 
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(tok_dir)
     return out
 
@@ -168,8 +168,8 @@ def build_sdxl_size(out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloa
     """Save an SDXL with every part at its real size (SDXL-base-1.0's configs: 2816-dim add embeddings, CLIP-L and
     OpenCLIP-bigG text encoders of real width) and random weights, in diffusers layout, in `dtype` (about 7 GB in
     bf16). Catches config wiring that the tiny model hides; it is not a model of anything."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
     common = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, bos_token_id=49406,
@@ -184,16 +184,8 @@ def build_sdxl_size(out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloa
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT, **common))
     finally:
         torch.set_default_dtype(previous)
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in SDXL_SCHEDULER_CONFIG.items() if k != "_class_name"})
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    import shutil
-
-    shutil.rmtree(tok_dir)
-    return out
+    return save_sdxl(out, unet, vae, text_encoder, text_encoder_2, scheduler)
 
 
 if __name__ == "__main__":

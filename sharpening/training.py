@@ -127,9 +127,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded."""
-    from reward import load_reward_plugins, validate_reward_args
+    from reward import validate_reward_args
 
-    load_reward_plugins(args.reward_plugin)
+    # --reward_plugin files were imported by add_reward_args, before parsing, so their rewards and flags exist.
     validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)
     if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
@@ -432,7 +432,7 @@ class Trainer:
 
     def decode(self, latents: torch.Tensor):
         """(images, finite flags) of scaled latents."""
-        return sdxl.decode(self.parts.vae, latents, self.args.decode_batch_size or sdxl.default_decode_chunk(self.args.resolution))
+        return sdxl.decode(self.parts.vae, latents, self.args.decode_batch_size)
 
     @torch.no_grad()
     def rollout(self, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
@@ -488,8 +488,7 @@ class Trainer:
                  "counters": self.reward.counters()}
         parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
         keys = dict.fromkeys(k for part in parts for k in part["logs"])
-        logs = {k: float(np.nanmean(values)) if np.isfinite(values := [p["logs"].get(k, np.nan) for p in parts]).any()
-                else float("nan") for k in keys}
+        logs = {k: finite_mean([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
         trained = sum(p["num_trained"] for p in parts)
         logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
         logs["trained_prompts"] = float(trained)
@@ -855,6 +854,12 @@ class Trainer:
         logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
 
 
+def finite_mean(values) -> float:
+    """Mean of the non-NaN values; NaN when no value is finite (where np.nanmean would warn)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def peak_memory(device: torch.device) -> str:
     """Host peak RSS (and the CUDA allocator's peak on a GPU), for the log a user sizes the next run from."""
     import resource
@@ -936,5 +941,5 @@ class UpdateWindow:
     def logs(self) -> dict[str, float]:
         loss = self.loss_sum / self.num_trained if self.num_trained else float("nan")
         out = {"loss": loss, "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
-        out |= {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in self.extra.items()}
+        out |= {k: finite_mean(v) for k, v in self.extra.items()}
         return out
