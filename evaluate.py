@@ -191,7 +191,7 @@ class BaseParts:
     def __init__(self, base: str, args, device, dtype):
         from sharpening import sdxl
 
-        parts = sdxl.load_sdxl(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        parts = sdxl.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
         del parts.unet  # each model loads its own UNet
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
@@ -216,10 +216,10 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
     """Images (prompt-major: prompt i, image k at i * K + k) for one model, and whether each decoded to finite
     pixels (an image that did not is scored NaN, as in training, not as the black picture it becomes)."""
     from sharpening import sdxl
-    from sharpening.sampler import DDIM, guided, sample, unet_forward
+    from sharpening.sampler import guided, sample
 
     unet = load_unet(spec, args, device, dtype)
-    ddim = DDIM(base.parts.scheduler_config, args.steps)
+    sampler = sdxl.make_sampler(base.parts, args.steps)
     num_prompts, per_prompt = noise.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     flat_noise = noise.flatten(0, 1)
@@ -229,8 +229,8 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         batch = flat_prompts[start : start + args.batch_size]
         ids = sdxl.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
         cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
-        model = guided(unet_forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
-        latents = sample(model, ddim, flat_noise[start : start + len(batch)].to(device, dtype), cond)
+        model = guided(sdxl.forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
+        latents = sample(model, sampler, flat_noise[start : start + len(batch)].to(device, dtype), cond)
         batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images
         finite.append(batch_finite.numpy())

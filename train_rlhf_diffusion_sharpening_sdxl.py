@@ -26,7 +26,8 @@ from reward import add_reward_args
 from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
 from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
-from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
+from sharpening.config import add_training_args, validate_training_args
+from sharpening.training import StepResult, Trainer
 from sharpening.trajectory import reward_spread
 
 logger = logging.getLogger("sharpening")
@@ -66,9 +67,9 @@ def pair_errors(trainer: Trainer, model, rows_w: Rows, rows_l: Rows, cond) -> tu
     shared = rows_l.states is rows_w.states
     prediction = trainer.predict(model, rows_w if shared else Rows.cat([rows_w, rows_l]), cond)
     prediction_w, prediction_l = (prediction, prediction) if shared else prediction.split([len(rows_w.prompt), len(rows_l.prompt)])
-    batch = cond.pooled.shape[0]
+    batch = len(cond)
     return tuple(
-        per_prompt_mean(per_sample_mse(pred, rows.target(trainer.ddim)), rows.prompt, batch)
+        per_prompt_mean(per_sample_mse(pred, rows.target(trainer.sampler)), rows.prompt, batch)
         for pred, rows in ((prediction_w, rows_w), (prediction_l, rows_l))
     )
 
@@ -86,7 +87,7 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     sel = candidates.selection
 
     # Policy and reference errors on the winner's and the loser's rows: one grad call, one no-grad call.
-    rows_w, rows_l = dpo_rows(args.dpo_target, trainer.ddim, candidates, generator)
+    rows_w, rows_l = dpo_rows(args.dpo_target, trainer.sampler, candidates, generator)
     train_cond = trainer.caption_dropout(cond, generator)
     policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():

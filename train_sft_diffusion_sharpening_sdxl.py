@@ -18,11 +18,11 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening import sdxl
 from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
 from sharpening.losses import per_sample_mse
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
-from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args
+from sharpening.config import add_training_args, validate_training_args
+from sharpening.training import StepResult, Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepResult:
     """Algorithm 1 for one micro-batch of B image-text pairs."""
     args, captions = trainer.args, batch["captions"]
-    time_ids = sdxl.time_ids(batch["original_sizes"], batch["crops_top_left"], (args.resolution,) * 2)
-    x0 = sdxl.encode_images(trainer.parts.vae, batch["pixel_values"], generator).float()
+    time_ids = trainer.family.time_ids(batch["original_sizes"], batch["crops_top_left"], (args.resolution,) * 2)
+    x0 = trainer.encode_images(batch["pixel_values"], generator)
 
     # Explore n trajectories per pair (no grad) and pick the best path per prompt (Eq. 8).
     cond = trainer.conditioning(captions, time_ids)
@@ -55,11 +55,11 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     selection = candidates.selection
 
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
-    rows = sft_rows(args.sft_target, trainer.ddim, candidates)
+    rows = sft_rows(args.sft_target, trainer.sampler, candidates)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
-    mse = per_sample_mse(prediction, rows.target(trainer.ddim))
+    mse = per_sample_mse(prediction, rows.target(trainer.sampler))
     if args.data_anchor_weight:
-        mse = mse + args.data_anchor_weight * per_sample_mse(prediction, rows.with_clean(trainer.ddim, x0[rows.prompt]).target(trainer.ddim))
+        mse = mse + args.data_anchor_weight * per_sample_mse(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]).target(trainer.sampler))
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
     return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.has_winner, logs)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 from reward import add_reward_args  # noqa: E402
 from sharpening.losses import per_sample_mse  # noqa: E402
 from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
-from sharpening.training import StepResult, Trainer, add_training_args, validate_training_args  # noqa: E402
+from sharpening.config import add_training_args, validate_training_args  # noqa: E402
+from sharpening.training import StepResult, Trainer  # noqa: E402
 from train_rlhf_diffusion_sharpening_sdxl import load_prompts  # noqa: E402
 
 
@@ -49,9 +50,9 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     has_winner = torch.isfinite(scores).any(0)
     winner = scores.nan_to_num(float("-inf")).argmax(0)
     best = images[winner.to(images.device) * size + torch.arange(size, device=images.device)]
-    rows = fresh_rows(trainer.ddim, best, trainer.num_steps, generator)
+    rows = fresh_rows(trainer.sampler, best, trainer.num_steps, generator)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
-    losses = per_prompt_mean(per_sample_mse(prediction, rows.target(trainer.ddim)), rows.prompt, size)
+    losses = per_prompt_mean(per_sample_mse(prediction, rows.target(trainer.sampler)), rows.prompt, size)
     finite_scores = scores[torch.isfinite(scores)]
     logs = {"reward/candidate_mean": finite_scores.mean().item() if finite_scores.numel() else float("nan"),
             "reward/winner": scores.nan_to_num(float("-inf")).max(0).values[has_winner].mean().item() if has_winner.any() else float("nan")}

@@ -2,7 +2,7 @@
 
     python benchmarks/grader_throughput.py --n 64 --latency_ms 200 --concurrency 16
 
-Starts tests/fake_openai_server.py on 127.0.0.1 with a fixed per-request latency, scores --n images
+Starts testing/fake_openai_server.py on 127.0.0.1 with a fixed per-request latency, scores --n images
 through the real openai client once with --mllm_concurrency 1 and once with --concurrency, and prints
 both wall times and the speed-up. No network and no API key are needed.
 """
@@ -15,12 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from PIL import Image  # noqa: E402
 
-from fake_openai_server import FakeOpenAIServer, Reply, grade_json  # noqa: E402
 from reward import build_reward  # noqa: E402
+from testing.fake_openai_server import FakeOpenAIServer, Reply, grade_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

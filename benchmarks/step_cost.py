@@ -221,7 +221,7 @@ class CallCounter:
     def __init__(self, trainer):
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.handles = []
-        for unet in {id(u): u for u in (trainer.raw_unet, trainer.reference_unet) if u is not None}.values():
+        for unet in {id(u): u for u in (trainer.model.raw_unet, trainer.model.reference_unet) if u is not None}.values():
             self.handles.append(unet.register_forward_pre_hook(self._unet_hook, with_kwargs=True))
         vae = trainer.parts.vae
         decode = vae.decode
@@ -334,42 +334,42 @@ def _decode_with_autograd(vae, latents: torch.Tensor):
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
 
-def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond_n, noise: torch.Tensor, prompts_n: list[str]):
+def _upstream_trajectory(trainer, x0: torch.Tensor, x: torch.Tensor, index: torch.Tensor, cond_n, noise: torch.Tensor, prompts_n: list[str]):
     """The upstream trajectory loop (upstream train_sft_diffusion_sharpen_sdxl.py L1055-1109): n*B candidates with grad at each of the m
     steps, states not detached, x0 previews decoded with autograd on, one reward request per image.
     Returns (mean-over-steps MSE with its graph, mean-over-steps reward), both (n*B,)."""
     from sharpening.losses import per_sample_mse
 
     model = trainer.policy(grad=True)
-    ddim, vae, reward = trainer.ddim, trainer.parts.vae, trainer.reward
+    sampler, vae, reward = trainer.sampler, trainer.parts.vae, trainer.reward
     losses, rewards = [], []
     for _ in range(trainer.num_steps):
+        t = sampler.grid[index]
         eps = model(x, t, cond_n)  # WITH grad for every candidate
-        target = ddim.target(x0, noise, t)  # the original noise at every step
-        x, x0_hat = ddim.step(eps, t, x)  # x is NOT detached: the next loss back-propagates through here
+        target = sampler.target(x0, noise, t)  # the original noise at every step
+        x, x0_hat = sampler.step(eps, index, x)  # x is NOT detached: the next loss back-propagates through here
         images = _decode_with_autograd(vae, x0_hat)
         rewards.append(torch.stack([reward.evaluate([image], [prompt]).total[0] for image, prompt in zip(images, prompts_n)]).float())
         losses.append(per_sample_mse(eps, target))
-        t = t - ddim.stride
+        index = index + 1
     return torch.stack(losses).mean(0), torch.stack(rewards).mean(0)  # mean over steps
 
 
 def baseline_sft_step(trainer, batch: dict, generator: torch.Generator):
     """SFT the upstream way (upstream train_sft_diffusion_sharpen_sdxl.py L1021-1123) on the same inputs and draws as `sft_step`."""
-    from sharpening import sdxl
     from sharpening.training import StepResult
-    from sharpening.trajectory import draw_start_timesteps, select
+    from sharpening.trajectory import draw_start_indices, select
 
     n, captions = trainer.args.num_noisy_latents, batch["captions"]
     batch_size = len(captions)
-    time_ids = sdxl.time_ids(batch["original_sizes"], batch["crops_top_left"], (trainer.args.resolution,) * 2)
-    x0 = sdxl.encode_images(trainer.parts.vae, batch["pixel_values"], generator).float()
+    time_ids = trainer.family.time_ids(batch["original_sizes"], batch["crops_top_left"], (trainer.args.resolution,) * 2)
+    x0 = trainer.encode_images(batch["pixel_values"], generator)
     cond_n = trainer.conditioning(captions, time_ids).repeat(n)
-    t = draw_start_timesteps(trainer.ddim, batch_size, trainer.num_steps, generator).repeat(n)
+    start = draw_start_indices(trainer.sampler, batch_size, trainer.num_steps, generator).repeat(n)
     noise = trainer.randn((n * batch_size, *x0.shape[1:]), generator)
     x0_n = x0.repeat(n, 1, 1, 1)
-    x = trainer.ddim.add_noise(x0_n, noise, t)
-    mse, rewards = _upstream_trajectory(trainer, x0_n, x, t, cond_n, noise, captions * n)
+    x = trainer.sampler.add_noise(x0_n, noise, trainer.sampler.grid[start])
+    mse, rewards = _upstream_trajectory(trainer, x0_n, x, start, cond_n, noise, captions * n)
     sel = select(rewards, n)
     rows = sel.winner.to(mse.device) * batch_size + torch.arange(batch_size, device=mse.device)
     return StepResult(mse[rows], sel.has_winner.to(mse.device))  # loss = l[argmax r] (per prompt)
@@ -382,19 +382,20 @@ def baseline_rlhf_step(trainer, batch: dict, generator: torch.Generator):
     from sharpening.losses import per_sample_mse
     from sharpening.sampler import sample
     from sharpening.training import StepResult
-    from sharpening.trajectory import draw_start_timesteps, select
+    from sharpening.trajectory import draw_start_indices, select
 
-    args, ddim = trainer.args, trainer.ddim
+    args, sampler = trainer.args, trainer.sampler
     n, prompts = args.num_noisy_latents, batch["captions"]
     batch_size = len(prompts)
     cond_n = trainer.conditioning(prompts, trainer.default_time_ids(batch_size)).repeat(n)
     noise = trainer.randn(trainer.latent_shape(n * batch_size), generator)
-    x0 = sample(trainer.policy(grad=False), ddim, noise, cond_n)  # n images per prompt, no CFG, no grad
-    t = draw_start_timesteps(ddim, batch_size, trainer.num_steps, generator).repeat(n)
-    x = ddim.add_noise(x0, noise, t)  # re-noised with the SAME noise
+    x0 = sample(trainer.policy(grad=False), sampler, noise, cond_n)  # n images per prompt, no CFG, no grad
+    start = draw_start_indices(sampler, batch_size, trainer.num_steps, generator).repeat(n)
+    t = sampler.grid[start]
+    x = sampler.add_noise(x0, noise, t)  # re-noised with the SAME noise
     with torch.no_grad():  # reference once, at the first state only
-        ref_mse = per_sample_mse(trainer.reference(x, t, cond_n), ddim.target(x0, noise, t))
-    mse, rewards = _upstream_trajectory(trainer, x0, x, t, cond_n, noise, prompts * n)
+        ref_mse = per_sample_mse(trainer.reference(x, t, cond_n), sampler.target(x0, noise, t))
+    mse, rewards = _upstream_trajectory(trainer, x0, x, start, cond_n, noise, prompts * n)
     sel = select(rewards, n)
     arange = torch.arange(batch_size, device=mse.device)
     w, l = sel.winner.to(mse.device) * batch_size + arange, sel.loser.to(mse.device) * batch_size + arange
@@ -507,9 +508,9 @@ def run_variant(args: argparse.Namespace, variant: str, model_path: str, workdir
             done = all(records[name] or name in broken for name in IMPLS)
             if args.budget_s and measuring_since and done and time.perf_counter() - measuring_since > args.budget_s:
                 break
-        grad_mb = sum(p.numel() * p.element_size() for p in trainer.trainable_params) / MB
+        grad_mb = sum(p.numel() * p.element_size() for p in trainer.model.trainable_params) / MB
         result = {"build_s": build_s, "loaded_mb": loaded_mb, "memory_method": memory.method, "device": str(trainer.device),
-                  "num_steps_m": trainer.num_steps, "trainable_params_m": sum(p.numel() for p in trainer.trainable_params) / 1e6,
+                  "num_steps_m": trainer.num_steps, "trainable_params_m": sum(p.numel() for p in trainer.model.trainable_params) / 1e6,
                   "grad_buffers_mb": grad_mb}
         result |= {name: summarise(records[name]) for name in IMPLS}
         result["ratios"] = ratios(result["ours"], result["baseline"], grad_mb)

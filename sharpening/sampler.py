@@ -1,18 +1,47 @@
-"""Batched deterministic DDIM (eta = 0) with a timestep PER SAMPLE, and classifier-free-guided rollouts.
+"""Samplers on a fixed grid, stepped with a position PER SAMPLE, and classifier-free-guided rollouts.
 
-diffusers' `DDIMScheduler.step` takes one scalar timestep for the whole batch (the upstream release passed a
-vector and crashes for n > 1: Gen-Verse/Diffusion-Sharpening, train_sft_diffusion_sharpen_sdxl.py L1087). Trajectories start at different timesteps per prompt, so we
-keep the scheduler only for its noise schedule and do the DDIM update ourselves, with alpha-bar looked up per
-sample and reshaped to (N, 1, 1, 1).
+A `Sampler` is what exploration, the training targets and rollouts need from a noise schedule. Positions on its
+grid are INDICES (0 = the noisiest state): `grid[k]` is the timestep the model is called with at index k, and a
+step goes from index k to k + 1. Nothing outside a sampler does arithmetic on timesteps, so a schedule whose time
+is not an integer (flow matching's sigma) or whose grid is not evenly spaced plugs into the same loops.
+
+`DDIM` is the sampler of the SDXL family. diffusers' `DDIMScheduler.step` takes one scalar timestep for the whole
+batch (the upstream release passed a vector and crashes for n > 1: Gen-Verse/Diffusion-Sharpening,
+train_sft_diffusion_sharpen_sdxl.py L1087). Trajectories start at different positions per prompt, so we keep the
+scheduler only for its noise schedule and do the DDIM update ourselves, with alpha-bar looked up per sample and
+reshaped to (N, 1, 1, 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from diffusers import DDIMScheduler
+
+# f(x, t, cond) -> model output, for a batch of states x at per-row timesteps t under conditioning cond (whatever
+# the model family encodes a prompt as; it needs `cat` for classifier-free guidance).
+ModelFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+class Sampler(Protocol):
+    grid: torch.Tensor  # (K,) model timesteps, noisiest first
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t of clean latents x0 and noise at per-row timesteps (any value in the training range, on the grid or not)."""
+
+    def step(self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One deterministic step from per-row grid `index` to index + 1 (past the last index: the clean end).
+        Returns (x_next, x0_hat)."""
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The model-output regression target for (x0, noise) at `timesteps`."""
+
+    def exact_noise(self, x0: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The noise that, with x0, gives exactly `states` at `timesteps` (add_noise's inverse in the noise)."""
+
+    def draw_train_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` timesteps from the distribution the model was trained on (the ordinary diffusion loss)."""
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -71,8 +100,14 @@ class DDIM:
             x0 = x0.clamp(-r, r)
         return x0, eps
 
-    def step(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor):
-        """One DDIM step (eta = 0) from per-sample `timesteps` to `timesteps - stride`. Returns (x_prev, x0_hat)."""
+    def step(self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor):
+        """One DDIM step (eta = 0) from per-sample grid `index`. Returns (x_prev, x0_hat)."""
+        return self.step_at(model_output, self.grid[index.long().cpu()], sample)
+
+    def step_at(self, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor):
+        """One DDIM step (eta = 0) from per-sample `timesteps` to `timesteps - stride`, as DDIMScheduler.step computes
+        the previous timestep (on the "leading" and "trailing" grids that is the next grid point; past the last
+        one, final_alpha_cumprod). Returns (x_prev, x0_hat)."""
         x0, eps = self.split_prediction(model_output, sample, timesteps)
         abar_prev = self.alpha_bar(timesteps - self.stride)
         x_prev = _per_sample(abar_prev.sqrt(), sample) * x0 + _per_sample((1 - abar_prev).sqrt(), sample) * eps
@@ -94,75 +129,29 @@ class DDIM:
         abar = self.alpha_bar(timesteps)
         return (states - _per_sample(abar.sqrt(), states) * x0) / _per_sample((1 - abar).sqrt(), states)
 
-
-@dataclass
-class Conditioning:
-    """SDXL conditioning for a batch: per-token embeddings, pooled embedding, add_time_ids."""
-
-    prompt_embeds: torch.Tensor  # (N, 77, 2048)
-    pooled: torch.Tensor  # (N, 1280)
-    time_ids: torch.Tensor  # (N, 6)
-
-    def repeat(self, n: int) -> "Conditioning":
-        """Candidate-major repeat: row i*B + b is prompt b's candidate i."""
-        return Conditioning(*(x.repeat(n, *([1] * (x.ndim - 1))) for x in self._fields()))
-
-    def select(self, index: torch.Tensor) -> "Conditioning":
-        return Conditioning(*(x[index] for x in self._fields()))
-
-    def where(self, keep: torch.Tensor, other: "Conditioning") -> "Conditioning":
-        """Row b from self where keep[b], else from other."""
-        def pick(a, b):
-            return torch.where(keep.to(a.device).view(-1, *([1] * (a.ndim - 1))), a, b)
-
-        return Conditioning(*(pick(a, b) for a, b in zip(self._fields(), other._fields())))
-
-    @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
-        return Conditioning(*(torch.cat(parts) for parts in zip(*(c._fields() for c in items))))
-
-    def to(self, **kwargs) -> "Conditioning":
-        return Conditioning(*(x.to(**kwargs) for x in self._fields()))
-
-    def _fields(self):
-        return (self.prompt_embeds, self.pooled, self.time_ids)
+    def draw_train_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform integers in [0, num_train_timesteps), as the ordinary diffusion loss (and Diffusion-DPO) draws them."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator)
 
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-
-
-def unet_forward(unet) -> UNetFn:
-    """Adapt an SDXL UNet to f(x, t, cond) -> model output."""
-
-    def forward(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet(
-            x,
-            t.to(x.device),
-            encoder_hidden_states=cond.prompt_embeds,
-            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids},
-            return_dict=False,
-        )[0]
-
-    return forward
-
-
-def guided(model: UNetFn, uncond: Conditioning | None, guidance_scale: float) -> UNetFn:
-    """Classifier-free guidance: one batched call on [uncond; cond] when guidance_scale > 1."""
+def guided(model: ModelFn, uncond, guidance_scale: float) -> ModelFn:
+    """Classifier-free guidance: one batched call on [uncond; cond] when guidance_scale > 1 (cond types provide `cat`)."""
     if guidance_scale <= 1.0 or uncond is None:
         return model
 
-    def forward(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond])).chunk(2)
+    def forward(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), type(cond).cat([uncond, cond])).chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
     return forward
 
 
 @torch.no_grad()
-def sample(model: UNetFn, ddim: DDIM, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """Full DDIM sampling over the grid from pure noise (scaled by init_noise_sigma = 1 for DDIM)."""
+def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond) -> torch.Tensor:
+    """Sampling over the whole grid from pure noise (scaled by init_noise_sigma = 1 for DDIM and flow matching)."""
     x = noise
-    for t in ddim.grid:
-        timesteps = t.repeat(x.shape[0])
-        x, _ = ddim.step(model(x, timesteps, cond), timesteps, x)
+    for k in range(len(sampler.grid)):
+        index = torch.full((x.shape[0],), k, dtype=torch.long)
+        x, _ = sampler.step(model(x, sampler.grid[index], cond), index, x)
     return x
+

@@ -1,16 +1,54 @@
-"""Loading SDXL's parts, encoding prompts, and moving between pixels, latents and PIL images."""
+"""The SDXL model family: loading its parts, its conditioning, the UNet call, moving between pixels, latents and
+PIL images, and saving what was trained in diffusers' layout.
+
+The training loop reaches a model family only through the names below (the family seam): `load`, `Conditioning`
+(with repeat/select/where/cat), `encode_prompts`, `unconditional`, `forward` (f(x, t, cond) of the denoiser),
+`make_sampler`, `encode_images`, `decode`, `vae_dtype`, `LORA_TARGET_MODULES`, `save_lora`, `lora_state` and
+`save_pipeline`. Another family (SD1.5, a flow-matching transformer) provides the same names in its own module.
+"""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .sampler import Conditioning
+from .batched import Batched
+from .sampler import DDIM
+
+
+@dataclass
+class Conditioning(Batched):
+    """SDXL conditioning for a batch: per-token embeddings, pooled embedding, add_time_ids."""
+
+    prompt_embeds: torch.Tensor  # (N, 77, 2048)
+    pooled: torch.Tensor  # (N, 1280)
+    time_ids: torch.Tensor  # (N, 6)
+
+
+def forward(unet) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
+    """Adapt an SDXL UNet to f(x, t, cond) -> model output."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return unet(
+            x,
+            t.to(x.device),
+            encoder_hidden_states=cond.prompt_embeds,
+            added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids},
+            return_dict=False,
+        )[0]
+
+    return call
+
+
+def make_sampler(parts: "SDXLParts", num_inference_steps: int) -> DDIM:
+    """The batched DDIM sampler on the checkpoint's noise schedule."""
+    return DDIM(parts.scheduler_config, num_inference_steps)
 
 
 @dataclass
@@ -36,7 +74,7 @@ def _model_index(pretrained: str) -> dict:
         return {}
 
 
-def load_sdxl(pretrained: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> SDXLParts:
+def load(pretrained: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> SDXLParts:
     """Load tokenizers, text encoders, VAE and UNet of an SDXL checkpoint (hub id or local folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDIMScheduler
@@ -150,3 +188,51 @@ def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: st
         paths.append(folder / f"{prefix}_{i:02d}.png")
         image.save(paths[-1])
     return paths
+
+
+# --------------------------------------------------------------------------------------------- saving
+# LoRA on the attention projections of the UNet, as diffusers' train_text_to_image_lora_sdxl.py does.
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+PIPELINE_CLASS = "StableDiffusionXLPipeline"  # what a full fine-tune is saved as (named in the model card)
+
+
+def save_lora(unet, out: Path) -> None:
+    """The UNet's adapters as `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out)`."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionXLPipeline.save_lora_weights(
+        save_directory=str(out), unet_lora_layers=layers, safe_serialization=True,
+        # rank and alpha travel with the weights, so load_lora_weights applies the trained scale
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+
+
+def lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapters saved in `folder` under peft's parameter names (the inverse of save_lora)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    weights = folder / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"Checkpoint {folder} holds no pytorch_lora_weights.safetensors: was it made by a full fine-tune (then drop --use_lora)?")
+    lora, _ = StableDiffusionXLPipeline.lora_state_dict(str(folder))
+    peft_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items() if k.startswith("unet.")})
+    # peft names parameters `<module>.lora_A.default.weight`; the saved keys lack the adapter name.
+    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+            for k, v in peft_state.items()}
+
+
+def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None) -> None:
+    """A complete StableDiffusionXLPipeline with the trained UNet (and the loaded VAE and text encoders) in `out`;
+    the scheduler and anything else come from the base checkpoint."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        pretrained, revision=revision, variant=variant,
+        unet=unet, vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
+        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)

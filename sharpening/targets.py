@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import DDIM
+from .sampler import Sampler
 from .trajectory import Candidates
 
 SFT_TARGETS = {
@@ -51,20 +51,20 @@ class Rows:
     noise: torch.Tensor  # (R, C, H, W)
     prompt: torch.Tensor  # (R,) long
 
-    def target(self, ddim: DDIM) -> torch.Tensor:
+    def target(self, sampler: Sampler) -> torch.Tensor:
         """The model-output target (epsilon, velocity or x0, whatever the scheduler predicts)."""
-        return ddim.target(self.clean, self.noise, self.timesteps)
+        return sampler.target(self.clean, self.noise, self.timesteps)
 
     @staticmethod
     def cat(parts: list["Rows"]) -> "Rows":
         return Rows(*(torch.cat(field) for field in zip(*((r.states, r.timesteps, r.clean, r.noise, r.prompt) for r in parts))))
 
-    def with_clean(self, ddim: DDIM, clean: torch.Tensor) -> "Rows":
+    def with_clean(self, sampler: Sampler, clean: torch.Tensor) -> "Rows":
         """The same states regressed toward other clean latents (exact noise)."""
-        return Rows(self.states, self.timesteps, clean, ddim.exact_noise(clean, self.states, self.timesteps), self.prompt)
+        return Rows(self.states, self.timesteps, clean, sampler.exact_noise(clean, self.states, self.timesteps), self.prompt)
 
 
-def path_rows(ddim: DDIM, candidates: Candidates, which: torch.Tensor, clean: torch.Tensor | None) -> Rows:
+def path_rows(sampler: Sampler, candidates: Candidates, which: torch.Tensor, clean: torch.Tensor | None) -> Rows:
     """The m states of candidate which[b] of every prompt b (rows step-major: state k of prompt b is row k*B + b).
     clean: (B, C, H, W) per prompt, regressed to exactly; None = the paper's target (the starting noise, toward x0)."""
     rows = candidates.rows_of(which)
@@ -75,57 +75,57 @@ def path_rows(ddim: DDIM, candidates: Candidates, which: torch.Tensor, clean: to
     if clean is None:
         return Rows(states, timesteps, candidates.x0[prompt], candidates.noise[rows].repeat(m, 1, 1, 1), prompt)
     clean = clean[prompt].to(states)
-    return Rows(states, timesteps, clean, ddim.exact_noise(clean, states, timesteps), prompt)
+    return Rows(states, timesteps, clean, sampler.exact_noise(clean, states, timesteps), prompt)
 
 
-def all_paths_rows(ddim: DDIM, candidates: Candidates, clean: torch.Tensor) -> Rows:
+def all_paths_rows(sampler: Sampler, candidates: Candidates, clean: torch.Tensor) -> Rows:
     """The m states of ALL n candidates of every prompt, each regressed toward its prompt's `clean` (B, C, H, W)."""
     n = candidates.exploration.timesteps.shape[1] // len(clean)
-    return Rows.cat([path_rows(ddim, candidates, torch.full((len(clean),), i), clean) for i in range(n)])
+    return Rows.cat([path_rows(sampler, candidates, torch.full((len(clean),), i), clean) for i in range(n)])
 
 
-def fresh_rows(ddim: DDIM, clean: torch.Tensor, per_prompt: int, generator: torch.Generator) -> Rows:
+def fresh_rows(sampler: Sampler, clean: torch.Tensor, per_prompt: int, generator: torch.Generator) -> Rows:
     """`per_prompt` fresh noisings of each prompt's `clean` at timesteps drawn uniformly from the training range,
     as the ordinary diffusion loss (and Diffusion-DPO) sees its data."""
     batch = clean.shape[0]
     prompt = torch.arange(batch).repeat(per_prompt)
-    timesteps = torch.randint(0, ddim.scheduler.config.num_train_timesteps, (len(prompt),), generator=generator)
+    timesteps = sampler.draw_train_timesteps(len(prompt), generator)
     noise = torch.randn((len(prompt), *clean.shape[1:]), generator=generator).to(clean)
-    return Rows(ddim.add_noise(clean[prompt], noise, timesteps), timesteps, clean[prompt], noise, prompt)
+    return Rows(sampler.add_noise(clean[prompt], noise, timesteps), timesteps, clean[prompt], noise, prompt)
 
 
-def sft_rows(name: str, ddim: DDIM, candidates: Candidates) -> Rows:
+def sft_rows(name: str, sampler: Sampler, candidates: Candidates) -> Rows:
     """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS)."""
     winner = candidates.selection.winner
     if name == "noise":
-        return path_rows(ddim, candidates, winner, None)
+        return path_rows(sampler, candidates, winner, None)
     if name == "exact":
-        return path_rows(ddim, candidates, winner, candidates.x0)
+        return path_rows(sampler, candidates, winner, candidates.x0)
     if name == "endpoint":
-        return path_rows(ddim, candidates, winner, candidates.endpoints_of(winner))
+        return path_rows(sampler, candidates, winner, candidates.endpoints_of(winner))
     if name == "best_endpoint":
-        return all_paths_rows(ddim, candidates, candidates.endpoints_of(winner))
+        return all_paths_rows(sampler, candidates, candidates.endpoints_of(winner))
     raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
 
 
-def dpo_rows(name: str, ddim: DDIM, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:
+def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:
     """(winner rows, loser rows) of the DPO loss (Eq. 11) for target `name` (DPO_TARGETS); the two sides have
     the same number of rows per prompt."""
     sel = candidates.selection
     if name in ("noise", "exact", "endpoint"):
         def side(which):
             clean = {"noise": None, "exact": candidates.x0, "endpoint": candidates.endpoints_of(which)}[name]
-            return path_rows(ddim, candidates, which, clean)
+            return path_rows(sampler, candidates, which, clean)
 
         return side(sel.winner), side(sel.loser)
     if name == "shared":
-        rows_w = all_paths_rows(ddim, candidates, candidates.endpoints_of(sel.winner))
-        return rows_w, rows_w.with_clean(ddim, candidates.endpoints_of(sel.loser)[rows_w.prompt])
+        rows_w = all_paths_rows(sampler, candidates, candidates.endpoints_of(sel.winner))
+        return rows_w, rows_w.with_clean(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
     if name == "fresh":
         m = candidates.exploration.timesteps.shape[0]
-        rows_w = fresh_rows(ddim, candidates.endpoints_of(sel.winner), m, generator)
+        rows_w = fresh_rows(sampler, candidates.endpoints_of(sel.winner), m, generator)
         loser = candidates.endpoints_of(sel.loser)[rows_w.prompt]
-        return rows_w, Rows(ddim.add_noise(loser, rows_w.noise, rows_w.timesteps), rows_w.timesteps, loser, rows_w.noise, rows_w.prompt)
+        return rows_w, Rows(sampler.add_noise(loser, rows_w.noise, rows_w.timesteps), rows_w.timesteps, loser, rows_w.noise, rows_w.prompt)
     raise ValueError(f"unknown DPO target {name!r}; choose from {sorted(DPO_TARGETS)}")
 
 

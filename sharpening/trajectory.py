@@ -1,4 +1,4 @@
-"""Exploration shared by both variants: n candidates x m DDIM steps without grad, scored along the path.
+"""Exploration shared by both variants: n candidates x m sampler steps without grad, scored along the path.
 
 Layout convention: the n candidates of a micro-batch of B prompts are stacked candidate-major, so row
 i * B + b is candidate i of prompt b and `x.view(n, B, ...)` recovers the (candidate, prompt) grid.
@@ -10,21 +10,20 @@ from typing import Callable
 
 import torch
 
-from .sampler import DDIM, Conditioning, UNetFn
+from .sampler import ModelFn, Sampler
 
 
-def draw_start_timesteps(ddim: DDIM, batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-prompt start timesteps drawn uniformly from the DDIM grid positions that leave room for
-    `num_steps` states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050, shares one
-    t across ranks, their maximum: biased toward high noise)."""
-    last_start = len(ddim.grid) - num_steps
-    positions = torch.randint(0, last_start + 1, (batch_size,), generator=generator)
-    return ddim.grid[positions]
+def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-prompt start positions drawn uniformly from the grid indices that leave room for `num_steps` states on
+    the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050, shares
+    one t across ranks, their maximum: biased toward high noise)."""
+    last_start = len(sampler.grid) - num_steps
+    return torch.randint(0, last_start + 1, (batch_size,), generator=generator)
 
 
-def effective_steps(ddim: DDIM, trajectory_nums: int) -> int:
-    """m clipped to the grid length, so every visited timestep is on the grid and >= 0."""
-    return max(1, min(trajectory_nums, len(ddim.grid)))
+def effective_steps(sampler: Sampler, trajectory_nums: int) -> int:
+    """m clipped to the grid length, so every visited state is on the grid."""
+    return max(1, min(trajectory_nums, len(sampler.grid)))
 
 
 @dataclass
@@ -38,16 +37,17 @@ class Exploration:
 
 
 @torch.no_grad()
-def explore(model: UNetFn, ddim: DDIM, x_start: torch.Tensor, t_start: torch.Tensor, cond: Conditioning, num_steps: int) -> Exploration:
-    """Run `num_steps` deterministic DDIM steps from x_start (N rows, per-row t_start), keeping each state."""
+def explore(model: ModelFn, sampler: Sampler, x_start: torch.Tensor, start: torch.Tensor, cond, num_steps: int) -> Exploration:
+    """Run `num_steps` deterministic sampler steps from x_start (N rows, per-row grid index `start`), keeping each state."""
     states, timesteps, x0_preds = [], [], []
-    x, t = x_start, t_start
+    x, index = x_start, start.long()
     for _ in range(num_steps):
+        t = sampler.grid[index]
         states.append(x)
         timesteps.append(t)
-        x, x0 = ddim.step(model(x, t, cond), t, x)
+        x, x0 = sampler.step(model(x, t, cond), index, x)
         x0_preds.append(x0)
-        t = t - ddim.stride
+        index = index + 1
     return Exploration(torch.stack(states), torch.stack(timesteps), torch.stack(x0_preds))
 
 

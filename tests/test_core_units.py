@@ -5,7 +5,6 @@ against arithmetic written out in the test. Nothing here imports reward.py or th
 """
 from __future__ import annotations
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -18,7 +17,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from conftest import write_image_folder
 from sharpening import data as sdata
 from sharpening import losses, sdxl, trajectory
-from sharpening.sampler import DDIM, Conditioning, guided
+from sharpening.sampler import DDIM, guided
+from sharpening.sdxl import Conditioning
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -119,7 +119,7 @@ def test_batched_step_with_per_sample_timesteps_equals_diffusers_ddim_step(predi
     sample = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
     model_output = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
 
-    prev, x0 = ddim.step(model_output, MIXED_T, sample)
+    prev, x0 = ddim.step_at(model_output, MIXED_T, sample)
     ref_prev, ref_x0 = reference_step(ref, model_output, MIXED_T, sample)
 
     assert prev.dtype == torch.float64 and prev.shape == sample.shape
@@ -133,6 +133,17 @@ def test_batched_step_with_per_sample_timesteps_equals_diffusers_ddim_step(predi
     torch.testing.assert_close(prev[last], manual, rtol=0, atol=1e-12)
 
 
+def test_step_over_grid_indices_is_the_step_at_their_timesteps():
+    # The Sampler interface steps by grid index; index 24 (t = 1) is the last step, to final_alpha_cumprod.
+    ddim = DDIM(sdxl_config(), 25)
+    index = torch.tensor([0, 11, 23, 24])
+    assert ddim.grid[index].tolist() == [961, 521, 41, 1]
+    g = torch.Generator().manual_seed(5)
+    sample, model_output = torch.randn(2, 4, 4, 3, 3, generator=g, dtype=torch.float64)
+    for a, b in zip(ddim.step(model_output, index, sample), ddim.step_at(model_output, ddim.grid[index], sample)):
+        assert torch.equal(a, b)
+
+
 def test_batched_step_float32_matches_diffusers():
     # float32 in/out, as in training, against the STOCK diffusers scheduler (float32 alpha-bars): values are
     # O(1) to O(15) (x0 = x / sqrt(abar) at t = 961), so float32 resolution there is ~1e-6; atol 1e-5.
@@ -140,7 +151,7 @@ def test_batched_step_float32_matches_diffusers():
     ddim, ref = DDIM(config, 25), reference_scheduler(config, float64=False)
     g = torch.Generator().manual_seed(1)
     sample, model_output = torch.randn(2, len(MIXED_T), 4, 3, 3, generator=g)
-    prev, x0 = ddim.step(model_output, MIXED_T, sample)
+    prev, x0 = ddim.step_at(model_output, MIXED_T, sample)
     ref_prev, ref_x0 = reference_step(ref, model_output, MIXED_T, sample)
     assert prev.dtype == torch.float32
     torch.testing.assert_close(prev, ref_prev, rtol=0, atol=1e-5)
@@ -199,7 +210,7 @@ def test_batched_step_equals_diffusers_when_clip_sample_is_on():
     g = torch.Generator().manual_seed(6)
     sample = 3 * torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)  # x0 beyond [-1, 1]
     model_output = torch.randn(len(MIXED_T), 4, 3, 3, generator=g, dtype=torch.float64)
-    prev, _ = ddim.step(model_output, MIXED_T, sample)
+    prev, _ = ddim.step_at(model_output, MIXED_T, sample)
     ref_prev, _ = reference_step(ref, model_output, MIXED_T, sample)
     torch.testing.assert_close(prev, ref_prev, rtol=0, atol=1e-6)
 
@@ -280,11 +291,13 @@ def test_guided_without_uncond_is_the_plain_model():
 # ----------------------------------------------------------------------------------------------- 3. trajectory
 
 
-def test_draw_start_timesteps_only_and_all_legal_starts():
+def test_draw_start_indices_only_and_all_legal_starts():
     ddim = DDIM(sdxl_config(), 25)
     g = torch.Generator().manual_seed(0)
     for m, legal in [(3, set(range(961, 80, -40))), (1, set(range(961, 0, -40))), (25, {961}), (24, {961, 921})]:
-        drawn = torch.cat([trajectory.draw_start_timesteps(ddim, 16, m, g) for _ in range(200)])
+        index = torch.cat([trajectory.draw_start_indices(ddim, 16, m, g) for _ in range(200)])
+        assert index.dtype == torch.long and int(index.max()) + m - 1 == len(ddim.grid) - 1
+        drawn = ddim.grid[index]
         assert drawn.shape == (3200,)
         assert set(drawn.tolist()) == legal, m
         # every state visited (start - k * stride, k < m) is on the grid
@@ -293,10 +306,10 @@ def test_draw_start_timesteps_only_and_all_legal_starts():
     assert min(set(range(961, 80, -40))) == 81
 
 
-def test_draw_start_timesteps_is_reproducible_from_the_generator():
+def test_draw_start_indices_is_reproducible_from_the_generator():
     ddim = DDIM(sdxl_config(), 25)
-    a = trajectory.draw_start_timesteps(ddim, 8, 3, torch.Generator().manual_seed(7))
-    b = trajectory.draw_start_timesteps(ddim, 8, 3, torch.Generator().manual_seed(7))
+    a = trajectory.draw_start_indices(ddim, 8, 3, torch.Generator().manual_seed(7))
+    b = trajectory.draw_start_indices(ddim, 8, 3, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
@@ -321,7 +334,9 @@ def test_explore_states_equal_manual_ddim_recursion(prediction_type):
     def model(x, t, c):  # depends on the state, the per-row timestep and the row's conditioning
         return 0.3 * x + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * c.pooled[:, :1].view(-1, 1, 1, 1)
 
-    out = trajectory.explore(model, ddim, x_start, t_start, cond, m)
+    start = torch.tensor([0, 22, 12, 22])  # grid indices of t_start
+    assert ddim.grid[start].tolist() == t_start.tolist()
+    out = trajectory.explore(model, ddim, x_start, start, cond, m)
     assert out.states.shape == (m, 4, 2, 2, 2) and out.x0_preds.shape == (m, 4, 2, 2, 2)
     assert out.timesteps.tolist() == [[961, 81, 481, 81], [921, 41, 441, 41], [881, 1, 401, 1]]
 
@@ -337,9 +352,10 @@ def test_explore_with_zero_output_keeps_x0_and_scales_states():
     # epsilon model output 0: x0_hat = x_t / sqrt(abar_t) and x_{t-40} = sqrt(abar_{t-40}) * x0_hat.
     ddim = DDIM(sdxl_config(), 25)
     x_start = torch.full((2, 1, 1, 1), 0.5, dtype=torch.float64)
-    out = trajectory.explore(lambda x, t, c: torch.zeros_like(x), ddim, x_start, torch.tensor([961, 501]), cond_of([0.0, 0.0]), 2)
+    start = torch.tensor([0, 12])  # 961, 481
+    out = trajectory.explore(lambda x, t, c: torch.zeros_like(x), ddim, x_start, start, cond_of([0.0, 0.0]), 2)
     ac = ddim.scheduler.alphas_cumprod.double()
-    for row, t in enumerate([961, 501]):
+    for row, t in enumerate([961, 481]):
         x0 = 0.5 / ac[t].sqrt()
         assert out.x0_preds[0, row].item() == pytest.approx(x0.item(), rel=1e-12)
         assert out.states[1, row].item() == pytest.approx((ac[t - 40].sqrt() * x0).item(), rel=1e-12)
@@ -649,7 +665,7 @@ def test_time_ids_row_layout():
 
 @pytest.fixture(scope="module")
 def parts(tiny_sdxl):
-    return sdxl.load_sdxl(str(tiny_sdxl))
+    return sdxl.load(str(tiny_sdxl))
 
 
 def test_load_sdxl_reads_tiny_model(parts):

@@ -9,7 +9,7 @@ from graphlib import CycleError, TopologicalSorter
 
 from conftest import ROOT
 
-PACKAGES = ("rewards", "sharpening", "toyworld")
+PACKAGES = ("rewards", "sharpening", "testing", "toyworld")
 TOP_LEVEL = ("reward", "evaluate", "train_sft_diffusion_sharpening_sdxl", "train_rlhf_diffusion_sharpening_sdxl")
 
 

@@ -1,4 +1,4 @@
-"""The mllm reward against a real HTTP server on 127.0.0.1 (tests/fake_openai_server.py), through the
+"""The mllm reward against a real HTTP server on 127.0.0.1 (testing/fake_openai_server.py), through the
 real openai client: concurrency, timeouts, retries, Retry-After, unusable replies, and the API key."""
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_openai_server import FakeOpenAIServer, Reply, grade_json  # noqa: E402
 from reward import (MLLM_ASPECTS, GradeParseError, MllmRequestError, Secret, add_reward_args,  # noqa: E402
                     build_reward, parse_grade, retry_after_seconds)
+from testing.fake_openai_server import FakeOpenAIServer, Reply, grade_json  # noqa: E402
 
 KEY = "sk-test-" + secrets.token_hex(16)  # unique, so any leak is unambiguous
 

@@ -20,7 +20,7 @@ import torch
 from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss
 from sharpening.sampler import DDIM
 from sharpening.targets import dpo_rows, per_prompt_mean, sft_rows
-from sharpening.trajectory import Candidates, draw_start_timesteps, explore, path_reward, select
+from sharpening.trajectory import Candidates, draw_start_indices, explore, path_reward, select
 from toyworld.train_base import build_scheduler
 
 N, B, M, C = 4, 16, 3, 0.5
@@ -47,9 +47,9 @@ def ddim():
 def explore_and_select(model, ddim, seed: int) -> Candidates:
     g = torch.Generator().manual_seed(seed)
     x0 = torch.zeros(B, 1, 1, 2, dtype=torch.float64)
-    t = draw_start_timesteps(ddim, B, M, g).repeat(N)
+    start = draw_start_indices(ddim, B, M, g).repeat(N)
     noise = torch.randn(N * B, 1, 1, 2, generator=g, dtype=torch.float64)
-    exploration = explore(model, ddim, ddim.add_noise(x0.repeat(N, 1, 1, 1), noise, t), t, None, M)
+    exploration = explore(model, ddim, ddim.add_noise(x0.repeat(N, 1, 1, 1), noise, ddim.grid[start]), start, None, M)
     exploration.step_rewards = exploration.x0_preds.mean(dim=(2, 3, 4)).float()  # brightness of every preview
     rewards = path_reward(exploration.step_rewards)
     return Candidates(x0, noise, exploration, rewards, select(rewards, N))

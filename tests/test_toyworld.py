@@ -131,7 +131,7 @@ def test_train_base_reproduces_from_its_seed_and_trains_the_text_encoders(tmp_pa
     the text encoders are trained (not left at their initialisation) unless --no-train_text_encoders."""
     import torch
 
-    from sharpening.sdxl import load_sdxl
+    from sharpening.sdxl import load
     from toyworld import train_base
 
     tiny = ["--vae_steps", "2", "--unet_steps", "3", "--dataset_size", "16", "--batch_size", "4", "--vae_batch_size", "4", "--log_every", "1"]
@@ -148,5 +148,5 @@ def test_train_base_reproduces_from_its_seed_and_trains_the_text_encoders(tmp_pa
         start = {f"{name}/{k}": v for k, v in init.state_dict().items()}
         assert all(torch.equal(frozen[k], start[k]) for k in start)
         assert not all(torch.equal(a[k], start[k]) for k in start)
-    parts = load_sdxl(str(runs["a"]))
+    parts = load(str(runs["a"]))
     assert parts.unet.config.addition_embed_type == "text_time" and len(parts.tokenizers[0]) == 49408

@@ -59,7 +59,7 @@ def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tm
     # Prompt 0's best candidate is 2, prompt 1's is 0: a flattened argmax would pick only prompt 0's.
     trainer.reward = RiggedReward(torch.tensor([[0.1, 0.9], [0.2, 0.5], [0.8, 0.3]]))
     calls, captured = [], {}
-    unet = trainer.unet
+    unet = trainer.model.unet
     original_forward = unet.forward
 
     def counting_forward(sample, timestep, *a, **k):
@@ -94,7 +94,7 @@ def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tm
 
 def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path):
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=5, max_nonfinite_steps=3)
-    before = {k: v.detach().clone() for k, v in trainer.raw_unet.named_parameters()}
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
 
     def nan_step(tr, batch, generator):
         result = sft.sft_step(tr, batch, generator)
@@ -103,7 +103,7 @@ def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path
     with pytest.raises(RuntimeError, match="3 consecutive updates had a non-finite loss"):
         trainer.train(nan_step)
     assert trainer.counters["nonfinite_skips"] == 3
-    for k, v in trainer.raw_unet.named_parameters():
+    for k, v in trainer.model.raw_unet.named_parameters():
         assert torch.equal(v, before[k]), k
 
 
@@ -115,11 +115,11 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_sdxl, tmp_path)
         result = sft.sft_step(tr, batch, generator)
         seen.append(1)
         if len(seen) == 2:
-            before = {k: v.detach().clone() for k, v in tr.raw_unet.named_parameters()}
+            before = {k: v.detach().clone() for k, v in tr.model.raw_unet.named_parameters()}
             seen.append(before)
             return training.StepResult(result.prompt_losses + float("inf"), result.trained, result.logs)
         if len(seen) == 4:  # the step after the skipped one starts from the same weights
-            for k, v in tr.raw_unet.named_parameters():
+            for k, v in tr.model.raw_unet.named_parameters():
                 assert torch.equal(v, seen[2][k])
         return result
 
@@ -130,10 +130,10 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_sdxl, tmp_path)
 
 def test_unscored_candidates_never_train(tiny_sdxl, tmp_path):
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=2, reward_model="unavailable")
-    before = {k: v.detach().clone() for k, v in trainer.raw_unet.named_parameters()}
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
     trainer.train(sft.sft_step)
     assert trainer.counters["no_preference_skips"] == 2
-    for k, v in trainer.raw_unet.named_parameters():
+    for k, v in trainer.model.raw_unet.named_parameters():
         assert torch.equal(v, before[k]), k
 
 
@@ -188,12 +188,12 @@ def test_rlhf_full_reference_stays_frozen_and_policy_moves(tiny_sdxl, tmp_path):
     prompts.write_text("a red square\na blue circle\n")
     args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=2))
     trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
-    ref_before = {k: v.clone() for k, v in trainer.reference_unet.state_dict().items()}
-    policy_before = {k: v.detach().clone() for k, v in trainer.raw_unet.named_parameters()}
+    ref_before = {k: v.clone() for k, v in trainer.model.reference_unet.state_dict().items()}
+    policy_before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
     trainer.train(rlhf.rlhf_step)
-    for k, v in trainer.reference_unet.state_dict().items():
+    for k, v in trainer.model.reference_unet.state_dict().items():
         assert torch.equal(v, ref_before[k]), k
-    assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.raw_unet.named_parameters())
+    assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.model.raw_unet.named_parameters())
 
 
 def test_rlhf_lora_holds_one_unet_and_reference_is_the_base(tiny_sdxl, tmp_path):
@@ -206,18 +206,18 @@ def test_rlhf_lora_holds_one_unet_and_reference_is_the_base(tiny_sdxl, tmp_path)
     args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=2, use_lora=True))
     trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
     gc.collect()
-    assert trainer.reference_unet is None
+    assert trainer.model.reference_unet is None
     assert sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects()) == 1
     # With adapters disabled the model is exactly the base UNet.
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([501, 1])
     cond = trainer.conditioning(["a", "b"], trainer.default_time_ids(2))
-    from sharpening.sampler import unet_forward
+    from sharpening.sdxl import forward
 
     trainer.train(rlhf.rlhf_step)
     with torch.no_grad():
-        torch.testing.assert_close(trainer.reference(x, t, cond), unet_forward(base)(x, t, cond))
+        torch.testing.assert_close(trainer.reference(x, t, cond), forward(base)(x, t, cond))
         assert not torch.allclose(trainer.policy(grad=False)(x, t, cond), trainer.reference(x, t, cond))
 
 
@@ -226,12 +226,12 @@ def test_rlhf_all_tied_rewards_give_no_update(tiny_sdxl, tmp_path, caplog):
     prompts.write_text("a red square\na blue circle\n")
     args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=2, reward_model="constant"))
     trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
-    before = {k: v.detach().clone() for k, v in trainer.raw_unet.named_parameters()}
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
     caplog.set_level(logging.INFO)
     trainer.train(rlhf.rlhf_step)
     assert trainer.counters["no_preference_skips"] == 2
     assert "update skipped" in caplog.text
-    for k, v in trainer.raw_unet.named_parameters():
+    for k, v in trainer.model.raw_unet.named_parameters():
         assert torch.equal(v, before[k]), k
 
 
@@ -279,7 +279,7 @@ def test_update_is_the_mean_over_the_trained_prompts_of_the_whole_window(tiny_sd
     the gradient is the mean over the three trained prompts, not the mean of the two micro-batch means (which
     would weigh the lone prompt twice)."""
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0)
-    param = trainer.trainable_params[0]
+    param = trainer.model.trainable_params[0]
     plan = iter([([1.0, 100.0], [True, False]), ([2.0, 3.0], [True, True])])
 
     def step(tr, batch, generator):
@@ -333,10 +333,10 @@ def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdx
     # The tiny model's fresh norm weights (1 and 0) are exact in every dtype; real ones are not.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in trainer.raw_unet.named_parameters():
+        for name, param in trainer.model.raw_unet.named_parameters():
             if "norm" in name and "lora" not in name:
                 delta = torch.randn(param.shape, generator=g) * 0.1
-                for model in filter(None, (trainer.raw_unet, trainer.reference_unet)):
+                for model in filter(None, (trainer.model.raw_unet, trainer.model.reference_unet)):
                     model.get_parameter(name).add_(delta.to(param.dtype))
     seen = []
 

@@ -3,7 +3,7 @@
 
     python -m toyworld.train_base --output_dir models/toy-sdxl --seed 0 [--device cuda]
 
-The result loads with `sharpening.sdxl.load_sdxl` and `StableDiffusionXLPipeline.from_pretrained` and is
+The result loads with `sharpening.sdxl.load` and `StableDiffusionXLPipeline.from_pretrained` and is
 what `make demo` and `benchmarks/quality.py` fine-tune. Recipe (all from `--seed`, deterministic on a
 given device):
 

@@ -1,0 +1,221 @@
+"""Checkpoints, resume, preemption and the final export, in diffusers' layout.
+
+A checkpoint is also a usable model: a full fine-tune holds a loadable `unet/` (and `unet_ema/` with --use_ema),
+LoRA `pytorch_lora_weights.safetensors`; accelerate's optimizer, scheduler and RNG state sit beside them, with
+`training_state.json` (step, seed, counters and the layout the data position depends on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("sharpening")
+
+SIGTERM_EXIT_CODE = 143
+PREEMPTED_MARKER = "PREEMPTED.json"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """checkpoint-<step> folders of `folder`, oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resume_path(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names ("latest": the newest in --output_dir), or None."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(Path(args.output_dir))
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    # As in diffusers, a bare checkpoint name means the one inside --output_dir.
+    return path if path.is_dir() else Path(args.output_dir) / path
+
+
+class Checkpoints:
+    """Saving and restoring a run's state through accelerate, for the trained `policy` of model `family`."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, policy, family):
+        self.args, self.accelerator, self.policy, self.family = args, accelerator, policy, family
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+        if policy.ema is not None and args.use_lora:
+            accelerator.register_for_checkpointing(policy.ema)
+
+    # ----------------------------------------------------------------------------------------- accelerate hooks
+    def _save_hook(self, models, weights, output_dir) -> None:
+        for model in models:
+            if self.accelerator.is_main_process:
+                if self.args.use_lora:
+                    self.family.save_lora(self.policy.raw_unet, Path(output_dir))
+                else:
+                    self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+                    if self.policy.ema is not None:
+                        self.policy.ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if weights:
+                weights.pop()
+
+    def _load_hook(self, models, input_dir) -> None:
+        model = self.accelerator.unwrap_model(models.pop())
+        ema = self.policy.ema
+        if self.args.use_lora:
+            state = self.family.lora_state(Path(input_dir))
+        else:
+            if not (Path(input_dir) / "unet" / "config.json").is_file():
+                raise ValueError(f"Checkpoint {input_dir} holds no unet/: was it made by a LoRA run (then add --use_lora)?")
+            state = type(model).from_pretrained(input_dir, subfolder="unet").state_dict()
+            if ema is not None:
+                from diffusers.training_utils import EMAModel
+
+                ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict())
+                ema.to(self.accelerator.device)
+        params = dict(model.named_parameters())
+        expected = {k for k, v in params.items() if v.requires_grad}
+        if set(state) != expected:
+            raise ValueError(
+                f"Checkpoint {input_dir} does not match this run's trainable weights "
+                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing): was it made with the same --use_lora/--lora_rank?"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    # ----------------------------------------------------------------------------------------- save, prune, resume
+    def save(self, global_step: int, counters: dict) -> None:
+        """checkpoint-<step> written atomically: into a temp folder, renamed when complete; pruning only after."""
+        acc, out = self.accelerator, Path(self.args.output_dir)
+        final, tmp = out / f"checkpoint-{global_step}", out / f".tmp-checkpoint-{global_step}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every rank takes part
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "layout": self.layout()}
+            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            logger.info("Saved %s", final)
+            self._prune()
+        acc.wait_for_everyone()
+
+    def _prune(self) -> None:
+        limit = self.args.checkpoints_total_limit
+        if not limit:
+            return
+        for old in list_checkpoints(Path(self.args.output_dir))[:-limit]:
+            logger.info("Removing old checkpoint %s (--checkpoints_total_limit=%d)", old, limit)
+            shutil.rmtree(old)
+
+    def layout(self) -> dict[str, int]:
+        """What the data position and the per-rank random streams of a step depend on."""
+        return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.args.train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
+    def check_layout(self, saved: dict[str, int] | None, path: Path) -> None:
+        """A checkpoint continues exactly only under the layout that wrote it: with another number of processes,
+        batch or accumulation, the same global step is another place in the data and other random draws."""
+        if saved is None:  # written before the layout was recorded
+            logger.warning("%s does not record its processes/batch/accumulation; assuming they match this run.", path)
+            return
+        current = self.layout()
+        if saved != current:
+            def show(layout: dict[str, int]) -> str:
+                return (f"{layout['num_processes']} process(es) x --train_batch_size {layout['train_batch_size']} x "
+                        f"--gradient_accumulation_steps {layout['gradient_accumulation_steps']}")
+
+            raise ValueError(f"{path} was written by {show(saved)}, but this run has {show(current)}. Resume with the "
+                             "same layout to continue exactly; to fine-tune further under another layout, start a new "
+                             f"run (another --output_dir) from its weights ({path}/unet or its LoRA weights).")
+
+    def resume(self) -> tuple[int, dict] | None:
+        """Restore the checkpoint --resume_from_checkpoint names: (its global step, its counters), or None."""
+        args = self.args
+        path = resume_path(args)
+        if path is None:
+            if args.resume_from_checkpoint:
+                logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from scratch.", args.output_dir)
+            return None
+        state = json.loads((path / "training_state.json").read_text())
+        self.check_layout(state.get("layout"), path)
+        self.accelerator.load_state(str(path))
+        if self.policy.ema is not None:
+            self.policy.ema.to(self.accelerator.device)  # accelerate restores custom state on the CPU
+        logger.info("Resumed from %s at step %d.", path, int(state["global_step"]))
+        return int(state["global_step"]), state.get("counters", {})
+
+    def mark_preempted(self, global_step: int | None) -> None:
+        """Write (or, with None, remove) OUTPUT_DIR/PREEMPTED.json. A single process exits 143 after SIGTERM, but
+        `accelerate launch` with several processes reports any worker's non-zero exit as 1, like a crash; the marker
+        tells a wrapper or scheduler that the run stopped on purpose with a complete checkpoint to resume from."""
+        if not self.accelerator.is_main_process:
+            return
+        marker = Path(self.args.output_dir) / PREEMPTED_MARKER
+        if global_step is None:
+            marker.unlink(missing_ok=True)
+            return
+        marker.write_text(json.dumps({"checkpoint": f"checkpoint-{global_step}", "global_step": global_step,
+                                      "exit_code": SIGTERM_EXIT_CODE, "resume": "--resume_from_checkpoint latest"}))
+
+    # ----------------------------------------------------------------------------------------- final export
+    def save_final(self, parts, variant: str, num_steps: int) -> None:
+        """diffusers' output contract: a full fine-tune leaves a complete pipeline in --output_dir (the trained UNet,
+        or its EMA weights with --use_ema), LoRA leaves `pytorch_lora_weights.safetensors`."""
+        args = self.args
+        if not self.accelerator.is_main_process:
+            return
+        out = Path(args.output_dir)
+        with self.policy.ema_weights():
+            if args.use_lora:
+                self.family.save_lora(self.policy.raw_unet, out)
+            else:
+                self.family.save_pipeline(parts, self.policy.raw_unet, args.pretrained_model_name_or_path, out, args.revision, args.variant)
+        write_model_card(args, out, variant, num_steps, self.family.PIPELINE_CLASS)
+        logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
+
+
+def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int, pipeline_class: str) -> None:
+    kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else f"a complete {pipeline_class} with the trained denoiser"
+    if args.use_lora:
+        load = (f'pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)\n'
+                f'pipe.load_lora_weights("{out}")')
+    else:
+        load = f'pipe = {pipeline_class}.from_pretrained("{out}", torch_dtype=torch.float16)'
+    text = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+tags: [stable-diffusion-xl, text-to-image, diffusion-sharpening, {variant.lower()}]
+---
+# Diffusion-Sharpening ({variant}) fine-tune of {args.pretrained_model_name_or_path}
+
+This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 2502.12146).
+
+| setting | value |
+|---|---|
+| reward | `{args.reward_model}` |
+| candidates per prompt (n) | {args.num_noisy_latents} |
+| steps per trajectory (m) | {num_steps} |
+| sampling grid | {args.infer_steps} steps |
+| path reward | {args.path_reward} |
+| optimizer steps | {args.max_train_steps} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| batch | {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation |
+| resolution | {args.resolution} |
+| mixed precision | {args.mixed_precision} |
+| seed | {args.seed} |
+
+```python
+import torch
+from diffusers import {pipeline_class}
+{load}
+```
+"""
+    (out / "README.md").write_text(text)

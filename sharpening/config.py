@@ -1,0 +1,164 @@
+"""Command-line flags both scripts share, checked before anything is loaded. Names and meanings follow diffusers'
+train_text_to_image_sdxl.py where they exist there."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import numpy as np
+import torch
+
+from .checkpoint import resume_path
+
+logger = logging.getLogger("sharpening")
+
+SECRET_ARGS = ("api_key",)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by both scripts; names and meanings follow diffusers' train_text_to_image_sdxl.py."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL checkpoint: hub id or local folder (diffusers layout).")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A better VAE, e.g. madebyollin/sdxl-vae-fp16-fix (needed to run the VAE in fp16).")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
+    g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="Override the scheduler's prediction type.")
+    g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
+    g.add_argument("--lora_rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder, or an imagefolder.")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl or metadata.csv.")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (debugging, quick runs).")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument("--center_crop", action="store_true")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0, help="Caption dropout of the TRAINING conditioning; rewards always score the real caption.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_bad_fraction", type=float, default=0.01, help="Stop when more than this share of the rows read so far was unreadable.")
+
+    g = parser.add_argument_group("sharpening")
+    g.add_argument("--num_noisy_latents", type=int, default=3, help="n: candidate trajectories per prompt.")
+    g.add_argument("--trajectory_nums", type=int, default=3, help="m: DDIM steps (scored states) per trajectory.")
+    g.add_argument("--infer_steps", type=int, default=25, help="DDIM grid size; trajectories step along it (stride 1000/infer_steps).")
+    g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
+    g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
+    g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")
+    g.add_argument("--decode_batch_size", type=int, default=None,
+                   help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
+    g.add_argument("--vae_tiling", action="store_true",
+                   help="Decode previews in overlapping tiles (diffusers' enable_tiling): less memory at 1024 px, slightly "
+                        "different pixels at tile seams.")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Prompts per device per micro-batch.")
+    g.add_argument("--num_train_epochs", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-6)
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the LR by accumulation x batch size x processes.")
+    g.add_argument("--lr_scheduler", default="constant", help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"')
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    # Paper A.3: AdamW with betas (0, 0.99) and no weight decay.
+    g.add_argument("--adam_beta1", type=float, default=0.0)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Needs xformers and CUDA; PyTorch SDPA is the default.")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10, help="Abort after this many consecutive updates skipped for a non-finite loss or gradient.")
+
+    g = parser.add_argument_group("output, checkpoints, tracking")
+    g.add_argument("--output_dir", default="diffusion-sharpening-output")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder.')
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--tracker_project_name", default="diffusion-sharpening")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs.")
+    g.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
+    g.add_argument("--log_trajectories_every", type=int, default=100,
+                   help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
+                        "winner and loser marked) and reward histograms to the trackers; 0 = off.")
+    g.add_argument("--log_trajectories_prompts", type=int, default=2, help="Prompts of the micro-batch shown in each trajectory log.")
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded."""
+    from reward import validate_reward_args
+
+    # --reward_plugin files were imported by add_reward_args, before parsing, so their rewards and flags exist.
+    validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)
+    if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
+        raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
+    if args.infer_steps < 1 or 1000 % args.infer_steps and args.infer_steps > 1000:
+        raise ValueError("--infer_steps must be between 1 and 1000.")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError("--proportion_empty_prompts must be in [0, 1].")
+    if args.decode_batch_size is not None and args.decode_batch_size < 1:
+        raise ValueError("--decode_batch_size must be >= 1 (or left out for the resolution's default).")
+    if args.resolution % 8:
+        raise ValueError("--resolution must be divisible by 8.")
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--enable_xformers_memory_efficient_attention needs `pip install xformers` (CUDA only); without the flag PyTorch SDPA is used.") from None
+        if not torch.cuda.is_available():
+            raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU (SDPA is used).")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs `pip install bitsandbytes`.") from None
+        if not torch.cuda.is_available():
+            raise ValueError("--use_8bit_adam needs a CUDA GPU (bitsandbytes 8-bit optimizers); drop the flag on CPU.")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and not resume_path(args).is_dir():
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is neither a folder nor a checkpoint in --output_dir (use 'latest' or checkpoint-N)."
+        )
+    args.seed = _resolve_seed(args)
+
+
+def _resolve_seed(args: argparse.Namespace) -> int:
+    """A resumed run takes its checkpoint's seed (that is what makes it continue exactly); a run without
+    --seed gets a random one, recorded in its checkpoints and tracker config."""
+    path = resume_path(args)
+    if path is not None:
+        saved = json.loads((path / "training_state.json").read_text())["seed"]
+        if args.seed is not None and args.seed != saved:
+            logger.warning("Resuming with the checkpoint's seed %d instead of --seed %d, so the run continues exactly.", saved, args.seed)
+        return int(saved)
+    if args.seed is None:
+        return int(np.random.SeedSequence().generate_state(1)[0] % (2**31))
+    return args.seed
+
+
+def public_config(args: argparse.Namespace) -> dict:
+    """Flags as tracker config / model card data: secrets removed, values made JSON-friendly."""
+    out = {}
+    for key, value in vars(args).items():
+        if key in SECRET_ARGS:
+            continue
+        out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+    if out.get("base_url"):
+        from reward import strip_userinfo
+
+        out["base_url"] = strip_userinfo(out["base_url"])  # a token in user:pass@host is a secret too
+    return out
