@@ -155,3 +155,54 @@ def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond) -> torch
         x, _ = sampler.step(model(x, sampler.grid[index], cond), index, x)
     return x
 
+
+class FlowMatchEuler:
+    """The flow-matching sampler of SD3/SD3.5 and FLUX.1: x_t = (1 - σ) x0 + σ ε, the model predicts the velocity
+    v = ε - x0, and a step is the Euler ODE update x_next = x_t + (σ_next - σ) v with preview x0_hat = x_t - σ v.
+
+    diffusers' `FlowMatchEulerDiscreteScheduler.step` keeps ONE step index for the whole batch, so, as for DDIM, we
+    keep the scheduler for its grid and step per sample. The grid is read from the scheduler after `set_timesteps`
+    (SD3's static shift, or FLUX's resolution-dependent shift through `mu`), never recomputed here: `grid` holds its
+    timesteps σ·1000 (what SD3's transformer takes; a FLUX family divides by 1000), `sigmas` its K + 1 sigmas ending
+    at 0, so the step after the last grid point lands on the clean image.
+    """
+
+    def __init__(self, scheduler_config: dict, num_inference_steps: int, mu: float | None = None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        # The training-time sigmas (before set_timesteps replaces them): what the ordinary flow-matching loss samples.
+        self.train_sigmas = self.scheduler.sigmas.clone().double()
+        self.scheduler.set_timesteps(num_inference_steps, mu=mu)
+        self.grid: torch.Tensor = self.scheduler.timesteps.clone().float()  # descending σ·1000
+        self.sigmas = self.scheduler.sigmas.clone().double()  # (K + 1,), the last one 0
+
+    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """σ per sample (float64) of model timesteps σ·1000."""
+        return timesteps.double().cpu() / self.num_train_timesteps
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        s = _per_sample(self.sigma(timesteps), x0)
+        return (1 - s) * x0 + s * noise
+
+    def step(self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor):
+        """One Euler step from per-sample grid `index` to index + 1. Returns (x_next, x0_hat)."""
+        index = index.long().cpu()
+        s, s_next = _per_sample(self.sigmas[index], sample), _per_sample(self.sigmas[index + 1], sample)
+        x0 = sample - s * model_output
+        return sample + (s_next - s) * model_output, x0
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The velocity ε - x0 (the same at every timestep)."""
+        return noise - x0
+
+    def exact_noise(self, x0: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """(x_t - (1 - σ) x0) / σ."""
+        s = _per_sample(self.sigma(timesteps), states)
+        return (states - (1 - s) * x0) / s
+
+    def draw_train_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform over the scheduler's training sigmas (diffusers' SD3/FLUX scripts' weighting_scheme "none"), as σ·1000."""
+        index = torch.randint(0, len(self.train_sigmas), (count,), generator=generator)
+        return (self.train_sigmas[index] * self.num_train_timesteps).float()
