@@ -1,6 +1,7 @@
 """Checkpoints, resume, preemption and the final export, in diffusers' layout.
 
-A checkpoint is also a usable model: a full fine-tune holds a loadable `unet/` (and `unet_ema/` with --use_ema),
+A checkpoint is also a usable model: a full fine-tune holds a loadable `unet/` (SDXL) or `transformer/` (SD3), and
+`unet_ema/` / `transformer_ema/` with --use_ema,
 LoRA `pytorch_lora_weights.safetensors`; accelerate's optimizer, scheduler and RNG state sit beside them, with
 `training_state.json` (step, seed, counters and the layout the data position depends on).
 """
@@ -56,9 +57,10 @@ class Checkpoints:
                 if self.args.use_lora:
                     self.family.save_lora(self.policy.raw_unet, Path(output_dir))
                 else:
-                    self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+                    denoiser = self.family.DENOISER
+                    self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, denoiser), safe_serialization=True)
                     if self.policy.ema is not None:
-                        self.policy.ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+                        self.policy.ema.save_pretrained(os.path.join(output_dir, f"{denoiser}_ema"))
             if weights:
                 weights.pop()
 
@@ -68,24 +70,27 @@ class Checkpoints:
         if self.args.use_lora:
             state = self.family.lora_state(Path(input_dir))
         else:
-            if not (Path(input_dir) / "unet" / "config.json").is_file():
-                raise ValueError(f"Checkpoint {input_dir} holds no unet/: was it made by a LoRA run (then add --use_lora)?")
-            state = type(model).from_pretrained(input_dir, subfolder="unet").state_dict()
+            denoiser = self.family.DENOISER
+            if not (Path(input_dir) / denoiser / "config.json").is_file():
+                raise ValueError(f"Checkpoint {input_dir} holds no {denoiser}/: was it made by a LoRA run (then add --use_lora)?")
+            state = type(model).from_pretrained(input_dir, subfolder=denoiser).state_dict()
             if ema is not None:
                 from diffusers.training_utils import EMAModel
 
-                ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict())
+                ema.load_state_dict(EMAModel.from_pretrained(os.path.join(input_dir, f"{denoiser}_ema"), type(model)).state_dict())
                 ema.to(self.accelerator.device)
-        params = dict(model.named_parameters())
-        expected = {k for k, v in params.items() if v.requires_grad}
-        if set(state) != expected:
+        # A saved model also holds its buffers (SD3's positional embedding): restore them, compare only the weights.
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        expected = {k for k, v in model.named_parameters() if v.requires_grad}
+        weights = set(state) - {k for k, _ in model.named_buffers()}
+        if weights != expected:
             raise ValueError(
                 f"Checkpoint {input_dir} does not match this run's trainable weights "
-                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing): was it made with the same --use_lora/--lora_rank?"
+                f"({len(weights - expected)} unexpected, {len(expected - weights)} missing): was it made with the same --use_lora/--lora_rank?"
             )
         with torch.no_grad():
             for k, v in state.items():
-                params[k].copy_(v)
+                tensors[k].copy_(v)
 
     # ----------------------------------------------------------------------------------------- save, prune, resume
     def save(self, global_step: int, counters: dict) -> None:
@@ -134,7 +139,7 @@ class Checkpoints:
 
             raise ValueError(f"{path} was written by {show(saved)}, but this run has {show(current)}. Resume with the "
                              "same layout to continue exactly; to fine-tune further under another layout, start a new "
-                             f"run (another --output_dir) from its weights ({path}/unet or its LoRA weights).")
+                             f"run (another --output_dir) from its weights ({path}/{self.family.DENOISER} or its LoRA weights).")
 
     def resume(self) -> tuple[int, dict] | None:
         """Restore the checkpoint --resume_from_checkpoint names: (its global step, its counters), or None."""
@@ -182,6 +187,9 @@ class Checkpoints:
         logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
 
 
+MODEL_CARD_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusion3Pipeline": "sd3"}
+
+
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int, pipeline_class: str) -> None:
     kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else f"a complete {pipeline_class} with the trained denoiser"
     if args.use_lora:
@@ -192,7 +200,7 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
     text = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
-tags: [stable-diffusion-xl, text-to-image, diffusion-sharpening, {variant.lower()}]
+tags: [{MODEL_CARD_TAGS.get(pipeline_class, "diffusers")}, text-to-image, diffusion-sharpening, {variant.lower()}]
 ---
 # Diffusion-Sharpening ({variant}) fine-tune of {args.pretrained_model_name_or_path}
 

@@ -19,7 +19,7 @@ SECRET_ARGS = ("api_key",)
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by both scripts; names and meanings follow diffusers' train_text_to_image_sdxl.py."""
     g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL checkpoint: hub id or local folder (diffusers layout).")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SD3/SD3.5 checkpoint: hub id or local folder (diffusers layout; the family is read from model_index.json).")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A better VAE, e.g. madebyollin/sdxl-vae-fp16-fix (needed to run the VAE in fp16).")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
@@ -27,6 +27,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
     g.add_argument("--lora_rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    g.add_argument("--max_sequence_length", type=int, default=77,
+                   help="SD3/SD3.5 only: T5 tokens of each prompt (diffusers' SD3 training default 77; the pipeline's 256). "
+                        "SDXL ignores it.")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder, or an imagefolder.")
@@ -47,6 +50,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num_noisy_latents", type=int, default=3, help="n: candidate trajectories per prompt.")
     g.add_argument("--trajectory_nums", type=int, default=3, help="m: DDIM steps (scored states) per trajectory.")
     g.add_argument("--infer_steps", type=int, default=25, help="DDIM grid size; trajectories step along it (stride 1000/infer_steps).")
+    g.add_argument("--max_start_timestep", type=float, default=None,
+                   help="Start trajectories only at grid timesteps <= this (default: anywhere on the grid). Later starts give "
+                        "cleaner previews, whose reward predicts the finished image's better, but train only low-noise states.")
     g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")

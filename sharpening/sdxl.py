@@ -1,10 +1,12 @@
 """The SDXL model family: loading its parts, its conditioning, the UNet call, moving between pixels, latents and
 PIL images, and saving what was trained in diffusers' layout.
 
-The training loop reaches a model family only through the names below (the family seam): `load`, `Conditioning`
-(with repeat/select/where/cat), `encode_prompts`, `unconditional`, `forward` (f(x, t, cond) of the denoiser),
-`make_sampler`, `encode_images`, `decode`, `vae_dtype`, `LORA_TARGET_MODULES`, `save_lora`, `lora_state` and
-`save_pipeline`. Another family (SD1.5, a flow-matching transformer) provides the same names in its own module.
+The training loop reaches a model family only through the names below (the family seam): `load` (parts with
+tokenizers, text_encoders, vae, denoiser, scheduler_config), `Conditioning` (sharpening.batched.Batched rows),
+`encode_prompts`, `unconditional`, `time_ids`, `forward` (f(x, t, cond) of the denoiser), `make_sampler`,
+`latent_channels`, `encode_images`, `decode`, `vae_dtype`, `save_images`, `DENOISER`, `PIPELINE_CLASS`,
+`LORA_TARGET_MODULES`, `save_lora`, `lora_state` and `save_pipeline`. sharpening/sd3.py is the flow-matching family
+with the same names; sharpening/families.py picks the family from a checkpoint's model_index.json.
 """
 from __future__ import annotations
 
@@ -51,6 +53,10 @@ def make_sampler(parts: "SDXLParts", num_inference_steps: int) -> DDIM:
     return DDIM(parts.scheduler_config, num_inference_steps)
 
 
+def latent_channels(parts: "SDXLParts") -> int:
+    return int(parts.unet.config.in_channels)
+
+
 @dataclass
 class SDXLParts:
     tokenizers: tuple
@@ -61,8 +67,13 @@ class SDXLParts:
     # StableDiffusionXLPipeline encodes the negative prompt as zeros when this is set (SDXL base sets it).
     force_zeros_for_empty_prompt: bool
 
+    @property
+    def denoiser(self):
+        return self.unet
 
-def _model_index(pretrained: str) -> dict:
+
+def model_index(pretrained: str) -> dict:
+    """model_index.json of a local folder or hub id ({} when it cannot be read)."""
     path = Path(pretrained) / "model_index.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -98,7 +109,7 @@ def load(pretrained: str, vae_path: str | None = None, revision: str | None = No
         vae = AutoencoderKL.from_pretrained(**sub("vae"), variant=variant)
     unet = UNet2DConditionModel.from_pretrained(**sub("unet"), variant=variant)
     scheduler_config = dict(DDIMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
-    index = _model_index(pretrained)
+    index = model_index(pretrained)
     return SDXLParts(tokenizers, text_encoders, vae, unet, scheduler_config, bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
@@ -162,18 +173,23 @@ def default_decode_chunk(resolution: int) -> int:
     return max(1, int(8 * (512 / resolution) ** 2))
 
 
-@torch.no_grad()
 def decode(vae, latents: torch.Tensor, chunk_size: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
-    """Scaled latents -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory stays
-    bounded (default: `default_decode_chunk` of the decoded resolution). A NaN/inf decode (e.g. the stock SDXL VAE
-    overflowing in fp16) still yields an image, but its flag is False so callers can score it NaN instead of
+    """Scaled SDXL latents -> (PIL images, per-image bool "decoded to finite pixels"); see decode_pixels."""
+    return decode_pixels(vae, latents / latent_scale(vae), chunk_size)
+
+
+@torch.no_grad()
+def decode_pixels(vae, latents: torch.Tensor, chunk_size: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+    """VAE latents (already unscaled) -> (PIL images, per-image bool "decoded to finite pixels"), in chunks so memory
+    stays bounded (default: `default_decode_chunk` of the decoded resolution). A NaN/inf decode (e.g. the stock SDXL
+    VAE overflowing in fp16) still yields an image, but its flag is False so callers can score it NaN instead of
     scoring a made-up black picture."""
     if chunk_size is None:
         chunk_size = default_decode_chunk(latents.shape[-1] * 2 ** (len(vae.config.block_out_channels) - 1))
     images: list[Image.Image] = []
     finite = []
     for chunk in latents.split(max(1, chunk_size)):
-        pixels = vae.decode(chunk.to(vae.device, vae.dtype) / latent_scale(vae)).sample.float()
+        pixels = vae.decode(chunk.to(vae.device, vae.dtype)).sample.float()
         finite.append(torch.isfinite(pixels).flatten(1).all(1).cpu() & torch.isfinite(chunk).flatten(1).all(1).cpu())
         arrays = ((pixels.nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images.extend(Image.fromarray(np.ascontiguousarray(a)) for a in arrays)
@@ -193,6 +209,7 @@ def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: st
 # --------------------------------------------------------------------------------------------- saving
 # LoRA on the attention projections of the UNet, as diffusers' train_text_to_image_lora_sdxl.py does.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+DENOISER = "unet"  # the denoiser's subfolder in the pipeline layout
 PIPELINE_CLASS = "StableDiffusionXLPipeline"  # what a full fine-tune is saved as (named in the model card)
 
 

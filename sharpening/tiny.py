@@ -1,4 +1,4 @@
-"""Tiny SDXL-architecture models built offline, for tests, benchmarks and the CPU demo.
+"""Tiny SDXL- and SD3-architecture models built offline, for tests, benchmarks and the CPU demo.
 
 Sizes follow diffusers' own SDXL pipeline tests. The tokenizers are real CLIP BPE tokenizers written from
 the vocabulary file that open_clip ships, so prompts are tokenized exactly as SDXL's would be (49408 tokens,
@@ -136,6 +136,85 @@ def save_sdxl(out: Path, unet, vae, text_encoder, text_encoder_2, scheduler) -> 
     return out
 
 
+# ------------------------------------------------------------------------------------------ tiny SD3
+T5_CONTEXT = 32
+
+
+def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> Path:
+    """A small SentencePiece-style Unigram tokenizer (trained here, offline, on letters, digits, punctuation and a
+    few phrases), saved as a `T5Tokenizer`: pad 0, </s> 1, <unk> 2, as T5's. It tokenizes any text, so prompts
+    reach the T5 encoder as they would on the real model, only split into smaller pieces."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Tokenizer
+
+    alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
+    corpus = alphabet + ["a photo of a red circle left of a blue square", "the quick brown fox jumps over the lazy dog"]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", initial_alphabet=alphabet))
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    out = Path(out_dir)
+    T5Tokenizer(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                model_max_length=T5_CONTEXT).save_pretrained(out)
+    return out
+
+
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
+    """Save a randomly initialised tiny SD3.5-style model (diffusers layout, loadable with
+    `StableDiffusion3Pipeline.from_pretrained`): an MMDiT with one dual-attention block and RMS qk-norm, two CLIP text
+    encoders with projection, a real (tiny) T5 encoder and a 16-channel-style VAE with shift and scale factors.
+    The VAE downsamples by 2, so `--resolution 32` gives 16x16 latents. T5's width (64) equals the two CLIP widths
+    combined, or SD3 would truncate the CLIP embeddings when padding them to T5's width."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=sample_size * 4,
+        shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(text_config)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    build = out / "_tokenizer_build"
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
+    tokenizer_3 = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(build)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ real-size SDXL
 # stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, scheduler/scheduler_config.json,
 # text_encoder(_2)/config.json (only what differs from the library defaults that matters for the cost).
@@ -195,5 +274,9 @@ if __name__ == "__main__":
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl_size", action="store_true", help="Every part at SDXL's real size, in bf16 (about 7 GB).")
+    parser.add_argument("--sd3", action="store_true", help="A tiny SD3.5-style model instead of SDXL.")
     a = parser.parse_args()
-    print(build_sdxl_size(a.out_dir, seed=a.seed) if a.sdxl_size else build_tiny_sdxl(a.out_dir, a.seed))
+    if a.sd3:
+        print(build_tiny_sd3(a.out_dir, a.seed))
+    else:
+        print(build_sdxl_size(a.out_dir, seed=a.seed) if a.sdxl_size else build_tiny_sdxl(a.out_dir, a.seed))

@@ -26,14 +26,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import sdxl, tracking
+from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
 from .config import public_config
+from .families import family_of
 from .losses import masked_sum
 from .policy import Policy
 from .sampler import guided, sample
 from .targets import Rows
-from .trajectory import Candidates, draw_start_indices, effective_steps, explore, path_reward, score_exploration, select
+from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, path_reward,
+                         score_exploration, select)
 
 logger = logging.getLogger("sharpening")
 
@@ -66,13 +68,14 @@ StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
 
 # --------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    family = sdxl  # the model family module (load, conditioning, forward, sampler, decode, saving)
-
     def __init__(self, args: argparse.Namespace, dataset, collate_fn, needs_reference: bool, variant: str):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
         self.args, self.variant = args, variant
+        # The model family module (sharpening/sdxl.py, sharpening/sd3.py): loading, conditioning, the denoiser call,
+        # the sampler, the VAE and saving all go through it.
+        self.family = family_of(args.pretrained_model_name_or_path)
         log_with = None if args.report_to in (None, "none", "") else args.report_to
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -110,6 +113,8 @@ class Trainer:
     def _load_models(self, needs_reference: bool) -> None:
         args, family = self.args, self.family
         parts = family.load(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        if hasattr(parts, "max_sequence_length"):
+            parts.max_sequence_length = args.max_sequence_length
         if args.prediction_type:
             parts.scheduler_config["prediction_type"] = args.prediction_type
         self.parts = parts
@@ -117,12 +122,16 @@ class Trainer:
         self.num_steps = effective_steps(self.sampler, args.trajectory_nums)
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))
+        self.first_start = first_start_index(self.sampler, args.max_start_timestep)
+        if self.first_start > len(self.sampler.grid) - self.num_steps:
+            raise ValueError(f"--max_start_timestep {args.max_start_timestep} leaves no start on the grid "
+                             f"({[round(float(t), 1) for t in self.sampler.grid]}) with room for {self.num_steps} steps: raise it or lower --trajectory_nums.")
         parts.vae.requires_grad_(False).to(self.device, dtype=family.vae_dtype(parts.vae, self.weight_dtype))
         if args.vae_tiling:
             parts.vae.enable_tiling()
         for encoder in parts.text_encoders:
             encoder.requires_grad_(False).to(self.device, dtype=self.weight_dtype)
-        self.model = Policy(parts.unet, family, args, self.accelerator, self.weight_dtype, needs_reference)
+        self.model = Policy(parts.denoiser, family, args, self.accelerator, self.weight_dtype, needs_reference)
 
     def _setup_optimisation(self, dataset, collate_fn) -> None:
         from diffusers.optimization import get_scheduler
@@ -199,7 +208,7 @@ class Trainer:
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         scale = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        return (batch_size, self.model.raw_unet.config.in_channels, self.args.resolution // scale, self.args.resolution // scale)
+        return (batch_size, self.family.latent_channels(self.parts), self.args.resolution // scale, self.args.resolution // scale)
 
     def randn(self, shape, generator: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(self.device)
@@ -223,7 +232,7 @@ class Trainer:
         """Shared exploration: n fresh noises at a per-prompt position on the sampling grid, m no-grad sampler steps,
         every x0 preview scored against the real caption in one reward call, path reward (Eq. 8), per-prompt ranking."""
         n, batch = self.args.num_noisy_latents, x0.shape[0]
-        start = draw_start_indices(self.sampler, batch, self.num_steps, generator).repeat(n)
+        start = draw_start_indices(self.sampler, batch, self.num_steps, generator, self.first_start).repeat(n)
         noise = self.randn((n * batch, *x0.shape[1:]), generator)
         x_t = self.sampler.add_noise(x0.repeat(n, 1, 1, 1), noise, self.sampler.grid[start])
         cond_n = cond.repeat(n)

@@ -13,12 +13,22 @@ import torch
 from .sampler import ModelFn, Sampler
 
 
-def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-prompt start positions drawn uniformly from the grid indices that leave room for `num_steps` states on
-    the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050, shares
-    one t across ranks, their maximum: biased toward high noise)."""
+def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator, first: int = 0) -> torch.Tensor:
+    """Per-prompt start positions drawn uniformly from the grid indices >= `first` that leave room for `num_steps`
+    states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050,
+    shares one t across ranks, their maximum: biased toward high noise)."""
     last_start = len(sampler.grid) - num_steps
-    return torch.randint(0, last_start + 1, (batch_size,), generator=generator)
+    if first > last_start:
+        raise ValueError(f"no start position from grid index {first} leaves room for {num_steps} steps on a grid of {len(sampler.grid)}")
+    return torch.randint(first, last_start + 1, (batch_size,), generator=generator)
+
+
+def first_start_index(sampler: Sampler, max_start_timestep: float | None) -> int:
+    """The first grid index whose timestep is <= max_start_timestep (0 when None: the whole grid)."""
+    if max_start_timestep is None:
+        return 0
+    later = (sampler.grid.double() <= max_start_timestep).nonzero()
+    return int(later[0]) if len(later) else len(sampler.grid)
 
 
 def effective_steps(sampler: Sampler, trajectory_nums: int) -> int:

@@ -1,4 +1,4 @@
-"""Offline fixtures: a tiny SDXL saved once per test session, tiny image-text data, script runners."""
+"""Offline fixtures: a tiny SDXL and a tiny SD3 saved once per test session, tiny image-text data, script runners."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,13 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from sharpening.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from sharpening.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 def reset_accelerate_state() -> None:

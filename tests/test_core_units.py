@@ -306,6 +306,16 @@ def test_draw_start_indices_only_and_all_legal_starts():
     assert min(set(range(961, 80, -40))) == 81
 
 
+def test_max_start_timestep_limits_starts_to_the_later_grid():
+    ddim = DDIM(sdxl_config(), 25)
+    first = trajectory.first_start_index(ddim, 451)
+    assert first == 13 and int(ddim.grid[first]) == 441 and trajectory.first_start_index(ddim, None) == 0
+    drawn = ddim.grid[trajectory.draw_start_indices(ddim, 4000, 3, torch.Generator().manual_seed(0), first)]
+    assert set(drawn.tolist()) == set(range(441, 80, -40))
+    with pytest.raises(ValueError, match="no start position"):
+        trajectory.draw_start_indices(ddim, 1, 3, torch.Generator(), trajectory.first_start_index(ddim, 50))
+
+
 def test_draw_start_indices_is_reproducible_from_the_generator():
     ddim = DDIM(sdxl_config(), 25)
     a = trajectory.draw_start_indices(ddim, 8, 3, torch.Generator().manual_seed(7))

@@ -1,0 +1,23 @@
+"""Which model family a checkpoint belongs to, from the pipeline class its model_index.json names."""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+from .sdxl import model_index
+
+logger = logging.getLogger("sharpening")
+
+FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+
+
+def family_of(pretrained: str) -> ModuleType:
+    """The family module (sharpening.sdxl or sharpening.sd3) for a checkpoint folder or hub id."""
+    name = model_index(pretrained).get("_class_name")
+    if name is None:
+        logger.warning("Could not read %s/model_index.json; assuming an SDXL checkpoint.", pretrained)
+        return importlib.import_module("sharpening.sdxl")
+    if name not in FAMILIES:
+        raise ValueError(f"{pretrained} is a {name} checkpoint; supported: {', '.join(sorted(FAMILIES))}.")
+    return importlib.import_module(f"sharpening.{FAMILIES[name]}")

@@ -1,0 +1,167 @@
+"""The SD3 family through the same core: conditioning, sampling and decoding equal StableDiffusion3Pipeline's on
+the tiny SD3.5-style twin; both scripts train it through `accelerate launch` (1 and 2 processes, full and LoRA) and
+their outputs load in diffusers and change its samples."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, tiny_args, write_image_folder
+
+T5_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd3):
+    from sharpening import sd3
+
+    parts = sd3.load(str(tiny_sd3))
+    parts.max_sequence_length = T5_TOKENS
+    return parts
+
+
+def test_family_is_read_from_model_index(tiny_sd3, tiny_sdxl, tmp_path):
+    from sharpening import families, sd3, sdxl
+
+    assert families.family_of(str(tiny_sd3)) is sd3 and families.family_of(str(tiny_sdxl)) is sdxl
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="KandinskyPipeline checkpoint; supported: StableDiffusion3Pipeline, StableDiffusionXLPipeline"):
+        families.family_of(str(tmp_path))
+
+
+def test_conditioning_equals_the_pipelines_encode_prompt(pipe, parts):
+    from sharpening import sd3
+
+    prompts = ["a red circle left of a blue square", ""]
+    ours = sd3.encode_prompts(parts, prompts, None, "cpu")
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
+    assert ours.prompt_embeds.shape == (2, 77 + T5_TOKENS, 64) and ours.pooled.shape == (2, 64)
+    torch.testing.assert_close(ours.prompt_embeds, embeds, rtol=0, atol=1e-5)  # float32 matmul order
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sd3.unconditional(parts, ours, "cpu").pooled, ours.pooled[1:].repeat(2, 1), rtol=0, atol=1e-6)
+
+
+def test_guided_sampling_and_decoding_equal_the_pipeline(pipe, parts):
+    from sharpening import sd3
+    from sharpening.sampler import guided, sample
+
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red square", "a green triangle above a circle"]
+    expected = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, latents=noise.clone(), output_type="latent",
+                    max_sequence_length=T5_TOKENS).images
+    cond = sd3.encode_prompts(parts, prompts, None, "cpu")
+    model = guided(sd3.forward(parts.denoiser), sd3.unconditional(parts, cond, "cpu"), 5.0)
+    latents = sample(model, sd3.make_sampler(parts, 4), noise, cond)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+
+    images, finite = sd3.decode(parts.vae, latents)
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+    reference = pipe.image_processor.postprocess(pixels, output_type="pil")
+    assert finite.all()
+    for ours, theirs in zip(images, reference):
+        assert np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max() <= 1  # rounding only
+
+
+def test_encode_images_applies_shift_and_scale(parts):
+    from sharpening import sd3
+
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = sd3.encode_images(parts.vae, pixels, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dist = parts.vae.encode(pixels).latent_dist
+    z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(2))
+    config = parts.vae.config
+    assert config.shift_factor != 0 and latents.shape == (1, 4, 16, 16)
+    torch.testing.assert_close(latents, (z - config.shift_factor) * config.scaling_factor, rtol=0, atol=1e-6)
+
+
+def sd3_image(model_dir, lora_dir=None, base=None):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(base or model_dir)
+    if lora_dir:
+        pipe.load_lora_weights(lora_dir)
+    if base and not lora_dir:
+        pipe = StableDiffusion3Pipeline.from_pretrained(model_dir)
+    return pipe("a red square", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                output_type="np", max_sequence_length=T5_TOKENS).images[0]
+
+
+def assert_transformer_changed(base, out) -> None:
+    before = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert after.keys() == before.keys() and all(torch.isfinite(v).all() for v in after.values())
+    assert sum(not torch.equal(after[k], before[k]) for k in before) > len(before) // 2
+
+
+def sd3_args(model, out, **overrides):
+    return tiny_args(model, out, max_sequence_length=T5_TOKENS, **overrides)
+
+
+def test_sft_one_process_full_and_resume(tiny_sd3, tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_sft_diffusion_sharpening.py", sd3_args(tiny_sd3, out, train_data_dir=data, max_train_steps=2,
+                                                                              checkpointing_steps=1, use_ema=True))
+    assert result.returncode == 0 and "1 processes" in result.stderr
+    assert_transformer_changed(tiny_sd3, out)
+    assert (out / "checkpoint-1" / "transformer" / "config.json").is_file() and (out / "checkpoint-1" / "transformer_ema").is_dir()
+    assert "StableDiffusion3Pipeline" in (out / "README.md").read_text()
+    assert not (sd3_image(tiny_sd3) == sd3_image(out)).all()
+    # A resumed run from checkpoint-1 ends with the same weights as the uninterrupted one.
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    result = accelerate_launch("train_sft_diffusion_sharpening.py", sd3_args(tiny_sd3, resumed, train_data_dir=data, max_train_steps=2,
+                                                                              checkpointing_steps=1, use_ema=True, resume_from_checkpoint="latest"))
+    assert result.returncode == 0
+    a = load_file(out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two gloo ranks (~40 s); CI runs it with `make test-slow`
+def test_sft_two_processes_lora(tiny_sd3, tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_sft_diffusion_sharpening.py", sd3_args(tiny_sd3, out, train_data_dir=data, use_lora=True,
+                                                                              train_batch_size=1), num_processes=2)
+    assert result.returncode == 0 and "2 processes" in result.stderr
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    assert any(".attn2." in k for k in lora)  # SD3.5's second attention is adapted too
+    assert not (sd3_image(tiny_sd3) == sd3_image(tiny_sd3, lora_dir=out, base=tiny_sd3)).all()
+
+
+@pytest.mark.slow
+def test_rlhf_two_processes_full(tiny_sd3, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\na yellow star\n")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_rlhf_diffusion_sharpening.py", sd3_args(tiny_sd3, out, prompt_file=prompts, train_batch_size=1),
+                               num_processes=2)
+    assert result.returncode == 0 and "2 processes" in result.stderr
+    assert_transformer_changed(tiny_sd3, out)
+    assert not (sd3_image(tiny_sd3) == sd3_image(out)).all()
+
+
+def test_rlhf_one_process_lora(tiny_sd3, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_rlhf_diffusion_sharpening.py", sd3_args(tiny_sd3, out, prompt_file=prompts, use_lora=True))
+    assert result.returncode == 0
+    assert not (sd3_image(tiny_sd3) == sd3_image(tiny_sd3, lora_dir=out, base=tiny_sd3)).all()
