@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate SDXL models on a prompt set with paired seeds: JSON, a Markdown table and image grids.
+"""Evaluate SDXL and SD3/SD3.5 models on a prompt set with paired seeds: JSON, a Markdown table and image grids.
 
     # base vs fine-tunes of the toy model on the toy world's held-out prompts (the default prompt set)
     python evaluate.py --model base=models/toy-sdxl \\
@@ -11,8 +11,9 @@
         --lora runs/rlhf --prompt_file prompts.txt --reward_model "clip,image_reward" \\
         --device cuda --dtype fp16 --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --resolution 1024
 
-Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. `unet` is a diffusers UNet folder, or a training output
-or checkpoint folder holding `unet/`; `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
+Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. BASE is an SDXL or SD3/SD3.5 checkpoint (the family is read from
+its model_index.json). `unet` is the trained denoiser: a diffusers UNet (SD3: transformer) folder, or a training
+output or checkpoint folder holding `unet/` (SD3: `transformer/`); `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
 {"NAME": {"base": ..., "unet": ..., "lora": ...}}.
 
 Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
@@ -92,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=25, help="DDIM steps.")
+    g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3).")
+    g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 only: T5 tokens per prompt (as in training).")
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
@@ -156,23 +158,22 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- models
-def load_unet(spec: ModelSpec, args, device, dtype):
-    """The base UNet, with a full fine-tune's weights or LoRA adapters applied."""
-    from diffusers import UNet2DConditionModel
-
+def load_unet(spec: ModelSpec, family, args, device, dtype):
+    """The base denoiser (SDXL's UNet, SD3's transformer), with a full fine-tune's weights or LoRA adapters applied."""
+    cls, name = family.denoiser_class(), family.DENOISER
     if spec.unet:
         path = Path(spec.unet)
-        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-        unet = UNet2DConditionModel.from_pretrained(folder)
+        folder = path / name if (path / name / "config.json").is_file() else path
+        unet = cls.from_pretrained(folder)
     else:
-        unet = UNet2DConditionModel.from_pretrained(spec.base, subfolder="unet", revision=args.revision, variant=args.variant)
+        unet = cls.from_pretrained(spec.base, subfolder=name, revision=args.revision, variant=args.variant)
     unet = _move(unet, device, dtype)
     if spec.lora:
         path = Path(spec.lora)
         weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"--model {spec.name}: no LoRA weights at {weights}.")
-        unet.load_lora_adapter(str(weights), prefix="unet", adapter_name="evaluated")
+        unet.load_lora_adapter(str(weights), prefix=name, adapter_name="evaluated")
         unet.fuse_lora()  # inference cost of the base model, as after merging
     return unet.eval().requires_grad_(False)
 
@@ -189,13 +190,16 @@ class BaseParts:
     """Tokenizers, text encoders and VAE of a base checkpoint, loaded once for every model on that base."""
 
     def __init__(self, base: str, args, device, dtype):
-        from sharpening import sdxl
+        from sharpening.families import family_of
 
-        parts = sdxl.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
-        del parts.unet  # each model loads its own UNet
+        self.family = family = family_of(base)
+        parts = family.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
+        parts.denoiser = None  # each model loads its own
+        if hasattr(parts, "max_sequence_length"):
+            parts.max_sequence_length = args.max_sequence_length
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
-        _move(parts.vae.requires_grad_(False), device, sdxl.vae_dtype(parts.vae, dtype))
+        _move(parts.vae.requires_grad_(False), device, family.vae_dtype(parts.vae, dtype))
         self.parts = parts
         self.scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
@@ -215,11 +219,11 @@ def initial_noise(num_prompts: int, images_per_prompt: int, shape: tuple[int, ..
 def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.Tensor, args, device, dtype) -> tuple[list, np.ndarray]:
     """Images (prompt-major: prompt i, image k at i * K + k) for one model, and whether each decoded to finite
     pixels (an image that did not is scored NaN, as in training, not as the black picture it becomes)."""
-    from sharpening import sdxl
     from sharpening.sampler import guided, sample
 
-    unet = load_unet(spec, args, device, dtype)
-    sampler = sdxl.make_sampler(base.parts, args.steps)
+    family = base.family
+    unet = load_unet(spec, family, args, device, dtype)
+    sampler = family.make_sampler(base.parts, args.steps)
     num_prompts, per_prompt = noise.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     flat_noise = noise.flatten(0, 1)
@@ -227,11 +231,11 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
     images, finite = [], []
     for start in range(0, len(flat_prompts), args.batch_size):
         batch = flat_prompts[start : start + args.batch_size]
-        ids = sdxl.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
-        cond = sdxl.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
-        model = guided(sdxl.forward(unet), sdxl.unconditional(base.parts, cond, device), args.guidance_scale)
+        ids = family.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
+        cond = family.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
+        model = guided(family.forward(unet), family.unconditional(base.parts, cond, device).to(dtype=dtype), args.guidance_scale)
         latents = sample(model, sampler, flat_noise[start : start + len(batch)].to(device, dtype), cond)
-        batch_images, batch_finite = sdxl.decode(base.parts.vae, latents, args.decode_batch_size)
+        batch_images, batch_finite = family.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images
         finite.append(batch_finite.numpy())
     del unet
@@ -365,11 +369,11 @@ def main(args: argparse.Namespace) -> dict:
         if spec.base not in bases:
             bases[spec.base] = BaseParts(spec.base, args, device, dtype)
         base = bases[spec.base]
+        family = base.family
+        config = family.denoiser_class().load_config(spec.base, subfolder=family.DENOISER, revision=args.revision)
         if args.resolution is None:
-            from diffusers import UNet2DConditionModel
-
-            args.resolution = int(UNet2DConditionModel.load_config(spec.base, subfolder="unet", revision=args.revision)["sample_size"]) * base.scale
-        shape = (4, args.resolution // base.scale, args.resolution // base.scale)
+            args.resolution = int(config["sample_size"]) * base.scale
+        shape = (int(config["in_channels"]), args.resolution // base.scale, args.resolution // base.scale)
         if noise is None:
             noise = initial_noise(len(prompts), args.images_per_prompt, shape, args.seed)
         elif tuple(noise.shape[2:]) != shape:

@@ -102,6 +102,12 @@ def make_sampler(parts: SD3Parts, num_inference_steps: int) -> FlowMatchEuler:
     return FlowMatchEuler(parts.scheduler_config, num_inference_steps)
 
 
+def denoiser_class():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
+
+
 def latent_channels(parts: SD3Parts) -> int:
     return int(parts.denoiser.config.in_channels)
 

@@ -4,7 +4,7 @@ PIL images, and saving what was trained in diffusers' layout.
 The training loop reaches a model family only through the names below (the family seam): `load` (parts with
 tokenizers, text_encoders, vae, denoiser, scheduler_config), `Conditioning` (sharpening.batched.Batched rows),
 `encode_prompts`, `unconditional`, `time_ids`, `forward` (f(x, t, cond) of the denoiser), `make_sampler`,
-`latent_channels`, `encode_images`, `decode`, `vae_dtype`, `save_images`, `DENOISER`, `PIPELINE_CLASS`,
+`denoiser_class`, `latent_channels`, `encode_images`, `decode`, `vae_dtype`, `save_images`, `DENOISER`, `PIPELINE_CLASS`,
 `LORA_TARGET_MODULES`, `save_lora`, `lora_state` and `save_pipeline`. sharpening/sd3.py is the flow-matching family
 with the same names; sharpening/families.py picks the family from a checkpoint's model_index.json.
 """
@@ -53,6 +53,12 @@ def make_sampler(parts: "SDXLParts", num_inference_steps: int) -> DDIM:
     return DDIM(parts.scheduler_config, num_inference_steps)
 
 
+def denoiser_class():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel
+
+
 def latent_channels(parts: "SDXLParts") -> int:
     return int(parts.unet.config.in_channels)
 
@@ -70,6 +76,10 @@ class SDXLParts:
     @property
     def denoiser(self):
         return self.unet
+
+    @denoiser.setter
+    def denoiser(self, value):
+        self.unet = value
 
 
 def model_index(pretrained: str) -> dict:

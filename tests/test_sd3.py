@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, tiny_args, write_image_folder
+from conftest import PLUGIN, accelerate_launch, tiny_args, write_image_folder
 
 T5_TOKENS = 32
 
@@ -165,3 +165,38 @@ def test_rlhf_one_process_lora(tiny_sd3, tmp_path):
     result = accelerate_launch("train_rlhf_diffusion_sharpening.py", sd3_args(tiny_sd3, out, prompt_file=prompts, use_lora=True))
     assert result.returncode == 0
     assert not (sd3_image(tiny_sd3) == sd3_image(tiny_sd3, lora_dir=out, base=tiny_sd3)).all()
+
+
+def test_evaluate_scores_sd3_models_with_paired_seeds(tiny_sd3, tmp_path):
+    import evaluate
+    from peft import LoraConfig
+
+    from sharpening import sd3
+
+    transformer = sd3.denoiser_class().from_pretrained(tiny_sd3, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=sd3.LORA_TARGET_MODULES))  # B = 0: a no-op
+    sd3.save_lora(transformer, tmp_path / "lora")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    argv = [f"--model=base={tiny_sd3}", f"--model=same={tiny_sd3},unet={tiny_sd3}", f"--model=lora={tiny_sd3},lora={tmp_path / 'lora'}",
+            "--prompt_file", str(prompts), "--images_per_prompt", "2", "--steps", "3", "--guidance_scale", "3",
+            "--reward_model", "brightness", "--reward_plugin", PLUGIN, "--output_dir", str(tmp_path / "eval"),
+            "--device", "cpu", "--max_sequence_length", str(T5_TOKENS), "--save_images"]
+    record = evaluate.main(evaluate.parse_args(argv))
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(saved["scores"]["base"]["brightness"]) == 4 and record["summary"]["base"]["brightness"]["prompts"] == 2
+    for name in ("same", "lora"):
+        assert saved["scores"][name]["brightness"] == saved["scores"]["base"]["brightness"]
+        assert saved["summary"][name]["brightness"]["diff"] == 0.0
+
+    # evaluate's images are StableDiffusion3Pipeline's from the same starting noise
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    noise = evaluate.initial_noise(2, 2, (4, 16, 16), 0)
+    image = pipe("a red square", num_inference_steps=3, guidance_scale=3.0, latents=noise[0, :1], output_type="np",
+                 max_sequence_length=T5_TOKENS).images[0]
+    from PIL import Image
+
+    ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "base" / "img_00.png"), dtype=int)
+    assert np.abs(ours - np.round(image * 255).astype(int)).max() <= 1
