@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate SDXL and SD3/SD3.5 models on a prompt set with paired seeds: JSON, a Markdown table and image grids.
+"""Evaluate SDXL, SD3/SD3.5 and FLUX.1 models on a prompt set with paired seeds: JSON, a Markdown table and image grids.
 
     # base vs fine-tunes of the toy model on the toy world's held-out prompts (the default prompt set)
     python evaluate.py --model base=models/toy-sdxl \\
@@ -11,9 +11,9 @@
         --lora runs/rlhf --prompt_file prompts.txt --reward_model "clip,image_reward" \\
         --device cuda --dtype fp16 --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --resolution 1024
 
-Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. BASE is an SDXL or SD3/SD3.5 checkpoint (the family is read from
-its model_index.json). `unet` is the trained denoiser: a diffusers UNet (SD3: transformer) folder, or a training
-output or checkpoint folder holding `unet/` (SD3: `transformer/`); `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
+Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. BASE is an SDXL, SD3/SD3.5 or FLUX.1 checkpoint (the family is read from
+its model_index.json). `unet` is the trained denoiser: a diffusers UNet (SD3, FLUX: transformer) folder, or a training
+output or checkpoint folder holding `unet/` (SD3, FLUX: `transformer/`); `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
 {"NAME": {"base": ..., "unet": ..., "lora": ...}}.
 
 Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3).")
+    g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3 and FLUX).")
     g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 only: T5 tokens per prompt (as in training).")
     g.add_argument("--guidance_scale", type=float, default=5.0)
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
@@ -197,6 +197,8 @@ class BaseParts:
         parts.denoiser = None  # each model loads its own
         if hasattr(parts, "max_sequence_length"):
             parts.max_sequence_length = args.max_sequence_length
+        if hasattr(parts, "guidance"):  # FLUX.1-dev's embedded guidance
+            parts.guidance = args.guidance_scale
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
         _move(parts.vae.requires_grad_(False), device, family.vae_dtype(parts.vae, dtype))
@@ -223,7 +225,7 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
 
     family = base.family
     unet = load_unet(spec, family, args, device, dtype)
-    sampler = family.make_sampler(base.parts, args.steps)
+    sampler = family.make_sampler(base.parts, args.steps, args.resolution)
     num_prompts, per_prompt = noise.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     flat_noise = noise.flatten(0, 1)
@@ -233,7 +235,8 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         batch = flat_prompts[start : start + args.batch_size]
         ids = family.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
         cond = family.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
-        model = guided(family.forward(unet), family.unconditional(base.parts, cond, device).to(dtype=dtype), args.guidance_scale)
+        negative = family.cfg_negative(base.parts, cond, device)
+        model = guided(family.forward(unet), negative.to(dtype=dtype) if negative is not None else None, args.guidance_scale)
         latents = sample(model, sampler, flat_noise[start : start + len(batch)].to(device, dtype), cond)
         batch_images, batch_finite = family.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks in one short run: both trainers on the tiny SDXL in fp16 and bf16 (full UNet and LoRA), each checked
+# GPU checks in one short run: both trainers on the tiny SDXL in fp16 and bf16 (full UNet and LoRA), and on the tiny
+# SD3 and FLUX twins in bf16 (the flow-matching families), each checked
 # for values (finite losses, weights changed, RLHF's DPO logits ~ 0 before the first update, peak memory), then the
 # step-cost benchmark's GPU preset on a real-size SDXL with random weights (no download).
 # Usage (on a CUDA machine with the requirements installed): bash scripts/gpu_checks.sh [OUT_DIR]
@@ -15,7 +16,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidi
 "$PY" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
 "$PY" -m sharpening.tiny "$WORK/tiny" >/dev/null
-# The values each training run must show: python check_run.py BASE OUT VARIANT KIND LOG
+"$PY" -m sharpening.tiny "$WORK/tiny_sd3" --sd3 >/dev/null
+"$PY" -m sharpening.tiny "$WORK/tiny_flux" --flux >/dev/null
+# The values each training run must show: python check_run.py BASE OUT VARIANT KIND LOG DENOISER
 cat >"$WORK/check_run.py" <<'PY'
 import math, re, sys
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-base, out, variant, kind, log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+base, out, variant, kind, log, denoiser = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6]
 problems = []
 events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents*")).parent))
 events.Reload()
@@ -34,8 +37,8 @@ if kind == "lora":
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     changed = any(v.float().abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
 else:
-    trained = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
-    original = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(out / denoiser / "diffusion_pytorch_model.safetensors")
+    original = load_file(base / denoiser / "diffusion_pytorch_model.safetensors")
     changed = any(not torch.equal(trained[k].float(), original[k].float()) for k in original)
 if not changed:
     problems.append("weights unchanged")
@@ -63,26 +66,33 @@ write_image_folder(work / "data", count=8)
 PY
 
 status=0
-CONFIGS="${CONFIGS:-sft:fp16:full sft:bf16:lora rlhf:fp16:full rlhf:bf16:lora rlhf:fp16:lora}"
+# [family:]variant:precision:kind (family sdxl when left out)
+CONFIGS="${CONFIGS:-sft:fp16:full sft:bf16:lora rlhf:fp16:full rlhf:bf16:lora rlhf:fp16:lora sd3:sft:bf16:full sd3:rlhf:bf16:lora flux:sft:bf16:lora flux:rlhf:bf16:full}"
 for cfg in $CONFIGS; do
-  IFS=: read -r variant precision kind <<<"$cfg"
-  script=train_${variant}_diffusion_sharpening_sdxl.py
+  [ "$(tr -cd : <<<"$cfg" | wc -c)" -eq 2 ] && cfg="sdxl:$cfg"
+  IFS=: read -r family variant precision kind <<<"$cfg"
+  script=train_${variant}_diffusion_sharpening.py
+  base="$WORK/tiny"; denoiser=unet; flow=()
+  if [ "$family" != sdxl ]; then
+    base="$WORK/tiny_$family"; denoiser=transformer; flow=(--max_sequence_length 32)
+  fi
   data=(--train_data_dir "$WORK/data"); [ "$variant" = rlhf ] && data=(--prompt_file "$WORK/prompts.txt")
   lora=(); [ "$kind" = lora ] && lora=(--use_lora)
   # RLHF without the reward-gap term, so the first update's logged DPO logits must be ~0 (policy == reference)
   margin=(); [ "$variant" = rlhf ] && margin=(--reward_margin_scale 0)
-  log="$OUT/train_${variant}_${precision}_${kind}.log"
+  name="${family}_${variant}_${precision}_${kind}"
+  log="$OUT/train_$name.log"
   start=$SECONDS
   "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision "$precision" --dynamo_backend no "$script" \
-    --pretrained_model_name_or_path "$WORK/tiny" "${data[@]}" "${lora[@]}" --output_dir "$WORK/out_${variant}_${precision}_${kind}" \
+    --pretrained_model_name_or_path "$base" "${data[@]}" "${lora[@]}" "${flow[@]}" --output_dir "$WORK/out_$name" \
     --resolution 64 --train_batch_size 2 --max_train_steps 4 --num_noisy_latents 3 --trajectory_nums 3 --infer_steps 10 \
     --learning_rate 1e-4 --reward_model brightness --report_to tensorboard --seed 0 "${margin[@]}" \
     --gradient_checkpointing --mixed_precision "$precision" --checkpointing_steps 2 >"$log" 2>&1
   rc=$?
   secs=$((SECONDS - start))
-  echo "$variant $precision $kind: exit $rc, ${secs}s"
+  echo "$family $variant $precision $kind: exit $rc, ${secs}s"
   if [ $rc -eq 0 ]; then
-    "$PY" "$WORK/check_run.py" "$WORK/tiny" "$WORK/out_${variant}_${precision}_${kind}" "$variant" "$kind" "$log" || status=1
+    "$PY" "$WORK/check_run.py" "$base" "$WORK/out_$name" "$variant" "$kind" "$log" "$denoiser" || status=1
   else
     status=1; tail -20 "$log"
   fi

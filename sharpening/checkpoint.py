@@ -187,7 +187,7 @@ class Checkpoints:
         logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
 
 
-MODEL_CARD_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusion3Pipeline": "sd3"}
+MODEL_CARD_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int, pipeline_class: str) -> None:

@@ -19,7 +19,7 @@ SECRET_ARGS = ("api_key",)
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by both scripts; names and meanings follow diffusers' train_text_to_image_sdxl.py."""
     g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SD3/SD3.5 checkpoint: hub id or local folder (diffusers layout; the family is read from model_index.json).")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL, SD3/SD3.5 or FLUX.1 checkpoint: hub id or local folder (diffusers layout; the family is read from model_index.json).")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A better VAE, e.g. madebyollin/sdxl-vae-fp16-fix (needed to run the VAE in fp16).")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
@@ -28,7 +28,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--max_sequence_length", type=int, default=77,
-                   help="SD3/SD3.5 only: T5 tokens of each prompt (diffusers' SD3 training default 77; the pipeline's 256). "
+                   help="SD3/SD3.5 and FLUX: T5 tokens of each prompt (diffusers' SD3 training default 77; the pipelines' 256/512). "
                         "SDXL ignores it.")
 
     g = parser.add_argument_group("data")
@@ -55,7 +55,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "cleaner previews, whose reward predicts the finished image's better, but train only low-noise states.")
     g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
-    g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG of rollouts (RLHF) and validation images.")
+    g.add_argument("--guidance_scale", type=float, default=5.0,
+                   help="CFG of rollouts (RLHF) and validation images. FLUX.1-dev: the embedded guidance everywhere "
+                        "(FluxPipeline's guidance_scale, typically 3.5); it has no negative branch.")
     g.add_argument("--decode_batch_size", type=int, default=None,
                    help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
     g.add_argument("--vae_tiling", action="store_true",

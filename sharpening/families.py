@@ -9,11 +9,11 @@ from .sdxl import model_index
 
 logger = logging.getLogger("sharpening")
 
-FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def family_of(pretrained: str) -> ModuleType:
-    """The family module (sharpening.sdxl or sharpening.sd3) for a checkpoint folder or hub id."""
+    """The family module (sharpening.sdxl, sd3 or flux) for a checkpoint folder or hub id."""
     name = model_index(pretrained).get("_class_name")
     if name is None:
         logger.warning("Could not read %s/model_index.json; assuming an SDXL checkpoint.", pretrained)

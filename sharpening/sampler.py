@@ -167,14 +167,15 @@ class FlowMatchEuler:
     at 0, so the step after the last grid point lands on the clean image.
     """
 
-    def __init__(self, scheduler_config: dict, num_inference_steps: int, mu: float | None = None):
+    def __init__(self, scheduler_config: dict, num_inference_steps: int, mu: float | None = None, sigmas: list[float] | None = None):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         # The training-time sigmas (before set_timesteps replaces them): what the ordinary flow-matching loss samples.
         self.train_sigmas = self.scheduler.sigmas.clone().double()
-        self.scheduler.set_timesteps(num_inference_steps, mu=mu)
+        # `sigmas`: a pipeline's own spacing before the shift (FluxPipeline passes linspace(1, 1/N, N)).
+        self.scheduler.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
         self.grid: torch.Tensor = self.scheduler.timesteps.clone().float()  # descending σ·1000
         self.sigmas = self.scheduler.sigmas.clone().double()  # (K + 1,), the last one 0
 

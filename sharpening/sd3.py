@@ -83,6 +83,9 @@ def unconditional(parts: SD3Parts, cond: Conditioning, device) -> Conditioning:
     return encode_prompts(parts, [""] * len(cond), None, device)
 
 
+cfg_negative = unconditional
+
+
 def time_ids(original_sizes, crops_top_left, target_size):
     """SD3 has no size micro-conditioning."""
     return None
@@ -98,7 +101,8 @@ def forward(transformer) -> Callable[[torch.Tensor, torch.Tensor, Conditioning],
     return call
 
 
-def make_sampler(parts: SD3Parts, num_inference_steps: int) -> FlowMatchEuler:
+def make_sampler(parts: SD3Parts, num_inference_steps: int, resolution: int | None = None) -> FlowMatchEuler:
+    """The flow-matching sampler on the checkpoint's grid (SD3's shift is static: the same at every resolution)."""
     return FlowMatchEuler(parts.scheduler_config, num_inference_steps)
 
 

@@ -3,10 +3,11 @@ PIL images, and saving what was trained in diffusers' layout.
 
 The training loop reaches a model family only through the names below (the family seam): `load` (parts with
 tokenizers, text_encoders, vae, denoiser, scheduler_config), `Conditioning` (sharpening.batched.Batched rows),
-`encode_prompts`, `unconditional`, `time_ids`, `forward` (f(x, t, cond) of the denoiser), `make_sampler`,
-`denoiser_class`, `latent_channels`, `encode_images`, `decode`, `vae_dtype`, `save_images`, `DENOISER`, `PIPELINE_CLASS`,
-`LORA_TARGET_MODULES`, `save_lora`, `lora_state` and `save_pipeline`. sharpening/sd3.py is the flow-matching family
-with the same names; sharpening/families.py picks the family from a checkpoint's model_index.json.
+`encode_prompts`, `unconditional` (caption dropout), `cfg_negative` (guidance's negative branch, or None),
+`time_ids`, `forward` (f(x, t, cond) of the denoiser), `make_sampler`, `denoiser_class`, `latent_channels`,
+`encode_images`, `decode`, `vae_dtype`, `save_images`, `DENOISER`, `PIPELINE_CLASS`, `LORA_TARGET_MODULES`,
+`save_lora`, `lora_state` and `save_pipeline`. sharpening/sd3.py and sharpening/flux.py are the flow-matching
+families with the same names; sharpening/families.py picks the family from a checkpoint's model_index.json.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def forward(unet) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.
     return call
 
 
-def make_sampler(parts: "SDXLParts", num_inference_steps: int) -> DDIM:
-    """The batched DDIM sampler on the checkpoint's noise schedule."""
+def make_sampler(parts: "SDXLParts", num_inference_steps: int, resolution: int | None = None) -> DDIM:
+    """The batched DDIM sampler on the checkpoint's noise schedule (the same at every resolution)."""
     return DDIM(parts.scheduler_config, num_inference_steps)
 
 
@@ -151,6 +152,11 @@ def unconditional(parts: SDXLParts, cond: Conditioning, device) -> Conditioning:
     if parts.force_zeros_for_empty_prompt:
         return Conditioning(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled), cond.time_ids)
     return encode_prompts(parts, [""] * cond.pooled.shape[0], cond.time_ids, device)
+
+
+def cfg_negative(parts: SDXLParts, cond: Conditioning, device) -> Conditioning:
+    """Classifier-free guidance's negative branch (FLUX.1-dev, guidance-distilled, has none)."""
+    return unconditional(parts, cond, device)
 
 
 def time_ids(original_sizes, crops_top_left, target_size: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tiny SDXL- and SD3-architecture models built offline, for tests, benchmarks and the CPU demo.
+"""Tiny SDXL-, SD3- and FLUX-architecture models built offline, for tests, benchmarks and the CPU demo.
 
 Sizes follow diffusers' own SDXL pipeline tests. The tokenizers are real CLIP BPE tokenizers written from
 the vocabulary file that open_clip ships, so prompts are tokenized exactly as SDXL's would be (49408 tokens,
@@ -215,6 +215,49 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
     return out
 
 
+def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny FLUX.1-dev-style model (diffusers layout, loadable with
+    `FluxPipeline.from_pretrained`): double- and single-stream blocks with a guidance embedding, CLIP (pooled) and a
+    real tiny T5, a VAE with shift and scale factors, FLUX.1-dev's dynamic-shift scheduler. The VAE downsamples by 2,
+    so `--resolution 32` gives 16x16 latents (8x8 packed patches)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                         guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=32,
+    ))
+    build = out / "_tokenizer_build"
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
+    tokenizer_2 = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(build)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ real-size SDXL
 # stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json, scheduler/scheduler_config.json,
 # text_encoder(_2)/config.json (only what differs from the library defaults that matters for the cost).
@@ -275,8 +318,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl_size", action="store_true", help="Every part at SDXL's real size, in bf16 (about 7 GB).")
     parser.add_argument("--sd3", action="store_true", help="A tiny SD3.5-style model instead of SDXL.")
+    parser.add_argument("--flux", action="store_true", help="A tiny FLUX.1-dev-style model instead of SDXL.")
     a = parser.parse_args()
-    if a.sd3:
-        print(build_tiny_sd3(a.out_dir, a.seed))
+    if a.sd3 or a.flux:
+        print((build_tiny_sd3 if a.sd3 else build_tiny_flux)(a.out_dir, a.seed))
     else:
         print(build_sdxl_size(a.out_dir, seed=a.seed) if a.sdxl_size else build_tiny_sdxl(a.out_dir, a.seed))

@@ -1,4 +1,4 @@
-"""Offline fixtures: a tiny SDXL and a tiny SD3 saved once per test session, tiny image-text data, script runners."""
+"""Offline fixtures: a tiny SDXL, SD3 and FLUX saved once per test session, tiny image-text data, script runners."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,13 @@ def tiny_sd3(tmp_path_factory) -> Path:
     from sharpening.tiny import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from sharpening.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 def reset_accelerate_state() -> None:

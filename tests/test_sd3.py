@@ -36,7 +36,7 @@ def test_family_is_read_from_model_index(tiny_sd3, tiny_sdxl, tmp_path):
 
     assert families.family_of(str(tiny_sd3)) is sd3 and families.family_of(str(tiny_sdxl)) is sdxl
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
-    with pytest.raises(ValueError, match="KandinskyPipeline checkpoint; supported: StableDiffusion3Pipeline, StableDiffusionXLPipeline"):
+    with pytest.raises(ValueError, match="KandinskyPipeline checkpoint; supported: FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline"):
         families.family_of(str(tmp_path))
 
 

@@ -1,0 +1,120 @@
+"""The FLUX.1 family through the same core: conditioning, packing and guidance-embedded sampling equal FluxPipeline's
+on the tiny FLUX.1-dev-style twin; both scripts train it through `accelerate launch` and the outputs load in
+diffusers and change its samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, tiny_args, write_image_folder
+
+T5_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_flux):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_flux)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_flux):
+    from sharpening import flux
+
+    parts = flux.load(str(tiny_flux))
+    parts.max_sequence_length, parts.guidance = T5_TOKENS, 3.5
+    return parts
+
+
+def test_family_and_packing_match_the_pipeline(tiny_flux, pipe):
+    from sharpening import families, flux
+
+    assert families.family_of(str(tiny_flux)) is flux
+    x = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    packed = flux.pack(x)
+    assert torch.equal(packed, pipe._pack_latents(x, 2, 4, 6, 8))
+    assert torch.equal(flux.unpack(packed, 6, 8), x)
+    assert torch.equal(flux.image_ids(6, 8, "cpu", torch.float32), pipe._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+
+
+def test_conditioning_equals_the_pipelines_encode_prompt(pipe, parts):
+    from sharpening import flux
+
+    prompts = ["a red circle left of a blue square", ""]
+    ours = flux.encode_prompts(parts, prompts, None, "cpu")
+    embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
+    torch.testing.assert_close(ours.prompt_embeds, embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-6)
+    assert ours.guidance.tolist() == [3.5, 3.5] and flux.cfg_negative(parts, ours, "cpu") is None
+
+
+def test_sampling_equals_the_pipeline_with_its_dynamic_shift(pipe, parts):
+    from sharpening import flux
+    from sharpening.sampler import sample
+
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red square", "a green triangle above a circle"]
+    expected = pipe(prompts, num_inference_steps=4, guidance_scale=3.5, height=32, width=32, latents=flux.pack(noise),
+                    output_type="latent", max_sequence_length=T5_TOKENS).images
+    sampler = flux.make_sampler(parts, 4, 32)
+    assert torch.equal(sampler.grid, pipe.scheduler.timesteps.float())  # mu from the packed sequence length (64)
+    latents = sample(flux.forward(parts.denoiser), sampler, noise, flux.encode_prompts(parts, prompts, None, "cpu"))
+    torch.testing.assert_close(flux.pack(latents), expected, rtol=0, atol=1e-5)
+
+
+def flux_image(model_dir, lora_dir=None):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(model_dir)
+    if lora_dir:
+        pipe.load_lora_weights(lora_dir)
+    return pipe("a red square", num_inference_steps=2, height=32, width=32, guidance_scale=3.5, generator=torch.Generator().manual_seed(0),
+                output_type="np", max_sequence_length=T5_TOKENS).images[0]
+
+
+def flux_args(model, out, **overrides):
+    return tiny_args(model, out, max_sequence_length=T5_TOKENS, guidance_scale=3.5, **overrides)
+
+
+def test_sft_one_process_lora(tiny_flux, tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_sft_diffusion_sharpening.py", flux_args(tiny_flux, out, train_data_dir=data, use_lora=True))
+    assert result.returncode == 0
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("transformer.") for k in lora) and any(".ff.net." in k for k in lora)
+    assert not (flux_image(tiny_flux) == flux_image(tiny_flux, lora_dir=out)).all()
+
+
+def test_rlhf_one_process_full_and_resume(tiny_flux, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_rlhf_diffusion_sharpening.py", flux_args(tiny_flux, out, prompt_file=prompts, checkpointing_steps=1))
+    assert result.returncode == 0 and "FluxPipeline" in (out / "README.md").read_text()
+    before = load_file(tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert sum(not torch.equal(after[k], before[k]) for k in before) > len(before) // 2
+    assert not (flux_image(tiny_flux) == flux_image(out)).all()
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    result = accelerate_launch("train_rlhf_diffusion_sharpening.py", flux_args(tiny_flux, resumed, prompt_file=prompts, checkpointing_steps=1,
+                                                                               resume_from_checkpoint="latest"))
+    assert result.returncode == 0
+    a = load_file(out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two gloo ranks; CI runs it with `make test-slow`
+def test_sft_two_processes_full(tiny_flux, tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    result = accelerate_launch("train_sft_diffusion_sharpening.py", flux_args(tiny_flux, out, train_data_dir=data, train_batch_size=1),
+                               num_processes=2)
+    assert result.returncode == 0 and "2 processes" in result.stderr
+    assert not (flux_image(tiny_flux) == flux_image(out)).all()
