@@ -23,7 +23,8 @@ test: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 # The slow-marked tests (CI runs them): real-size SDXL wiring (one bf16 LoRA step of each script, ~4 min, ~16 GB
-# RAM) and 20 default steps of each script raising a pixel reward end to end (~4 min).
+# RAM), 20 default steps of each script raising a pixel reward end to end (~4 min), and the two-process runs of the
+# SD3 and FLUX twins (~1 min).
 test-slow: install
 	$(PY) -m pytest -q -s -m slow tests
 

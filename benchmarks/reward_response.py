@@ -165,7 +165,7 @@ def _diff(entry: dict) -> str:
 
 
 def markdown(results: dict, args) -> str:
-    lines = [f"Reward response: {args.steps} optimizer steps of batch {COMMON['train_batch_size']} per run, toy SDXL, training-pair prompts "
+    lines = [f"Reward response: {args.steps} optimizer steps of batch {COMMON['train_batch_size']} per run, model {Path(args.model).name}, training-pair prompts "
              f"({args.eval_prompts} x {args.images_per_prompt} seeds); Δ = paired difference vs base ± paired SE over prompts.", ""]
     names = list(args.runs)
     lines += ["Δ of the trained reward, in standard errors (final checkpoint; ✓ = more than +3 SE):", "",
