@@ -1,28 +1,8 @@
 #!/usr/bin/env bash
-# SFT Diffusion-Sharpening on FLUX.1-dev (flow matching, guidance-distilled), LoRA in bf16. A starting point: the learning rate, rank and
-# step budget are diffusers' FLUX LoRA defaults, not tuned for sharpening, and nothing here has run at this size yet.
-# Usage: DATASET_NAME=lambdalabs/naruto-blip-captions REWARD=clip bash scripts/flux_sft.sh [extra flags...]
+# SFT Diffusion-Sharpening on FLUX.1-dev (flow matching, guidance-distilled), LoRA in bf16: scripts/sd3_sft.sh's recipe
+# with FLUX.1-dev's model and guidance. --guidance_scale is FLUX's EMBEDDED guidance (FluxPipeline's guidance_scale);
+# there is no negative branch. A starting point, not tuned for sharpening; nothing has run at this size yet.
+# Usage: as scripts/sd3_sft.sh, e.g. DATASET_NAME=lambdalabs/naruto-blip-captions REWARD=clip bash scripts/flux_sft.sh [extra flags...]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export MODEL_NAME="${MODEL_NAME:-black-forest-labs/FLUX.1-dev}"
-export DATASET_NAME="${DATASET_NAME:?set DATASET_NAME to a hub dataset id or a local imagefolder}"
-REWARD="${REWARD:-clip}"
-
-# FLUX.1-dev: --guidance_scale is the embedded guidance (FluxPipeline's guidance_scale); there is no negative branch.
-accelerate launch --main_process_port "${PORT:-10950}" train_sft_diffusion_sharpening.py \
-  --pretrained_model_name_or_path="$MODEL_NAME" \
-  --dataset_name="$DATASET_NAME" \
-  --resolution=512 --center_crop --random_flip \
-  --max_sequence_length=77 \
-  --infer_steps=28 --guidance_scale=3.5 \
-  --use_lora --lora_rank=16 \
-  --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing \
-  --max_train_steps=2000 \
-  --learning_rate=1e-04 --lr_scheduler="constant" \
-  --mixed_precision="bf16" \
-  --report_to="wandb" \
-  --validation_prompt="a photo of a red fox sitting in the snow" --validation_steps 250 \
-  --checkpointing_steps=500 \
-  --output_dir="${OUTPUT_DIR:-output_dir/flux_sft}" \
-  --reward_model="$REWARD" \
-  "$@"
+export MODEL_NAME="${MODEL_NAME:-black-forest-labs/FLUX.1-dev}" OUTPUT_DIR="${OUTPUT_DIR:-output_dir/flux_sft}"
+exec bash "$(dirname "$0")/sd3_sft.sh" --guidance_scale=3.5 "$@"

@@ -165,16 +165,51 @@ def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> Pat
     return out
 
 
+def _tiny_clip_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=32,
+    )
+
+
+def _tiny_flow_vae(shift_factor: float, scaling_factor: float, seed: int):
+    """A VAE that downsamples by 2 with SD3/FLUX's latent convention ((z - shift) * scale, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+        shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _tiny_tokenizers_and_t5(build: Path, width: int, seed: int):
+    """(CLIP tokenizer, T5 tokenizer, a tiny T5 encoder of `width`) for the flow twins, written offline under `build`."""
+    from transformers import AutoTokenizer, CLIPTokenizer, T5Config, T5EncoderModel
+
+    clip_tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
+    t5_tokenizer = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return clip_tokenizer, t5_tokenizer, t5
+
+
 def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
     """Save a randomly initialised tiny SD3.5-style model (diffusers layout, loadable with
     `StableDiffusion3Pipeline.from_pretrained`): an MMDiT with one dual-attention block and RMS qk-norm, two CLIP text
-    encoders with projection, a real (tiny) T5 encoder and a 16-channel-style VAE with shift and scale factors.
-    The VAE downsamples by 2, so `--resolution 32` gives 16x16 latents. T5's width (64) equals the two CLIP widths
-    combined, or SD3 would truncate the CLIP embeddings when padding them to T5's width."""
+    encoders with projection, a real (tiny) T5 encoder and a VAE with shift and scale factors. The VAE downsamples
+    by 2, so `--resolution 32` gives 16x16 latents. T5's width (64) equals the two CLIP widths combined, or SD3 would
+    truncate the CLIP embeddings when padding them to T5's width."""
     import shutil
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -183,32 +218,17 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
         num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=sample_size * 4,
-        shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
-    )
-    text_config = CLIPTextConfig(
-        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
-        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=32,
-    )
+    vae = _tiny_flow_vae(0.0609, 1.5305, seed + 1)  # SD3's factors
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(text_config)
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config())
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
     build = out / "_tokenizer_build"
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
-    tokenizer_3 = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
-    torch.manual_seed(seed + 4)
-    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=16, d_ff=96, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    tokenizer, tokenizer_3, text_encoder_3 = _tiny_tokenizers_and_t5(build, 64, seed + 4)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(build)
@@ -222,33 +242,19 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     so `--resolution 32` gives 16x16 latents (8x8 packed patches)."""
     import shutil
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                          guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
-        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = _tiny_flow_vae(0.1159, 0.3611, seed + 1)  # FLUX's factors
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
-        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
-        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=32,
-    ))
+    text_encoder = CLIPTextModel(_tiny_clip_config())
     build = out / "_tokenizer_build"
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
-    tokenizer_2 = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    tokenizer, tokenizer_2, text_encoder_2 = _tiny_tokenizers_and_t5(build, 32, seed + 3)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
