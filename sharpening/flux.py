@@ -114,11 +114,13 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 def forward(transformer) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:
-    """Adapt a FLUX transformer to f(x, t, cond) -> velocity on unpacked latents; it takes σ (our grid's σ·1000 / 1000)."""
+    """Adapt a FLUX transformer (bare or DDP-wrapped) to f(x, t, cond) -> velocity on unpacked latents; it takes σ
+    (our grid's σ·1000 / 1000)."""
+    embeds_guidance = getattr(transformer, "module", transformer).config.guidance_embeds
 
     def call(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         height, width = x.shape[-2:]
-        guidance = cond.guidance.to(x.device, torch.float32) if transformer.config.guidance_embeds else None
+        guidance = cond.guidance.to(x.device, torch.float32) if embeds_guidance else None
         out = transformer(
             hidden_states=pack(x), timestep=t.to(x.device, x.dtype) / 1000, guidance=guidance,
             pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
