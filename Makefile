@@ -24,7 +24,7 @@ test: install
 
 # The slow-marked tests (CI runs them): real-size SDXL wiring (one bf16 LoRA step of each script, ~4 min, ~16 GB
 # RAM), 20 default steps of each script raising a pixel reward end to end (~4 min), and the two-process runs of the
-# SD3 and FLUX twins (~1 min).
+# SD3 and FLUX twins and their resume checks (~3 min).
 test-slow: install
 	$(PY) -m pytest -q -s -m slow tests
 

@@ -88,6 +88,7 @@ def test_sft_one_process_lora(tiny_flux, tmp_path):
     assert not (flux_image(tiny_flux) == flux_image(tiny_flux, lora_dir=out)).all()
 
 
+@pytest.mark.slow  # two launches; the default suite keeps one run per family
 def test_rlhf_one_process_full_and_resume(tiny_flux, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")

@@ -110,6 +110,7 @@ def sd3_args(model, out, **overrides):
     return tiny_args(model, out, max_sequence_length=T5_TOKENS, **overrides)
 
 
+@pytest.mark.slow  # two launches; the default suite keeps one run per family
 def test_sft_one_process_full_and_resume(tiny_sd3, tmp_path):
     data = write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
