@@ -190,15 +190,12 @@ class BaseParts:
     """Tokenizers, text encoders and VAE of a base checkpoint, loaded once for every model on that base."""
 
     def __init__(self, base: str, args, device, dtype):
-        from sharpening.families import family_of
+        from sharpening.families import apply_text_settings, family_of
 
         self.family = family = family_of(base)
         parts = family.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
         parts.denoiser = None  # each model loads its own
-        if hasattr(parts, "max_sequence_length"):
-            parts.max_sequence_length = args.max_sequence_length
-        if hasattr(parts, "guidance"):  # FLUX.1-dev's embedded guidance
-            parts.guidance = args.guidance_scale
+        apply_text_settings(parts, args)
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
         _move(parts.vae.requires_grad_(False), device, family.vae_dtype(parts.vae, dtype))

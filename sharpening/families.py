@@ -21,3 +21,12 @@ def family_of(pretrained: str) -> ModuleType:
     if name not in FAMILIES:
         raise ValueError(f"{pretrained} is a {name} checkpoint; supported: {', '.join(sorted(FAMILIES))}.")
     return importlib.import_module(f"sharpening.{FAMILIES[name]}")
+
+
+def apply_text_settings(parts, args) -> None:
+    """The flags that shape a family's conditioning: T5 tokens (SD3, FLUX) and FLUX.1-dev's embedded guidance
+    (`--guidance_scale`). Families without them (SDXL) have no such fields and are left as they are."""
+    if hasattr(parts, "max_sequence_length"):
+        parts.max_sequence_length = args.max_sequence_length
+    if hasattr(parts, "guidance"):
+        parts.guidance = args.guidance_scale

@@ -29,7 +29,7 @@ import torch
 from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
 from .config import public_config
-from .families import family_of
+from .families import apply_text_settings, family_of
 from .losses import masked_sum
 from .policy import Policy
 from .sampler import guided, sample
@@ -113,10 +113,7 @@ class Trainer:
     def _load_models(self, needs_reference: bool) -> None:
         args, family = self.args, self.family
         parts = family.load(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
-        if hasattr(parts, "max_sequence_length"):
-            parts.max_sequence_length = args.max_sequence_length
-        if hasattr(parts, "guidance"):  # FLUX.1-dev's embedded (distilled) guidance
-            parts.guidance = args.guidance_scale
+        apply_text_settings(parts, args)
         if args.prediction_type:
             parts.scheduler_config["prediction_type"] = args.prediction_type
         self.parts = parts
