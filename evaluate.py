@@ -396,6 +396,7 @@ def main(args: argparse.Namespace) -> dict:
 
             save_images(images[spec.name], out / "images" / spec.name, "img")
 
+    sampler = " / ".join(dict.fromkeys(base.family.SAMPLER for base in bases.values()))
     summary = summarise(scores, args.baseline, args.images_per_prompt)
     table = markdown_table(summary, args.baseline, args.reward_model)
     grids = write_grids(out, images, prompts, args.images_per_prompt, args.grid_prompts)
@@ -407,7 +408,7 @@ def main(args: argparse.Namespace) -> dict:
         "images_per_prompt": args.images_per_prompt,
         "seeds": "image k of prompt i: torch.Generator().manual_seed(seed * 1000003 + i * 1009 + k) on the CPU",
         "seed": args.seed,
-        "sampling": {"sampler": "DDIM (eta 0)", "steps": args.steps, "guidance_scale": args.guidance_scale, "resolution": args.resolution,
+        "sampling": {"sampler": sampler, "steps": args.steps, "guidance_scale": args.guidance_scale, "resolution": args.resolution,
                      "device": str(device), "dtype": args.dtype},
         "summary": summary,
         "scores": {m: {k: [None if not math.isfinite(x) else float(x) for x in v] for k, v in metrics.items()} for m, metrics in scores.items()},
@@ -415,7 +416,7 @@ def main(args: argparse.Namespace) -> dict:
         "reward_counters": {k: v for reward in rewards.values() for k, v in reward.counters().items()},
     }
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, DDIM {args.steps} steps, CFG {args.guidance_scale}; "
+    note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, {sampler} {args.steps} steps, CFG {args.guidance_scale}; "
             f"mean ± standard error over prompts; Δ = paired difference vs {args.baseline} (same seeds).")
     (out / "results.md").write_text(f"{table}\n\n{note}\n")
     print(table + "\n\n" + note + f"\n[evaluate] wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(g) for g in grids), flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Does a training objective raise the reward it is trained on? The reward-response benchmark.
 
-For every reward and every training variant: fine-tune the shipped toy SDXL for `--steps` optimizer steps on the
+For every reward and every training variant: fine-tune a shipped toy model (`--model`: the toy SDXL by default, or
+`models/toy-sd3`, the flow-matching one) for `--steps` optimizer steps on the
 toy world's TRAINING compositions (checkpoints every `--eval_every`), then sample every checkpoint and the base
 model with the same seeds on training-pair prompts and report, paired against base:
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
 
-SCRIPTS = {"sft": "train_sft_diffusion_sharpening_sdxl.py", "rlhf": "train_rlhf_diffusion_sharpening_sdxl.py",
+SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
 REWARDS = ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility", "toy")
 GUARDS = ("toy/objects", "toy/relation", "toy/clean")
@@ -83,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_every", type=int, default=20, help="Checkpoint (and evaluate) every N steps.")
     p.add_argument("--eval_prompts", type=int, default=56, help="Training-pair prompts evaluated.")
     p.add_argument("--images_per_prompt", type=int, default=2)
-    p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps of the evaluation samples.")
+    p.add_argument("--eval_steps", type=int, default=20, help="Sampling steps of the evaluation samples (DDIM for SDXL, flow-matching Euler for SD3 / FLUX).")
     p.add_argument("--train_images", type=int, default=512, help="Images in the SFT imagefolder.")
-    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--model", default=str(MODEL), help="The toy model to fine-tune (models/toy-sdxl or models/toy-sd3).")
     p.add_argument("--work_dir", default=str(ROOT / "output" / "reward_response"))
     p.add_argument("--jobs", type=int, default=1, help="Trainings run at once (threads are split between them).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: the idle cores).")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks in one short run: both trainers on the tiny SDXL in fp16 and bf16 (full UNet and LoRA), and on the tiny
 # SD3 and FLUX twins in bf16 (the flow-matching families), each checked
-# for values (finite losses, weights changed, RLHF's DPO logits ~ 0 before the first update, peak memory), then the
-# step-cost benchmark's GPU preset on a real-size SDXL with random weights (no download).
+# for values (finite losses, weights changed, RLHF's DPO logits ~ 0 before the first update, peak memory), then
+# the real-size flow preset (one LoRA bf16 step of each script at 1024 px on SD3.5-medium with random weights, and on
+# FLUX.1-dev too with FLOW_REAL_SIZE="sd3 flux": peak memory per GPU), then the step-cost benchmark's GPU preset on
+# a real-size SDXL with random weights (no download).
 # Usage (on a CUDA machine with the requirements installed): bash scripts/gpu_checks.sh [OUT_DIR]
-# Set SKIP_BENCHMARK=1 to run only the training checks.
+# Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_checks_out}}"
@@ -96,6 +98,37 @@ for cfg in $CONFIGS; do
   else
     status=1; tail -20 "$log"
   fi
+done
+
+# Real-size flow models (random weights from the published configs, initialised on the GPU): 16 GB (SD3.5-medium)
+# or 33 GB (FLUX.1-dev) written to $WORK, removed after their runs.
+for family in ${FLOW_REAL_SIZE-sd3}; do
+  base="$WORK/real_$family"
+  start=$SECONDS
+  "$PY" -m sharpening.tiny "$base" --flow_size "$family" --device cuda >"$OUT/build_real_$family.log" 2>&1 \
+    || { echo "real-size $family: build failed"; tail -20 "$OUT/build_real_$family.log"; status=1; continue; }
+  echo "real-size $family built in $((SECONDS - start))s"
+  for variant in sft rlhf; do
+    data=(--train_data_dir "$WORK/data"); [ "$variant" = rlhf ] && data=(--prompt_file "$WORK/prompts.txt")
+    margin=(); [ "$variant" = rlhf ] && margin=(--reward_margin_scale 0)
+    name="real_${family}_${variant}"
+    log="$OUT/train_$name.log"
+    start=$SECONDS
+    "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
+      "train_${variant}_diffusion_sharpening.py" --pretrained_model_name_or_path "$base" "${data[@]}" --use_lora \
+      --output_dir "$WORK/out_$name" --resolution 1024 --train_batch_size 1 --max_train_steps 1 --learning_rate 1e-4 \
+      --reward_model brightness --report_to tensorboard --seed 0 "${margin[@]}" --gradient_checkpointing \
+      --mixed_precision bf16 --checkpointing_steps 1000 >"$log" 2>&1
+    rc=$?
+    echo "real-size $family $variant bf16 lora 1024px: exit $rc, $((SECONDS - start))s"
+    if [ $rc -eq 0 ]; then
+      "$PY" "$WORK/check_run.py" "$base" "$WORK/out_$name" "$variant" lora "$log" transformer || status=1
+    else
+      status=1; tail -20 "$log"
+    fi
+    rm -rf "$WORK/out_$name"
+  done
+  rm -rf "$base"
 done
 
 if [ -z "${SKIP_BENCHMARK:-}" ]; then

@@ -27,6 +27,7 @@ from .sdxl import save_images, vae_dtype  # noqa: F401  (this family's names too
 
 DENOISER = "transformer"
 PIPELINE_CLASS = "FluxPipeline"
+SAMPLER = "flow-matching Euler"  # how evaluate.py names the sampling in its reports
 # diffusers' train_dreambooth_lora_flux.py targets: joint attention and the feed-forward projections.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
                        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]

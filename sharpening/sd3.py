@@ -20,6 +20,7 @@ from .sdxl import decode_pixels, save_images, vae_dtype  # noqa: F401  (this fam
 
 DENOISER = "transformer"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
+SAMPLER = "flow-matching Euler"  # how evaluate.py names the sampling in its reports
 # diffusers' train_dreambooth_lora_sd3.py targets; SD3.5's second attention (attn2) has the same projection names.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens, as diffusers' SD3 training scripts default
@@ -60,22 +61,36 @@ def load(pretrained: str, vae_path: str | None = None, revision: str | None = No
     return SD3Parts(tokenizers, text_encoders, vae, denoiser, scheduler_config)
 
 
-@torch.no_grad()
-def encode_prompts(parts: SD3Parts, prompts: list[str], time_ids, device) -> Conditioning:
-    """SD3's text conditioning of prompts (`time_ids` is SDXL's and ignored). CLIP prompts are truncated to 77
-    tokens and T5 prompts to `parts.max_sequence_length`, as StableDiffusion3Pipeline does."""
+def tokenize(tokenizers, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids for CLIP-L, CLIP-G (truncated to 77) and T5 (truncated to `max_sequence_length`), as
+    StableDiffusion3Pipeline tokenizes."""
+    clip = [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            for tokenizer in tokenizers[:2]]
+    t5 = tokenizers[2](prompts, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+                       return_tensors="pt").input_ids
+    return clip[0], clip[1], t5
+
+
+def encode_token_ids(text_encoders, token_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3 text conditioning of tokenized prompts (`tokenize`): the penultimate hidden states of the two CLIP
+    encoders concatenated and zero-padded to T5's width, then T5's tokens after them along the sequence; pooled =
+    both CLIP projections. Runs with grad if the caller allows it (toyworld.train_base trains the encoders)."""
     clip_embeds, pooled = [], []
-    for tokenizer, encoder in zip(parts.tokenizers[:2], parts.text_encoders[:2]):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        out = encoder(ids.to(device), output_hidden_states=True)
+    for encoder, ids in zip(text_encoders[:2], token_ids[:2]):
+        out = encoder(ids, output_hidden_states=True)
         clip_embeds.append(out.hidden_states[-2])
         pooled.append(out[0])
-    ids = parts.tokenizers[2](prompts, padding="max_length", max_length=parts.max_sequence_length, truncation=True,
-                              add_special_tokens=True, return_tensors="pt").input_ids
-    t5 = parts.text_encoders[2](ids.to(device))[0]
+    t5 = text_encoders[2](token_ids[2])[0]
     clip = torch.cat(clip_embeds, dim=-1)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)
-    return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+@torch.no_grad()
+def encode_prompts(parts: SD3Parts, prompts: list[str], time_ids, device) -> Conditioning:
+    """SD3's text conditioning of prompts (`time_ids` is SDXL's and ignored)."""
+    ids = tokenize(parts.tokenizers, prompts, parts.max_sequence_length)
+    return Conditioning(*encode_token_ids(parts.text_encoders, [i.to(device) for i in ids]))
 
 
 def unconditional(parts: SD3Parts, cond: Conditioning, device) -> Conditioning:

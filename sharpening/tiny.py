@@ -140,17 +140,18 @@ def save_sdxl(out: Path, unet, vae, text_encoder, text_encoder_2, scheduler) -> 
 T5_CONTEXT = 32
 
 
-def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> Path:
-    """A small SentencePiece-style Unigram tokenizer (trained here, offline, on letters, digits, punctuation and a
-    few phrases), saved as a `T5Tokenizer`: pad 0, </s> 1, <unk> 2, as T5's. It tokenizes any text, so prompts
-    reach the T5 encoder as they would on the real model, only split into smaller pieces."""
+def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256, corpus: tuple[str, ...] = (),
+                       model_max_length: int = T5_CONTEXT) -> Path:
+    """A small SentencePiece-style Unigram tokenizer (trained here, offline, on letters, digits, punctuation, a few
+    phrases and `corpus`), saved as a `T5Tokenizer`: pad 0, </s> 1, <unk> 2, as T5's. It tokenizes any text, so
+    prompts reach the T5 encoder as they would on the real model, only split into smaller pieces (mostly letters)."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5Tokenizer
 
     alphabet = list(string.ascii_lowercase + string.digits + string.punctuation)
-    corpus = alphabet + ["a photo of a red circle left of a blue square", "the quick brown fox jumps over the lazy dog"]
+    corpus = alphabet + ["a photo of a red circle left of a blue square", "the quick brown fox jumps over the lazy dog", *corpus]
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -161,7 +162,7 @@ def write_t5_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 256) -> Pat
                                                              special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
     out = Path(out_dir)
     T5Tokenizer(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
-                model_max_length=T5_CONTEXT).save_pretrained(out)
+                model_max_length=model_max_length).save_pretrained(out)
     return out
 
 
@@ -187,12 +188,13 @@ def _tiny_flow_vae(shift_factor: float, scaling_factor: float, seed: int):
     )
 
 
-def _tiny_tokenizers_and_t5(build: Path, width: int, seed: int):
-    """(CLIP tokenizer, T5 tokenizer, a tiny T5 encoder of `width`) for the flow twins, written offline under `build`."""
+def tokenizers_and_t5(build: Path, width: int, seed: int, corpus: tuple[str, ...] = (), t5_max_length: int = T5_CONTEXT):
+    """(CLIP tokenizer, T5 tokenizer, a tiny T5 encoder of `width`) for the flow twins and the toy flow model, written
+    offline under `build` (`corpus`, `t5_max_length`: see write_t5_tokenizer)."""
     from transformers import AutoTokenizer, CLIPTokenizer, T5Config, T5EncoderModel
 
     clip_tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
-    t5_tokenizer = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5"))
+    t5_tokenizer = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5", corpus=corpus, model_max_length=t5_max_length))
     torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
@@ -224,7 +226,7 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
     build = out / "_tokenizer_build"
-    tokenizer, tokenizer_3, text_encoder_3 = _tiny_tokenizers_and_t5(build, 64, seed + 4)
+    tokenizer, tokenizer_3, text_encoder_3 = tokenizers_and_t5(build, 64, seed + 4)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
@@ -254,7 +256,7 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_clip_config())
     build = out / "_tokenizer_build"
-    tokenizer, tokenizer_2, text_encoder_2 = _tiny_tokenizers_and_t5(build, 32, seed + 3)
+    tokenizer, tokenizer_2, text_encoder_2 = tokenizers_and_t5(build, 32, seed + 3)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -316,6 +318,79 @@ def build_sdxl_size(out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloa
     return save_sdxl(out, unet, vae, text_encoder, text_encoder_2, scheduler)
 
 
+# ------------------------------------------------------------------------------------------ real-size SD3.5 / FLUX.1
+# stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev: transformer/config.json, vae/config.json,
+# scheduler/scheduler_config.json; text_encoder_3 (SD3) / text_encoder_2 (FLUX) is T5 v1.1 XXL's encoder.
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLOW_VAE = dict(  # the 16-channel VAE of SD3 and FLUX (they differ only in shift and scale)
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3,
+    latent_channels=16, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=1024,
+    up_block_types=["UpDecoderBlock2D"] * 4, use_quant_conv=False, use_post_quant_conv=False,
+)
+T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)
+
+
+def build_flow_size(out_dir: str | os.PathLike, family: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                    device: str = "cpu") -> Path:
+    """Save SD3.5-medium (`family` "sd3", about 16 GB in bf16) or FLUX.1-dev ("flux", about 33 GB) with every part at
+    its real size and random weights, in diffusers layout (`device` "cuda" initialises the weights in seconds).
+    The tokenizers are the offline ones of the tiny twins (the T5 one is small, so prompts use only the first ids of
+    T5-XXL's vocabulary). Catches memory and wiring that the tiny twins hide; it is not a model of anything."""
+    import shutil
+
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    if family not in ("sd3", "flux"):
+        raise ValueError(f"family must be 'sd3' or 'flux', not {family!r}")
+    out = Path(out_dir)
+    build = out / "_tokenizer_build"
+    clip_tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build / "clip"))
+    t5_tokenizer = AutoTokenizer.from_pretrained(write_t5_tokenizer(build / "t5", model_max_length=512))
+    common = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            t5 = T5EncoderModel(T5Config(**T5_XXL_ENCODER))
+            if family == "sd3":
+                transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+                vae = AutoencoderKL(**FLOW_VAE, shift_factor=0.0609, scaling_factor=1.5305)
+                clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT, **common))
+                clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT, **common))
+            else:
+                transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+                vae = AutoencoderKL(**FLOW_VAE, shift_factor=0.1159, scaling_factor=0.3611)
+                clip_l = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **common))
+    finally:
+        torch.set_default_dtype(previous)
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
+            text_encoder=clip_l, tokenizer=clip_tokenizer, text_encoder_2=clip_g, tokenizer_2=clip_tokenizer,
+            text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=clip_tokenizer,
+                            text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(build)
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -325,8 +400,12 @@ if __name__ == "__main__":
     parser.add_argument("--sdxl_size", action="store_true", help="Every part at SDXL's real size, in bf16 (about 7 GB).")
     parser.add_argument("--sd3", action="store_true", help="A tiny SD3.5-style model instead of SDXL.")
     parser.add_argument("--flux", action="store_true", help="A tiny FLUX.1-dev-style model instead of SDXL.")
+    parser.add_argument("--flow_size", choices=("sd3", "flux"), help="SD3.5-medium or FLUX.1-dev at real size, in bf16 (16 / 33 GB).")
+    parser.add_argument("--device", default="cpu", help="Where --flow_size initialises its weights (cuda: seconds).")
     a = parser.parse_args()
-    if a.sd3 or a.flux:
+    if a.flow_size:
+        print(build_flow_size(a.out_dir, a.flow_size, seed=a.seed, device=a.device))
+    elif a.sd3 or a.flux:
         print((build_tiny_sd3 if a.sd3 else build_tiny_flux)(a.out_dir, a.seed))
     else:
         print(build_sdxl_size(a.out_dir, seed=a.seed) if a.sdxl_size else build_tiny_sdxl(a.out_dir, a.seed))

@@ -150,3 +150,39 @@ def test_train_base_reproduces_from_its_seed_and_trains_the_text_encoders(tmp_pa
         assert not all(torch.equal(a[k], start[k]) for k in start)
     parts = load(str(runs["a"]))
     assert parts.unet.config.addition_embed_type == "text_time" and len(parts.tokenizers[0]) == 49408
+
+
+def test_train_base_builds_the_sd3_toy_with_trained_encoders_and_sd3_latents(tmp_path):
+    """`--family sd3`: an SD3-architecture toy that StableDiffusion3Pipeline loads, with SD3's latent convention
+    measured on the data, all three text encoders trained, a T5 tokenizer that covers every caption, and the
+    SDXL toy's VAE reused with --vae_from."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from sharpening import sd3
+    from toyworld import train_base
+
+    tiny = ["--unet_steps", "3", "--dataset_size", "16", "--batch_size", "4", "--vae_batch_size", "4", "--log_every", "1"]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        sdxl_toy = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "sdxl"), "--vae_steps", "2", *tiny]))
+        out = train_base.main(train_base.parse_args(["--family", "sd3", "--output_dir", str(tmp_path / "sd3"), "--vae_from", str(sdxl_toy), *tiny]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    summary = json.loads((out / "training_summary.json").read_text())
+    parts = sd3.load(str(out))
+    assert parts.vae.config.shift_factor == pytest.approx(summary["shift_factor"]) and summary["shift_factor"] != 0
+    assert parts.vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
+    reused = _weights(sdxl_toy)
+    assert all(torch.equal(v, reused[f"vae/{k}"]) for k, v in parts.vae.state_dict().items())
+    ids = parts.tokenizers[2]([c for c in world.train_prompts("all") + world.heldout_prompts()]).input_ids
+    assert all(2 not in row and len(row) <= 77 for row in ids)  # every caption tokenized without <unk>, within T5's 77 tokens
+    _, initial = train_base.build_sd3_text(0, tmp_path / "tok")
+    for trained, start in zip(parts.text_encoders, initial):
+        assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), start.state_dict().values()))
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    image = pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=77,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Train the toy world's SDXL-architecture base model from scratch and save it in diffusers layout.
+"""Train a toy world base model from scratch and save it in diffusers layout: SDXL's architecture (default) or SD3's.
 
     python -m toyworld.train_base --output_dir models/toy-sdxl --seed 0 [--device cuda]
+    python -m toyworld.train_base --family sd3 --output_dir models/toy-sd3 --vae_from models/toy-sdxl --unet_steps 4000
 
-The result loads with `sharpening.sdxl.load` and `StableDiffusionXLPipeline.from_pretrained` and is
+The SDXL model loads with `sharpening.sdxl.load` and `StableDiffusionXLPipeline.from_pretrained` and is
 what `make demo` and `benchmarks/quality.py` fine-tune. Recipe (all from `--seed`, deterministic on a
 given device):
 
@@ -22,6 +23,21 @@ given device):
    The budget is deliberately short: single objects are learned well, compositions (binding colours to
    shapes, relations) only partly, which is the kind of flaw reward fine-tuning should fix.
 4. Scheduler: SDXL's Euler config (scaled_linear 0.00085..0.012, leading spacing, steps_offset 1).
+
+`--family sd3` builds the same world model with SD3's architecture (loads with `StableDiffusion3Pipeline`; the
+flow-matching counterpart for `benchmarks/reward_response.py --model models/toy-sd3`):
+- Text encoders: CLIP-L- and CLIP-G-style CLIPTextModelWithProjection (width 24 each, the real CLIP BPE vocabulary)
+  and a small T5 encoder (width 48 = both CLIP widths, or SD3 would truncate them) with a small Unigram tokenizer
+  trained offline (captions reach T5 as short pieces, mostly single letters: under 77 tokens each); all three trained
+  with the transformer, T5 at `--max_sequence_length` tokens.
+- VAE: `--vae_from` reuses a trained toy VAE (the SDXL toy's: same world, same 16x16x4 latents) with SD3's latent
+  convention (z - shift_factor) * scaling_factor, both measured on the dataset (mean, 1/std); without it a VAE is
+  trained as in step 2.
+- Denoiser: SD3Transformer2DModel (MMDiT, patch 2, SD3.5's RMS qk-norm and one dual-attention block), rectified-flow
+  objective as in SD3 (Esser et al. 2024, arXiv 2403.03206): x_t = (1 - σ) x0 + σ ε, target ε - x0, σ from a
+  logit-normal(0, 1) density, timestep σ·1000; caption dropout encodes "" (SD3's negative prompt for guidance).
+- Scheduler: FlowMatchEulerDiscreteScheduler with shift 1 (SD3 ships shift 3 for 1024 px; the shift grows with the
+  image size, and 32 px images need none).
 """
 from __future__ import annotations
 
@@ -41,21 +57,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sharpening.sdxl import encode_token_ids  # noqa: E402
 from sharpening.tiny import CLIP_CONTEXT, CLIP_VOCAB_SIZE, write_clip_tokenizer  # noqa: E402
 from toyworld import world  # noqa: E402
 
+FAMILIES = ("sdxl", "sd3")
+FLOW_SHIFT = 1.0  # sd3: the scheduler's shift (see the docstring)
 TEXT_WIDTH = 24  # per encoder (UNet context: 2 * 24 = 48 channels); keeps the model under 30 MB with the
 # two 49408-token embedding tables of the real CLIP vocabulary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default=str(ROOT / "models" / "toy-sdxl"))
+    p.add_argument("--family", choices=FAMILIES, default="sdxl", help="Architecture of the model (see above).")
+    p.add_argument("--output_dir", default=None, help="Default: models/toy-<family>.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda; results are deterministic per device.")
     p.add_argument("--num_threads", type=int, default=1,
                    help="CPU threads. 1 by default: on a shared 2-core machine two spinning OpenMP threads ran 4x SLOWER than one (measured).")
+    p.add_argument("--vae_from", default=None, help="A toy model folder whose vae/ is reused instead of training a VAE.")
     p.add_argument("--vae_steps", type=int, default=600)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--vae_lr", type=float, default=2e-3)
@@ -69,24 +88,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "much of its caption (wrong colours and shapes on single objects).")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--max_sequence_length", type=int, default=77, help="sd3: T5 tokens per caption (the training scripts' default).")
     p.add_argument("--log_every", type=int, default=100)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir or str(ROOT / "models" / f"toy-{args.family}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------- models
-def build_text_encoders(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def clip_config():
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
         hidden_size=TEXT_WIDTH, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
         vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_CONTEXT, hidden_act="gelu", projection_dim=TEXT_WIDTH,
     )
+
+
+def build_text_encoders(seed: int):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = clip_config()
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(config)
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(config)
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
+
+
+def build_sd3_text(seed: int, build_dir: Path):
+    """(tokenizers, encoders) of the SD3 toy: CLIP-L-, CLIP-G-style encoders with projection and a small T5 with an
+    offline Unigram tokenizer (written under `build_dir`)."""
+    from transformers import CLIPTextModelWithProjection
+
+    from sharpening.tiny import tokenizers_and_t5
+
+    config = clip_config()
+    torch.manual_seed(seed + 2)
+    clip_l = CLIPTextModelWithProjection(config)
+    torch.manual_seed(seed + 3)
+    clip_g = CLIPTextModelWithProjection(config)
+    corpus = tuple(world.train_prompts("all") + world.heldout_prompts())  # text only: the tokenizer sees no images
+    clip_tokenizer, t5_tokenizer, t5 = tokenizers_and_t5(build_dir, 2 * TEXT_WIDTH, seed + 5, corpus, t5_max_length=77)
+    encoders = tuple(e.eval().requires_grad_(False) for e in (clip_l, clip_g, t5))
+    return (clip_tokenizer, clip_tokenizer, t5_tokenizer), encoders
 
 
 def build_vae(seed: int):
@@ -113,6 +159,24 @@ def build_unet(seed: int):
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH,  # 6 time ids x 8 + pooled text_encoder_2
     )
+
+
+def build_transformer(seed: int):
+    """SD3's MMDiT at toy size: 16x16x4 latents in 2x2 patches (64 image tokens), width 64, six joint blocks."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed + 4)
+    return SD3Transformer2DModel(
+        sample_size=world.IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH, caption_projection_dim=64, pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
 
 
 def build_scheduler():
@@ -175,16 +239,34 @@ def encode_dataset(vae, images, device, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index, caption_ids, args, device):
-    """Epsilon objective on the cached latents, the UNet and (with --train_text_encoders) both text encoders
-    trained together; returns EMA copies of the trained weights and the loss log."""
+def noised(family: str, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
+    """(x_t, timestep, regression target) of the family's training objective: epsilon prediction on SDXL's discrete
+    schedule, or the rectified-flow velocity ε - x0 at σ ~ logit-normal(0, 1) (SD3) with timestep σ·1000."""
+    n = x0.shape[0]
+    if family == "sdxl":
+        t = torch.randint(0, 1000, (n,), generator=gen).to(x0.device)
+        a = abar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+    sigma = torch.sigmoid(torch.randn(n, generator=gen)).to(x0.device)
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0
+
+
+def train_denoiser(family, denoiser, text_encoders, latents, caption_index, caption_ids, args, device):
+    """The denoising objective (`noised`) on the cached latents (`latents`: VAE posterior means and stds; x0 =
+    (z - args.shift_factor) * args.scaling_factor), the denoiser and (with --train_text_encoders) the text encoders trained
+    together; returns EMA copies of the trained weights and the loss log. `caption_ids` holds one token-id tensor
+    per tokenizer, its last row the empty caption "" (SD3's dropped-caption conditioning; SDXL's dropped captions
+    are zero embeddings instead, the pipeline's force_zeros_for_empty_prompt)."""
     import copy
 
     from diffusers import DDPMScheduler
 
-    noise_schedule = DDPMScheduler.from_config(build_scheduler().config)
-    abar = noise_schedule.alphas_cumprod.to(device)
-    modules = [unet.to(device).train()]
+    from sharpening import sd3, sdxl
+
+    latents_mean, latents_std = latents
+    abar = DDPMScheduler.from_config(build_scheduler().config).alphas_cumprod.to(device)
+    modules = [denoiser.to(device).train()]
     for encoder in text_encoders:
         encoder.to(device)
         if args.train_text_encoders:
@@ -197,29 +279,36 @@ def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index
     gen = torch.Generator().manual_seed(args.seed + 20)
     size = world.IMAGE_SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)
-    caption_ids = caption_ids.to(device)
+    caption_ids = [ids.to(device) for ids in caption_ids]
+    empty_row = len(caption_ids[0]) - 1
+
+    def encode_rows(rows: torch.Tensor):
+        ids = [i[rows] for i in caption_ids]
+        if family == "sdxl":
+            embeds, pooled = sdxl.encode_token_ids(text_encoders, ids)
+            return sdxl.Conditioning(embeds, pooled, time_ids.expand(len(rows), -1))
+        return sd3.Conditioning(*sd3.encode_token_ids(text_encoders, ids))
+
+    encode = encode_rows
     if not args.train_text_encoders:  # frozen: embed each caption once
         with torch.no_grad():
-            frozen = encode_token_ids(text_encoders, (caption_ids, caption_ids))
+            encode = encode_rows(torch.arange(len(caption_ids[0]), device=device)).select
+    forward = (sdxl if family == "sdxl" else sd3).forward(denoiser)
     log, window = [], []
     for step in range(args.unet_steps):
         idx = torch.randint(0, len(latents_mean), (args.batch_size,), generator=gen)
         eps_vae = torch.randn(latents_mean[idx].shape, generator=gen)
-        x0 = ((latents_mean[idx] + latents_std[idx] * eps_vae) * args.scaling_factor).to(device)
+        x0 = ((latents_mean[idx] + latents_std[idx] * eps_vae - args.shift_factor) * args.scaling_factor).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        keep = (torch.rand(args.batch_size, generator=gen) >= args.caption_dropout).float().to(device)
-        cap = caption_index[idx].to(device)
-        if args.train_text_encoders:
-            embeds, pooled = encode_token_ids(text_encoders, (caption_ids[cap],) * 2)
-        else:
-            embeds, pooled = frozen[0][cap], frozen[1][cap]
-        cond = embeds * keep.view(-1, 1, 1)  # dropped captions -> zeros (force_zeros_for_empty_prompt)
-        cond_pooled = pooled * keep.view(-1, 1)
-        pred = unet(x_t, t, encoder_hidden_states=cond, added_cond_kwargs={"text_embeds": cond_pooled, "time_ids": time_ids.expand(args.batch_size, -1)}).sample
-        loss = F.mse_loss(pred, noise)
+        x_t, t, target = noised(family, x0, noise, gen, abar)
+        keep = (torch.rand(args.batch_size, generator=gen) >= args.caption_dropout).to(device)
+        rows = caption_index[idx].to(device)
+        if family == "sdxl":  # dropped captions -> zero embeddings (force_zeros_for_empty_prompt)
+            cond = encode(rows)
+            cond = sdxl.Conditioning(cond.prompt_embeds * keep.view(-1, 1, 1), cond.pooled * keep.view(-1, 1), cond.time_ids)
+        else:  # dropped captions -> the encoded empty prompt
+            cond = encode(torch.where(keep, rows, empty_row))
+        loss = F.mse_loss(forward(x_t, t, cond), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,44 +322,73 @@ def train_denoiser(unet, text_encoders, latents_mean, latents_std, caption_index
         window.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0 or step == args.unet_steps - 1:
             log.append({"step": step + 1, "loss": float(np.mean(window)), "lr": lr})
-            print(f"unet step {step + 1:5d} loss {np.mean(window):.4f} lr {lr:.2e} [{time.time() - args.started:.0f} s]", flush=True)
+            print(f"{family} denoiser step {step + 1:5d} loss {np.mean(window):.4f} lr {lr:.2e} [{time.time() - args.started:.0f} s]", flush=True)
             window = []
-    ema_unet = emas[0].eval()
+    ema_denoiser = emas[0].eval()
     ema_encoders = tuple(e.eval() for e in emas[1:]) if args.train_text_encoders else text_encoders
-    return ema_unet, ema_encoders, log
+    return ema_denoiser, ema_encoders, log
 
 
-def write_model_card(out: Path, summary: dict) -> None:
+CARDS = {
+    "sdxl": ("stable-diffusion-xl", "an SDXL-architecture model", "StableDiffusionXLPipeline",
+             'SDXL\'s architecture (UNet with "text_time" added conditioning, AutoencoderKL, CLIPTextModel +\n'
+             "CLIPTextModelWithProjection, the real CLIP BPE tokenizer)",
+             "`make demo` and `benchmarks/quality.py` can show reward fine-tuning on a CPU"),
+    "sd3": ("stable-diffusion-3", "an SD3-architecture (flow-matching) model", "StableDiffusion3Pipeline",
+            "SD3's architecture (SD3Transformer2DModel with RMS qk-norm and a dual-attention block, rectified-flow\n"
+            "objective, FlowMatchEulerDiscreteScheduler, two CLIPTextModelWithProjection with the real CLIP BPE tokenizer and\n"
+            "a small T5 encoder; the VAE of the SDXL toy with SD3's shift and scale)",
+            "`benchmarks/reward_response.py --model models/toy-sd3` can show reward fine-tuning of a flow model on a CPU"),
+}
+
+
+def write_model_card(out: Path, summary: dict, family: str) -> None:
+    tag, what, pipeline, architecture, purpose = CARDS[family]
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     params = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())
+    defaults = vars(parse_args([]))
+    changed = [f"--{k} {v}" for k, v in summary["flags"].items() if k not in ("output_dir", "seed", "device", "num_threads") and v != defaults[k]]
+    command = ["python -m toyworld.train_base", f"--output_dir models/toy-{family}", *changed,
+               f"--seed {summary['seed']} --device {summary['device']} --num_threads {summary['flags']['num_threads']}"]
     (out / "README.md").write_text(f"""---
 library_name: diffusers
-tags: [stable-diffusion-xl, toy, diffusion-sharpening]
+tags: [{tag}, toy, diffusion-sharpening]
 ---
-# toy-sdxl: an SDXL-architecture model of the toy shapes world
+# toy-{family}: {what} of the toy shapes world
 
-A small model with SDXL's architecture (UNet with "text_time" added conditioning, AutoencoderKL, CLIPTextModel +
-CLIPTextModelWithProjection, the real CLIP BPE tokenizer) trained from scratch on `toyworld.world` images
+A small model with {architecture} trained from scratch on `toyworld.world` images
 (32x32 px: coloured circles, squares and triangles, single or in pairs with a spatial relation). It exists so
-that `make demo` and `benchmarks/quality.py` can show reward fine-tuning on a CPU. It draws single objects
-reasonably and binds colours, shapes and relations in compositions only partly.
+that {purpose}. It draws single objects reasonably and binds colours, shapes and relations in compositions only partly.
 
 - Parameters: {params}; {size_mb:.1f} MB on disk.
-- Trained in {summary['seconds']:.0f} s on {summary['device']} (seed {summary['seed']}); final UNet loss {summary['unet_loss'][-1]['loss']:.4f}.
-- Reproduce: `python -m toyworld.train_base --output_dir models/toy-sdxl --seed {summary['seed']} --device {summary['device']} --num_threads {summary['flags']['num_threads']}` (see its docstring
-  for the recipe and `training_summary.json` for every flag).
+- Trained in {summary['seconds']:.0f} s on {summary['device']} (seed {summary['seed']}); final denoiser loss {summary['unet_loss'][-1]['loss']:.4f}.
+- Reproduce: `{' '.join(command)}` (see its docstring for the recipe and `training_summary.json` for every flag).
 
 ```python
-from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.from_pretrained("models/toy-sdxl")
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("models/toy-{family}")
 image = pipe("a red circle to the left of a blue square", height=32, width=32, guidance_scale=5.0).images[0]
 ```
 """)
 
 
+def load_or_train_vae(args, device):
+    """(VAE, its last training loss or None, seconds): `--vae_from`'s trained toy VAE, or one trained here."""
+    started = time.time()
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").to(device), None, 0.0
+    vae = build_vae(args.seed)
+    loss = train_vae(vae, args, device)
+    return vae, loss, time.time() - started
+
+
 def main(args: argparse.Namespace) -> Path:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
+
+    from sharpening import sd3
 
     started = args.started = time.time()
     device = torch.device(args.device)
@@ -281,42 +399,56 @@ def main(args: argparse.Namespace) -> Path:
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    text_encoders = build_text_encoders(args.seed)
+    build_dir = out / "_tokenizer_build"
+    if args.family == "sdxl":
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build_dir))
+        tokenizers, text_encoders = (tokenizer, tokenizer), build_text_encoders(args.seed)
+    else:
+        tokenizers, text_encoders = build_sd3_text(args.seed, build_dir)
 
-    vae = build_vae(args.seed)
-    vae_loss = train_vae(vae, args, device)
-    t_vae = time.time() - started
+    vae, vae_loss, t_vae = load_or_train_vae(args, device)
 
     images = world_images(args.dataset_size, args.seed + 100, args.single_fraction)
     captions = sorted({c for _, c in images})
     caption_index = torch.tensor([captions.index(c) for _, c in images])
     means, stds = encode_dataset(vae, [i for i, _ in images], device)
-    args.scaling_factor = float(1.0 / means.std())  # SD convention: unit-variance latents
-    vae.register_to_config(scaling_factor=args.scaling_factor)
-    caption_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    print(f"dataset: {len(images)} images, {len(captions)} captions, latent scaling_factor {args.scaling_factor:.4f} [{time.time() - started:.0f} s]", flush=True)
+    # SD convention: unit-variance latents; SD3 also centres them (z - shift_factor)
+    args.shift_factor = float(means.mean()) if args.family == "sd3" else 0.0
+    args.scaling_factor = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=args.scaling_factor, **({"shift_factor": args.shift_factor} if args.family == "sd3" else {}))
+    if args.family == "sdxl":
+        caption_ids = [tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                 return_tensors="pt").input_ids] * 2
+    else:
+        caption_ids = list(sd3.tokenize(tokenizers, captions + [""], args.max_sequence_length))
+    print(f"dataset: {len(images)} images, {len(captions)} captions, latent shift {args.shift_factor:.4f} scale {args.scaling_factor:.4f} "
+          f"[{time.time() - started:.0f} s]", flush=True)
 
-    unet = build_unet(args.seed)
-    ema, text_encoders, log = train_denoiser(unet, text_encoders, means, stds, caption_index, caption_ids, args, device)
+    denoiser = build_unet(args.seed) if args.family == "sdxl" else build_transformer(args.seed)
+    ema, text_encoders, log = train_denoiser(args.family, denoiser, text_encoders, (means, stds), caption_index, caption_ids, args, device)
 
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.cpu().eval(), text_encoder=text_encoders[0].cpu(), text_encoder_2=text_encoders[1].cpu(),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=ema.cpu().eval(), scheduler=build_scheduler(),
-        force_zeros_for_empty_prompt=True,
-    )
+    vae, ema, text_encoders = vae.cpu().eval(), ema.cpu().eval(), tuple(e.cpu() for e in text_encoders)
+    if args.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizer, tokenizer_2=tokenizer,
+            unet=ema, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+        )
+    else:
+        pipe = StableDiffusion3Pipeline(
+            transformer=ema, scheduler=build_flow_scheduler(), vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=text_encoders[2], tokenizer_3=tokenizers[2],
+        )
     pipe.save_pretrained(out, safe_serialization=True)
-    shutil.rmtree(tok_dir)
+    shutil.rmtree(build_dir)
+    names = ("unet", "text_encoder", "text_encoder_2") if args.family == "sdxl" else ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     summary = {
-        "seed": args.seed, "device": str(device), "seconds": round(time.time() - started, 1), "vae_seconds": round(t_vae, 1),
-        "vae_final_loss": vae_loss, "unet_loss": log, "scaling_factor": args.scaling_factor,
-        "flags": {k: v for k, v in vars(args).items() if k not in ("scaling_factor", "started")},
-        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
-                       [("unet", ema), ("vae", vae), ("text_encoder", text_encoders[0]), ("text_encoder_2", text_encoders[1])]},
+        "family": args.family, "seed": args.seed, "device": str(device), "seconds": round(time.time() - started, 1), "vae_seconds": round(t_vae, 1),
+        "vae_final_loss": vae_loss, "unet_loss": log, "shift_factor": args.shift_factor, "scaling_factor": args.scaling_factor,
+        "flags": {k: v for k, v in vars(args).items() if k not in ("shift_factor", "scaling_factor", "started")},
+        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in zip(names + ("vae",), (ema, *text_encoders, vae))},
     }
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2))
-    write_model_card(out, summary)
+    write_model_card(out, summary, args.family)
     print(f"saved {out} in {summary['seconds']:.0f} s", flush=True)
     return out
 
