@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3 and FLUX).")
     g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 only: T5 tokens per prompt (as in training).")
-    g.add_argument("--guidance_scale", type=float, default=5.0)
+    g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (FLUX.1: the embedded guidance, e.g. 3.5).")
+    g.add_argument("--true_cfg_scale", type=float, default=1.0, help="FLUX.1 only: true CFG against the empty prompt (1 = off), as in training.")
     g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
     g.add_argument("--decode_batch_size", type=int, default=None, help="VAE decodes per chunk (default: 8 at 512 px, 2 at 1024 px).")
@@ -218,7 +219,8 @@ def initial_noise(num_prompts: int, images_per_prompt: int, shape: tuple[int, ..
 def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.Tensor, args, device, dtype) -> tuple[list, np.ndarray]:
     """Images (prompt-major: prompt i, image k at i * K + k) for one model, and whether each decoded to finite
     pixels (an image that did not is scored NaN, as in training, not as the black picture it becomes)."""
-    from sharpening.sampler import guided, sample
+    from sharpening.families import cfg_scale, with_guidance
+    from sharpening.sampler import sample
 
     family = base.family
     unet = load_unet(spec, family, args, device, dtype)
@@ -232,8 +234,7 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         batch = flat_prompts[start : start + args.batch_size]
         ids = family.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
         cond = family.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
-        negative = family.cfg_negative(base.parts, cond, device)
-        model = guided(family.forward(unet), negative.to(dtype=dtype) if negative is not None else None, args.guidance_scale)
+        model = with_guidance(family, base.parts, family.forward(unet), cond, cfg_scale(base.parts, args), device)
         latents = sample(model, sampler, flat_noise[start : start + len(batch)].to(device, dtype), cond)
         batch_images, batch_finite = family.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images

@@ -57,7 +57,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=5.0,
                    help="CFG of rollouts (RLHF) and validation images. FLUX.1-dev: the embedded guidance everywhere "
-                        "(FluxPipeline's guidance_scale, typically 3.5); it has no negative branch.")
+                        "(FluxPipeline's guidance_scale, typically 3.5); see --true_cfg_scale.")
+    g.add_argument("--true_cfg_scale", type=float, default=1.0,
+                   help="FLUX.1 only: true classifier-free guidance of rollouts and validation images against the empty prompt "
+                        "(FluxPipeline's true_cfg_scale with negative_prompt \"\"; 1 = off, one pass per step). Exploration's CFG "
+                        "is --explore_guidance_scale for every family.")
     g.add_argument("--decode_batch_size", type=int, default=None,
                    help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
     g.add_argument("--vae_tiling", action="store_true",

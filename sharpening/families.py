@@ -30,3 +30,20 @@ def apply_text_settings(parts, args) -> None:
         parts.max_sequence_length = args.max_sequence_length
     if hasattr(parts, "guidance"):
         parts.guidance = args.guidance_scale
+    elif args.true_cfg_scale != 1.0:
+        raise ValueError("--true_cfg_scale is FLUX.1's true classifier-free guidance; SDXL and SD3 take their CFG scale from --guidance_scale.")
+
+
+def cfg_scale(parts, args) -> float:
+    """The classifier-free guidance scale of rollouts and evaluation samples: --guidance_scale, except for FLUX.1,
+    whose --guidance_scale is the embedded guidance and whose true CFG (against "") is --true_cfg_scale (1 = off)."""
+    return args.true_cfg_scale if hasattr(parts, "guidance") else args.guidance_scale
+
+
+def with_guidance(family: ModuleType, parts, model, cond, scale: float, device):
+    """`model` under classifier-free guidance at `scale` against the family's negative branch, which is encoded
+    only when it is used (scale > 1)."""
+    from .sampler import guided
+
+    negative = family.cfg_negative(parts, cond, device) if scale > 1.0 else None
+    return guided(model, negative.to(dtype=cond.prompt_embeds.dtype) if negative is not None else None, scale)

@@ -2,8 +2,8 @@
 
 As FluxPipeline: the pooled embedding is CLIP's pooler output, the token embeddings are T5's; FLUX.1-dev is
 guidance-distilled, so `--guidance_scale` is the EMBEDDED guidance the transformer takes (FluxPipeline's
-`guidance_scale`), carried per row in the conditioning, and there is no classifier-free negative branch
-(`cfg_negative` is None; caption dropout still uses the encoded empty prompt). The grid is FluxPipeline's:
+`guidance_scale`), carried per row in the conditioning; true classifier-free guidance against the empty prompt is
+off unless `--true_cfg_scale` > 1 (FluxPipeline's true_cfg_scale with negative_prompt ""). The grid is FluxPipeline's:
 sigmas linspace(1, 1/N, N), shifted by mu from the packed image sequence length (`calculate_shift`).
 
 Latents stay (N, C, H, W) everywhere in the trainer (exploration, targets, decoding); `forward` packs them into
@@ -84,9 +84,11 @@ def unconditional(parts: FluxParts, cond: Conditioning, device) -> Conditioning:
     return encode_prompts(parts, [""] * len(cond), None, device)
 
 
-def cfg_negative(parts: FluxParts, cond: Conditioning, device) -> None:
-    """FLUX.1-dev is guidance-distilled: one pass with the embedded guidance, no negative branch."""
-    return None
+def cfg_negative(parts: FluxParts, cond: Conditioning, device) -> Conditioning:
+    """The negative branch of TRUE classifier-free guidance (FluxPipeline's true_cfg_scale with negative_prompt ""):
+    the empty prompt with the same embedded guidance. FLUX.1-dev is guidance-distilled, so it is used only when
+    --true_cfg_scale (or --explore_guidance_scale) is above 1; by default sampling is one pass per step."""
+    return unconditional(parts, cond, device)
 
 
 def time_ids(original_sizes, crops_top_left, target_size):

@@ -47,7 +47,7 @@ def test_conditioning_equals_the_pipelines_encode_prompt(pipe, parts):
     embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
     torch.testing.assert_close(ours.prompt_embeds, embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-6)
-    assert ours.guidance.tolist() == [3.5, 3.5] and flux.cfg_negative(parts, ours, "cpu") is None
+    assert ours.guidance.tolist() == [3.5, 3.5]
 
 
 def test_sampling_equals_the_pipeline_with_its_dynamic_shift(pipe, parts):
@@ -62,6 +62,38 @@ def test_sampling_equals_the_pipeline_with_its_dynamic_shift(pipe, parts):
     assert torch.equal(sampler.grid, pipe.scheduler.timesteps.float())  # mu from the packed sequence length (64)
     latents = sample(flux.forward(parts.denoiser), sampler, noise, flux.encode_prompts(parts, prompts, None, "cpu"))
     torch.testing.assert_close(flux.pack(latents), expected, rtol=0, atol=1e-5)
+
+
+def test_true_cfg_equals_the_pipelines_true_cfg_scale(pipe, parts):
+    """--true_cfg_scale: FluxPipeline's true CFG against negative_prompt "" (both passes with the embedded guidance);
+    off (1) is the plain one-pass model."""
+    from argparse import Namespace
+
+    from sharpening import families, flux
+    from sharpening.sampler import sample
+
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    prompts = ["a red square", "a blue circle"]
+    expected = pipe(prompts, negative_prompt="", true_cfg_scale=4.0, num_inference_steps=3, guidance_scale=3.5, height=32, width=32,
+                    latents=flux.pack(noise), output_type="latent", max_sequence_length=T5_TOKENS).images
+    cond = flux.encode_prompts(parts, prompts, None, "cpu")
+    args = Namespace(guidance_scale=3.5, true_cfg_scale=4.0)
+    assert families.cfg_scale(parts, args) == 4.0
+    model = families.with_guidance(flux, parts, flux.forward(parts.denoiser), cond, families.cfg_scale(parts, args), "cpu")
+    latents = sample(model, flux.make_sampler(parts, 3, 32), noise, cond)
+    torch.testing.assert_close(flux.pack(latents), expected, rtol=0, atol=1e-5)
+    plain = flux.forward(parts.denoiser)
+    assert families.with_guidance(flux, parts, plain, cond, 1.0, "cpu") is plain
+
+
+def test_true_cfg_scale_is_refused_for_families_without_embedded_guidance(tiny_sd3):
+    from argparse import Namespace
+
+    from sharpening import families, sd3
+
+    parts = sd3.load(str(tiny_sd3))
+    with pytest.raises(ValueError, match="--true_cfg_scale is FLUX.1's"):
+        families.apply_text_settings(parts, Namespace(max_sequence_length=32, guidance_scale=5.0, true_cfg_scale=3.0))
 
 
 def flux_image(model_dir, lora_dir=None):
