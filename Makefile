@@ -18,9 +18,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard requirement
 
 install: $(VENV)/.installed
 
-# pytest exits non-zero (5) when it collects no test, so an empty run fails here too.
+# pytest exits non-zero (5) when it collects no test, so an empty run fails here too. The tests run one torch thread
+# each (tests/conftest.py), so TEST_WORKERS pytest workers (pytest-xdist; one test file per worker at a time, so a
+# file's model fixtures are built once) use the cores; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # The slow-marked tests (CI runs them): real-size SDXL wiring (one bf16 LoRA step of each script, ~4 min, ~16 GB
 # RAM), 20 default steps of each script raising a pixel reward end to end (~4 min), and the two-process runs of the

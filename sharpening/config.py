@@ -62,6 +62,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="FLUX.1 only: true classifier-free guidance of rollouts and validation images against the empty prompt "
                         "(FluxPipeline's true_cfg_scale with negative_prompt \"\"; 1 = off, one pass per step). Exploration's CFG "
                         "is --explore_guidance_scale for every family.")
+    g.add_argument("--weighting_scheme", default="none", choices=["none", "logit_normal"],
+                   help="Flow families (SD3, FLUX): the density of training sigmas where a loss draws fresh noise levels "
+                        "(--dpo_target fresh), as diffusers' SD3/FLUX scripts: none = uniform, logit_normal = SD3's "
+                        "(--logit_mean, --logit_std). Exploration states lie on the sampling grid and are unaffected.")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
+    g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
     g.add_argument("--decode_batch_size", type=int, default=None,
                    help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
     g.add_argument("--vae_tiling", action="store_true",

@@ -203,7 +203,20 @@ class FlowMatchEuler:
         s = _per_sample(self.sigma(timesteps), states)
         return (states - (1 - s) * x0) / s
 
+    def set_train_density(self, weighting_scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+        """How draw_train_timesteps picks training sigmas, as diffusers' SD3/FLUX training scripts do: "none" =
+        uniform over the scheduler's training sigmas; "logit_normal" = u = sigmoid(N(logit_mean, logit_std)), index
+        floor(u · N) into them (SD3's density, Esser et al. 2024)."""
+        if weighting_scheme not in ("none", "logit_normal"):
+            raise ValueError(f"weighting_scheme must be 'none' or 'logit_normal', not {weighting_scheme!r}")
+        self.train_density = (weighting_scheme, logit_mean, logit_std)
+
     def draw_train_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform over the scheduler's training sigmas (diffusers' SD3/FLUX scripts' weighting_scheme "none"), as σ·1000."""
-        index = torch.randint(0, len(self.train_sigmas), (count,), generator=generator)
+        """Training sigmas (see set_train_density; uniform by default), as σ·1000."""
+        scheme, mean, std = getattr(self, "train_density", ("none", 0.0, 1.0))
+        if scheme == "none":
+            index = torch.randint(0, len(self.train_sigmas), (count,), generator=generator)
+        else:
+            u = torch.sigmoid(mean + std * torch.randn(count, generator=generator))
+            index = (u * len(self.train_sigmas)).long().clamp(max=len(self.train_sigmas) - 1)
         return (self.train_sigmas[index] * self.num_train_timesteps).float()

@@ -118,6 +118,10 @@ class Trainer:
             parts.scheduler_config["prediction_type"] = args.prediction_type
         self.parts = parts
         self.sampler = family.make_sampler(parts, args.infer_steps, args.resolution)
+        if args.weighting_scheme != "none":
+            if not hasattr(self.sampler, "set_train_density"):
+                raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
+            self.sampler.set_train_density(args.weighting_scheme, args.logit_mean, args.logit_std)
         self.num_steps = effective_steps(self.sampler, args.trajectory_nums)
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))

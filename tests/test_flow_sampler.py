@@ -106,3 +106,21 @@ def test_fresh_rows_draw_training_sigmas_in_range():
     sigma = ours.sigma(rows.timesteps)
     assert rows.timesteps.dtype.is_floating_point and 0 < sigma.min() and sigma.max() <= 1
     torch.testing.assert_close(rows.states, ours.add_noise(clean[rows.prompt], rows.noise, rows.timesteps))
+
+
+def test_logit_normal_weighting_draws_the_sigmas_diffusers_sd3_scripts_draw():
+    """--weighting_scheme logit_normal: the same training timesteps as diffusers' compute_density_for_timestep_sampling
+    + `scheduler.timesteps[(u * N).long()]` (train_dreambooth_sd3.py) with the same generator."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    ours = FlowMatchEuler(SD3, 10)
+    ours.set_train_density("logit_normal", 0.5, 1.2)
+    drawn = ours.draw_train_timesteps(500, torch.Generator().manual_seed(4))
+    u = compute_density_for_timestep_sampling("logit_normal", 500, logit_mean=0.5, logit_std=1.2, generator=torch.Generator().manual_seed(4))
+    expected = FlowMatchEulerDiscreteScheduler.from_config(SD3).timesteps[(u * 1000).long()]
+    torch.testing.assert_close(drawn, expected.float(), rtol=0, atol=1e-3)
+    ours.set_train_density("none")
+    assert ours.draw_train_timesteps(500, torch.Generator().manual_seed(4)).std() > drawn.std()  # uniform spreads wider
+    with pytest.raises(ValueError, match="weighting_scheme must be"):
+        ours.set_train_density("mode")

@@ -176,6 +176,16 @@ def test_corrupt_image_is_skipped_counted_and_named(tiny_sdxl, tmp_path, caplog)
         run_sft(tiny_sdxl, data, tmp_path / "strict", max_train_steps=4, max_bad_fraction=0.0)
 
 
+def test_flow_only_flags_are_refused_for_sdxl_with_what_to_do(tiny_sdxl, tmp_path):
+    data = write_image_folder(tmp_path / "data", count=2)
+    with pytest.raises(ValueError, match="--weighting_scheme is for flow-matching families"):
+        run_sft(tiny_sdxl, data, tmp_path / "w", max_train_steps=1, weighting_scheme="logit_normal")
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match="--true_cfg_scale is FLUX.1's"):
+        run_sft(tiny_sdxl, data, tmp_path / "t", max_train_steps=1, true_cfg_scale=3.0)
+    reset_accelerate_state()
+
+
 def test_missing_column_fails_before_any_model_loads(tmp_path):
     data = write_image_folder(tmp_path / "data", count=4)
     args = sft.parse_args(tiny_args(tmp_path / "no-such-model", tmp_path / "out", train_data_dir=data, caption_column="caption"))
