@@ -186,3 +186,21 @@ def test_train_base_builds_the_sd3_toy_with_trained_encoders_and_sd3_latents(tmp
     image = pipe("a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=77,
                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_shipped_toy_sd3_loads_in_diffusers_and_draws_single_objects():
+    """models/toy-sd3 (trained by `python -m toyworld.train_base --family sd3`, see its README) is a working flow model:
+    StableDiffusion3Pipeline loads it and its single-object samples pass the toy reward's object check."""
+    from pathlib import Path
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "toy-sd3"
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    assert pipe.transformer.config.qk_norm == "rms_norm" and pipe.vae.config.shift_factor != 0
+    prompts = world.train_prompts("single")[::9][:6]
+    images = pipe(prompts, height=32, width=32, num_inference_steps=20, guidance_scale=5.0, max_sequence_length=77,
+                  generator=torch.Generator().manual_seed(0)).images
+    objects = [score_image(image, prompt)["objects"] for image, prompt in zip(images, prompts)]
+    assert np.mean(objects) >= 0.5, objects
