@@ -242,9 +242,7 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     `FluxPipeline.from_pretrained`): double- and single-stream blocks with a guidance embedding, CLIP (pooled) and a
     real tiny T5, a VAE with shift and scale factors, FLUX.1-dev's dynamic-shift scheduler. The VAE downsamples by 2,
     so `--resolution 32` gives 16x16 latents (8x8 packed patches)."""
-    import shutil
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     out = Path(out_dir)
@@ -257,11 +255,19 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(_tiny_clip_config())
     build = out / "_tokenizer_build"
     tokenizer, tokenizer_2, text_encoder_2 = tokenizers_and_t5(build, 32, seed + 3)
+    return save_flux(out, build, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2)
+
+
+def save_flux(out: Path, build: Path, transformer, vae, clip, clip_tokenizer, t5, t5_tokenizer) -> Path:
+    """Save the parts as a FluxPipeline with FLUX.1-dev's dynamic-shift scheduler; removes the tokenizer `build` folder."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-    pipe.save_pretrained(out, safe_serialization=True)
+    FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+                 text_encoder_2=t5, tokenizer_2=t5_tokenizer).save_pretrained(out, safe_serialization=True)
     shutil.rmtree(build)
     return out
 
@@ -348,8 +354,7 @@ def build_flow_size(out_dir: str | os.PathLike, family: str, dtype: torch.dtype 
     T5-XXL's vocabulary). Catches memory and wiring that the tiny twins hide; it is not a model of anything."""
     import shutil
 
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
     if family not in ("sd3", "flux"):
@@ -381,14 +386,10 @@ def build_flow_size(out_dir: str | os.PathLike, family: str, dtype: torch.dtype 
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
             text_encoder=clip_l, tokenizer=clip_tokenizer, text_encoder_2=clip_g, tokenizer_2=clip_tokenizer,
             text_encoder_3=t5, tokenizer_3=t5_tokenizer)
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=clip_tokenizer,
-                            text_encoder_2=t5, tokenizer_2=t5_tokenizer)
-    pipe.save_pretrained(out, safe_serialization=True)
-    shutil.rmtree(build)
-    return out
+        pipe.save_pretrained(out, safe_serialization=True)
+        shutil.rmtree(build)
+        return out
+    return save_flux(out, build, transformer, vae, clip_l, clip_tokenizer, t5, t5_tokenizer)
 
 
 if __name__ == "__main__":
