@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""A control for the reward-response benchmark: best-of-n on FINISHED images (as RAFT, arXiv 2304.06767, trains).
+"""Controls for the reward-response benchmark that learn from FINISHED images instead of short trajectories.
 
 Per prompt: sample n complete images with the current model (DDIM over the --infer_steps grid, CFG
---guidance_scale), score them with the reward, and fine-tune on the best one with the ordinary diffusion loss
-(fresh noise at m timesteps drawn from the whole training range). No trajectories, no previews, no reference.
+--guidance_scale) and score them with the reward. Then, by --objective:
+- `raft` (default): fine-tune on the best one with the ordinary diffusion loss (fresh noise at m timesteps drawn
+  from the whole training range), as RAFT (arXiv 2304.06767) trains. No trajectories, no previews, no reference.
+- `dpo`: online Diffusion-DPO (arXiv 2311.12908) between the best and the worst of the n images: both noised with
+  the same m fresh noises and timesteps, Eq. 11's logits with the frozen reference (--beta_dpo, gamma 0). This is
+  the image-level preference of the upstream code's Algorithm 2 without its trajectories.
 
 It tells a weak objective from a hard reward or a small budget: if this control cannot move a reward at the
 benchmark's budget, neither the budget nor the model allows it; if it can and sharpening cannot, the objective
@@ -22,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reward import add_reward_args  # noqa: E402
-from sharpening.losses import per_sample_mse  # noqa: E402
-from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
+from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss  # noqa: E402
+from sharpening.targets import Rows, fresh_rows, per_prompt_mean  # noqa: E402
 from sharpening.config import add_training_args, validate_training_args  # noqa: E402
 from sharpening.training import StepResult, Trainer  # noqa: E402
-from train_rlhf_diffusion_sharpening_sdxl import load_prompts  # noqa: E402
+from train_rlhf_diffusion_sharpening_sdxl import load_prompts, pair_errors  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_args(parser)
     add_reward_args(parser, argv)
     parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines (.jsonl).")
+    parser.add_argument("--objective", default="raft", choices=["raft", "dpo"], help="raft: diffusion loss on the best image; dpo: Diffusion-DPO best vs worst.")
+    parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of the dpo objective (= Diffusion-DPO's beta / 2, as in the RLHF script).")
     args = parser.parse_args(argv)
+    if args.objective == "dpo" and args.num_noisy_latents < 2:
+        parser.error("--objective dpo compares the best and the worst of n images: give --num_noisy_latents >= 2")
     validate_training_args(args)
     return args
 
@@ -49,20 +57,41 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     scores = torch.where(finite, scores, torch.full_like(scores, float("nan"))).view(n, size)
     has_winner = torch.isfinite(scores).any(0)
     winner = scores.nan_to_num(float("-inf")).argmax(0)
-    best = images[winner.to(images.device) * size + torch.arange(size, device=images.device)]
-    rows = fresh_rows(trainer.sampler, best, trainer.num_steps, generator)
-    prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
-    losses = per_prompt_mean(per_sample_mse(prediction, rows.target(trainer.sampler)), rows.prompt, size)
+    loser = scores.nan_to_num(float("inf")).argmin(0)
+    pick = lambda which: images[which.to(images.device) * size + torch.arange(size, device=images.device)]  # noqa: E731
+    rows_w = fresh_rows(trainer.sampler, pick(winner), trainer.num_steps, generator)
+    train_cond = trainer.caption_dropout(cond, generator)
     finite_scores = scores[torch.isfinite(scores)]
     logs = {"reward/candidate_mean": finite_scores.mean().item() if finite_scores.numel() else float("nan"),
             "reward/winner": scores.nan_to_num(float("-inf")).max(0).values[has_winner].mean().item() if has_winner.any() else float("nan")}
-    return StepResult(losses, has_winner.to(losses.device), logs)
+    if args.objective == "raft":
+        prediction = trainer.predict(trainer.policy(grad=True), rows_w, train_cond)
+        losses = per_prompt_mean(per_sample_mse(prediction, rows_w.target(trainer.sampler)), rows_w.prompt, size)
+        return StepResult(losses, has_winner.to(losses.device), logs)
+
+    # Diffusion-DPO: the loser's image under the winner's noise and timesteps, policy vs frozen reference.
+    lose = pick(loser)[rows_w.prompt]
+    rows_l = Rows(trainer.sampler.add_noise(lose, rows_w.noise, rows_w.timesteps), rows_w.timesteps, lose, rows_w.noise, rows_w.prompt)
+    best, worst = scores.nan_to_num(float("-inf")).max(0).values, scores.nan_to_num(float("inf")).min(0).values
+    has_pair = torch.isfinite(scores).sum(0).ge(2) & (best > worst)
+    policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
+    with torch.no_grad():
+        ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
+    zeros = torch.zeros(size, device=policy_w.device)
+    logits = reward_dpo_logits(policy_w, ref_w, policy_l, ref_l, zeros, zeros, args.beta_dpo, 0.0)
+    logs["skipped_prompts"] = float((~has_pair).sum())
+    if has_pair.any():
+        v = has_pair.to(logits.device)
+        logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
+        logs["dpo_logits"] = logits.detach()[v].mean().item()
+        logs["reward/winner_minus_loser"] = (best - worst)[has_pair].mean().item()
+    return StepResult(reward_dpo_loss(logits, has_pair), has_pair.to(logits.device), logs)
 
 
 def main(args: argparse.Namespace) -> None:
     from sharpening.data import PromptDataset, collate_prompts
 
-    trainer = Trainer(args, PromptDataset(load_prompts(args)), collate_prompts, needs_reference=False, variant="best-of-n control")
+    trainer = Trainer(args, PromptDataset(load_prompts(args)), collate_prompts, needs_reference=args.objective == "dpo", variant=f"best-of-n control ({args.objective})")
     trainer.train(best_of_n_step)
 
 
