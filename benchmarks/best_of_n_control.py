@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from reward import add_reward_args  # noqa: E402
 from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss  # noqa: E402
-from sharpening.targets import Rows, fresh_rows, per_prompt_mean  # noqa: E402
+from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
+from sharpening.trajectory import select  # noqa: E402
 from sharpening.config import add_training_args, validate_training_args  # noqa: E402
 from sharpening.training import StepResult, Trainer  # noqa: E402
 from train_rlhf_diffusion_sharpening_sdxl import load_prompts, pair_errors  # noqa: E402
@@ -54,37 +55,33 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     images = trainer.rollout(cond.repeat(n), generator)  # candidate-major: row i * B + b
     decoded, finite = trainer.decode(images)
     scores = trainer.reward.evaluate(decoded, prompts * n).total.float()
-    scores = torch.where(finite, scores, torch.full_like(scores, float("nan"))).view(n, size)
-    has_winner = torch.isfinite(scores).any(0)
-    winner = scores.nan_to_num(float("-inf")).argmax(0)
-    loser = scores.nan_to_num(float("inf")).argmin(0)
+    scores = torch.where(finite, scores, torch.full_like(scores, float("nan")))
+    sel = select(scores, n)
     pick = lambda which: images[which.to(images.device) * size + torch.arange(size, device=images.device)]  # noqa: E731
-    rows_w = fresh_rows(trainer.sampler, pick(winner), trainer.num_steps, generator)
+    rows_w = fresh_rows(trainer.sampler, pick(sel.winner), trainer.num_steps, generator)
     train_cond = trainer.caption_dropout(cond, generator)
     finite_scores = scores[torch.isfinite(scores)]
     logs = {"reward/candidate_mean": finite_scores.mean().item() if finite_scores.numel() else float("nan"),
-            "reward/winner": scores.nan_to_num(float("-inf")).max(0).values[has_winner].mean().item() if has_winner.any() else float("nan")}
+            "reward/winner": sel.winner_reward[sel.has_winner].mean().item() if sel.has_winner.any() else float("nan")}
     if args.objective == "raft":
         prediction = trainer.predict(trainer.policy(grad=True), rows_w, train_cond)
         losses = per_prompt_mean(per_sample_mse(prediction, rows_w.target(trainer.sampler)), rows_w.prompt, size)
-        return StepResult(losses, has_winner.to(losses.device), logs)
+        return StepResult(losses, sel.has_winner.to(losses.device), logs)
 
     # Diffusion-DPO: the loser's image under the winner's noise and timesteps, policy vs frozen reference.
-    lose = pick(loser)[rows_w.prompt]
-    rows_l = Rows(trainer.sampler.add_noise(lose, rows_w.noise, rows_w.timesteps), rows_w.timesteps, lose, rows_w.noise, rows_w.prompt)
-    best, worst = scores.nan_to_num(float("-inf")).max(0).values, scores.nan_to_num(float("inf")).min(0).values
-    has_pair = torch.isfinite(scores).sum(0).ge(2) & (best > worst)
+    rows_l = rows_w.renoised(trainer.sampler, pick(sel.loser)[rows_w.prompt])
     policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():
         ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
     zeros = torch.zeros(size, device=policy_w.device)
     logits = reward_dpo_logits(policy_w, ref_w, policy_l, ref_l, zeros, zeros, args.beta_dpo, 0.0)
+    has_pair = sel.has_pair
     logs["skipped_prompts"] = float((~has_pair).sum())
     if has_pair.any():
         v = has_pair.to(logits.device)
         logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
         logs["dpo_logits"] = logits.detach()[v].mean().item()
-        logs["reward/winner_minus_loser"] = (best - worst)[has_pair].mean().item()
+        logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[has_pair].mean().item()
     return StepResult(reward_dpo_loss(logits, has_pair), has_pair.to(logits.device), logs)
 
 

@@ -63,6 +63,10 @@ class Rows:
         """The same states regressed toward other clean latents (exact noise)."""
         return Rows(self.states, self.timesteps, clean, sampler.exact_noise(clean, self.states, self.timesteps), self.prompt)
 
+    def renoised(self, sampler: Sampler, clean: torch.Tensor) -> "Rows":
+        """Other clean latents under the same noises and timesteps (new states): Diffusion-DPO's loser rows."""
+        return Rows(sampler.add_noise(clean, self.noise, self.timesteps), self.timesteps, clean, self.noise, self.prompt)
+
 
 def path_rows(sampler: Sampler, candidates: Candidates, which: torch.Tensor, clean: torch.Tensor | None) -> Rows:
     """The m states of candidate which[b] of every prompt b (rows step-major: state k of prompt b is row k*B + b).
@@ -124,8 +128,7 @@ def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: tor
     if name == "fresh":
         m = candidates.exploration.timesteps.shape[0]
         rows_w = fresh_rows(sampler, candidates.endpoints_of(sel.winner), m, generator)
-        loser = candidates.endpoints_of(sel.loser)[rows_w.prompt]
-        return rows_w, Rows(sampler.add_noise(loser, rows_w.noise, rows_w.timesteps), rows_w.timesteps, loser, rows_w.noise, rows_w.prompt)
+        return rows_w, rows_w.renoised(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
     raise ValueError(f"unknown DPO target {name!r}; choose from {sorted(DPO_TARGETS)}")
 
 

@@ -87,6 +87,16 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "data")
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_args(model: Path, output_dir: Path, **overrides) -> list[str]:
     """Flags for a fast run of either script on the tiny SDXL (32 px -> 16x16 latents, 4-step grid)."""
     flags = {

@@ -1,19 +1,9 @@
 """benchmarks/step_cost.py runs end to end on the tiny SDXL and counts what each side really does."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):

@@ -1,23 +1,12 @@
 """benchmarks/best_of_n_control.py: the finished-image controls of the reward-response benchmark."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import load_benchmark, tiny_args
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def load_control():
-    spec = importlib.util.spec_from_file_location("best_of_n_control", ROOT / "benchmarks" / "best_of_n_control.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_image_level_dpo_starts_at_log_2_and_one_update_prefers_the_best_image(tiny_sdxl, tmp_path):
@@ -29,7 +18,7 @@ def test_image_level_dpo_starts_at_log_2_and_one_update_prefers_the_best_image(t
     from sharpening.losses import per_sample_mse
     from sharpening.training import Trainer
 
-    control = load_control()
+    control = load_benchmark("best_of_n_control")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")
     args = control.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=1, objective="dpo",
@@ -64,7 +53,7 @@ def test_image_level_dpo_starts_at_log_2_and_one_update_prefers_the_best_image(t
 
 
 def test_image_level_dpo_needs_two_candidates(tiny_sdxl, tmp_path):
-    control = load_control()
+    control = load_benchmark("best_of_n_control")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
     with pytest.raises(SystemExit):
