@@ -28,7 +28,7 @@ from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, validate_training_args
 from sharpening.training import StepResult, Trainer
-from sharpening.trajectory import reward_spread
+from sharpening.trajectory import Selection, reward_spread
 
 logger = logging.getLogger("sharpening")
 
@@ -102,15 +102,23 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     )
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
-    logs["skipped_prompts"] = float((~valid).sum())
+    logs |= preference_logs(sel, logits, policy_w, ref_w, policy_l, ref_l)
+    if valid.any():
+        logs["reward/gap_unit"] = gap_unit
+    return StepResult(reward_dpo_loss(logits, valid), valid, logs)
+
+
+def preference_logs(sel: Selection, logits, policy_w, ref_w, policy_l, ref_l) -> dict[str, float]:
+    """What a DPO step logs over the prompts with a preference (sel.has_pair)."""
+    valid = sel.has_pair
+    logs = {"skipped_prompts": float((~valid).sum())}
     if valid.any():
         v = valid.to(logits.device)
         # Implicit reward accuracy: the policy prefers w over l more than the reference does.
         logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
         logs["dpo_logits"] = logits.detach()[v].mean().item()
         logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[valid].mean().item()
-        logs["reward/gap_unit"] = gap_unit
-    return StepResult(reward_dpo_loss(logits, valid), valid, logs)
+    return logs
 
 
 def load_prompts(args: argparse.Namespace) -> list[str]:

@@ -31,7 +31,7 @@ from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
 from sharpening.trajectory import select  # noqa: E402
 from sharpening.config import add_training_args, validate_training_args  # noqa: E402
 from sharpening.training import StepResult, Trainer  # noqa: E402
-from train_rlhf_diffusion_sharpening_sdxl import load_prompts, pair_errors  # noqa: E402
+from train_rlhf_diffusion_sharpening_sdxl import load_prompts, pair_errors, preference_logs  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,14 +75,8 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
         ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
     zeros = torch.zeros(size, device=policy_w.device)
     logits = reward_dpo_logits(policy_w, ref_w, policy_l, ref_l, zeros, zeros, args.beta_dpo, 0.0)
-    has_pair = sel.has_pair
-    logs["skipped_prompts"] = float((~has_pair).sum())
-    if has_pair.any():
-        v = has_pair.to(logits.device)
-        logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
-        logs["dpo_logits"] = logits.detach()[v].mean().item()
-        logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[has_pair].mean().item()
-    return StepResult(reward_dpo_loss(logits, has_pair), has_pair.to(logits.device), logs)
+    logs |= preference_logs(sel, logits, policy_w, ref_w, policy_l, ref_l)
+    return StepResult(reward_dpo_loss(logits, sel.has_pair), sel.has_pair.to(logits.device), logs)
 
 
 def main(args: argparse.Namespace) -> None:
