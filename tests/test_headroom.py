@@ -1,0 +1,51 @@
+"""benchmarks/headroom.py: the best-of-j expectation is exact (equals enumerating every j-subset), ties are counted,
+and the benchmark runs end to end on the tiny twin."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def headroom():
+    return load_benchmark("headroom")
+
+
+def test_expected_best_of_equals_enumerating_subsets(headroom):
+    values = np.array([0.3, -1.0, 2.5, 0.3, 7.0, 0.0])
+    for j in range(1, len(values) + 1):
+        brute = np.mean([max(s) for s in itertools.combinations(values, j)])
+        assert headroom.expected_best_of(values, j) == pytest.approx(brute, abs=1e-12)
+    assert headroom.expected_best_of(values, 1) == pytest.approx(values.mean())
+
+
+def test_headroom_by_hand(headroom):
+    # prompt 1: [0, 1, 1, 2] -> mean 1, best of 2 = (1+1+2+1+2+2)/6 = 1.5, one tied pair of six
+    # prompt 2: [5, 5, 5, 5] -> mean 5, no gain, every pair tied; prompt 3 has a NaN and is dropped
+    scores = np.array([0, 1, 1, 2, 5, 5, 5, 5, 3, np.nan, 3, 3], dtype=float)
+    row = headroom.headroom(scores, 4)
+    assert row["prompts"] == 2 and row["prompts_dropped"] == 1
+    assert row["mean"] == pytest.approx(3.0)
+    assert row["best_of"][2]["gain"] == pytest.approx(0.25)
+    assert row["best_of"][4]["gain"] == pytest.approx(0.5)
+    assert row["tied_pairs"] == pytest.approx((1 / 6 + 1) / 2)
+
+
+def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):
+    rows = headroom.main(headroom.parse_args(["--model", str(tiny_sdxl), "--num_prompts", "3", "--images_per_prompt", "3", "--steps", "2",
+                                              "--rewards", "toy", "brightness", "--output_dir", str(tmp_path)]))
+    assert set(rows) >= {"toy", "brightness", "toy/objects", "toy/relation"}
+    assert rows["brightness"]["prompts"] == 3 and rows["brightness"]["best_of"][3]["gain"] > 0
+    written = json.loads((tmp_path / "headroom.json").read_text())
+    assert written["rows"]["brightness"]["mean"] == pytest.approx(rows["brightness"]["mean"])
+    assert "best-of-3 gain" in (tmp_path / "headroom.md").read_text()
+
+
+def test_headroom_needs_two_images_per_prompt(headroom):
+    with pytest.raises(SystemExit):
+        headroom.parse_args(["--images_per_prompt", "1"])
