@@ -20,7 +20,7 @@ import torch
 from reward import add_reward_args
 from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
 from sharpening.losses import per_sample_mse
-from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_errors, sft_rows
+from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.config import add_training_args, validate_training_args
 from sharpening.training import StepResult, Trainer
 
@@ -57,7 +57,7 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
     rows = sft_rows(args.sft_target, trainer.sampler, candidates)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
-    mse = sft_errors(args.sft_target, trainer.sampler, candidates, rows, prediction)
+    mse = per_sample_mse(prediction, rows.target(trainer.sampler))
     if args.data_anchor_weight:
         mse = mse + args.data_anchor_weight * per_sample_mse(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]).target(trainer.sampler))
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import per_sample_mse
 from .sampler import Sampler
 from .trajectory import Candidates
 
@@ -29,9 +28,6 @@ SFT_TARGETS = {
     "endpoint": "the winner's m states regressed onto the winner's own endpoint (its last x0 preview).",
     "best_endpoint": "the states of ALL n candidates regressed onto the winner's endpoint: every path is taught "
                      "to end where the best one did.",
-    "advantage": "best_endpoint minus each path's regression onto its OWN endpoint: the same states, pushed only "
-                 "along (winner's endpoint - own endpoint); what best_endpoint adds whatever the reward (pulling each "
-                 "prediction toward its path's later preview) cancels, and the winner's own states get no gradient.",
 }
 DPO_TARGETS = {
     "noise": "Eq. 11 as written: winner and loser states regressed onto their starting noise (both toward the one x0).",
@@ -111,29 +107,9 @@ def sft_rows(name: str, sampler: Sampler, candidates: Candidates) -> Rows:
         return path_rows(sampler, candidates, winner, candidates.x0)
     if name == "endpoint":
         return path_rows(sampler, candidates, winner, candidates.endpoints_of(winner))
-    if name in ("best_endpoint", "advantage"):
+    if name == "best_endpoint":
         return all_paths_rows(sampler, candidates, candidates.endpoints_of(winner))
     raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
-
-
-def own_endpoints(candidates: Candidates) -> torch.Tensor:
-    """Each row of all_paths_rows' layout paired with the endpoint of the path it lies on."""
-    batch = candidates.selection.winner.shape[0]
-    n = candidates.exploration.timesteps.shape[1] // batch
-    m = candidates.exploration.timesteps.shape[0]
-    per_step = torch.arange(batch).repeat(m)
-    return torch.cat([candidates.endpoints_of(torch.full((batch,), i))[per_step] for i in range(n)])
-
-
-def sft_errors(name: str, sampler: Sampler, candidates: Candidates, rows: Rows, prediction: torch.Tensor) -> torch.Tensor:
-    """Per-row SFT loss of target `name` on `rows` (= sft_rows(name, ...)) given the model's `prediction` for them.
-    For `advantage`, |pred - target(winner's endpoint)|^2 - |pred - target(own endpoint)|^2: its gradient is
-    2 (target(own) - target(winner)), a push from each path's outcome toward the winner's, constant in pred."""
-    errors = per_sample_mse(prediction, rows.target(sampler))
-    if name == "advantage":
-        own = rows.with_clean(sampler, own_endpoints(candidates).to(rows.states))
-        errors = errors - per_sample_mse(prediction, own.target(sampler))
-    return errors
 
 
 def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:

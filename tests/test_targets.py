@@ -77,28 +77,6 @@ def test_sft_best_endpoint_regresses_every_candidates_states_onto_the_winners_en
     assert_rows(targets.sft_rows("best_endpoint", ddim, c), expected)
 
 
-def test_sft_advantage_pushes_each_path_from_its_own_endpoint_toward_the_winners(ddim, alphas_cumprod, candidates):
-    c, winner = candidates, candidates.selection.winner.tolist()
-    rows = targets.sft_rows("advantage", ddim, c)
-    assert_rows(rows, [row for i in range(N) for row in expected_rows(c, alphas_cumprod, [i] * B, [endpoint(c, winner[b], b) for b in range(B)])])
-    prediction = torch.randn(rows.states.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
-    errors = targets.sft_errors("advantage", ddim, c, rows, prediction)
-    errors.sum().backward()
-    for r in range(len(rows.prompt)):
-        i, k_b = divmod(r, M * B)
-        b = k_b % B
-        state, t = rows.states[r], int(rows.timesteps[r])
-        abar = alphas_cumprod[t]
-        eps_w = (state - abar.sqrt() * endpoint(c, winner[b], b)) / (1 - abar).sqrt()
-        eps_own = (state - abar.sqrt() * endpoint(c, i, b)) / (1 - abar).sqrt()
-        expected = ((prediction[r] - eps_w) ** 2).mean() - ((prediction[r] - eps_own) ** 2).mean()
-        torch.testing.assert_close(errors[r].double(), expected, rtol=1e-5, atol=1e-6)  # per_sample_mse works in fp32
-        # the gradient is 2 (eps_own - eps_w) / elements: a constant push, zero on the winner's own path
-        torch.testing.assert_close(prediction.grad[r], 2 * (eps_own - eps_w) / state.numel(), rtol=1e-5, atol=1e-6)
-        if i == winner[b]:
-            assert prediction.grad[r].abs().max() == 0
-
-
 @pytest.mark.parametrize("name", ["noise", "exact", "endpoint"])
 def test_dpo_targets_on_winner_and_loser_states(name, ddim, alphas_cumprod, candidates):
     c, sel = candidates, candidates.selection
