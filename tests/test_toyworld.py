@@ -2,6 +2,8 @@
 matching from mismatching captions (with the numbers asserted)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -204,3 +206,26 @@ def test_shipped_toy_sd3_loads_in_diffusers_and_draws_single_objects():
                   generator=torch.Generator().manual_seed(0)).images
     objects = [score_image(image, prompt)["objects"] for image, prompt in zip(images, prompts)]
     assert np.mean(objects) >= 0.5, objects
+
+
+def test_cpu_threads_counts_cores_busy_now_not_the_load_average(monkeypatch):
+    from toyworld import recipe
+
+    monkeypatch.setattr(recipe.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(recipe.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # a job that just ended
+    for busy_jiffies, expected_threads in ((10, 2), (100, 1), (190, 1)):  # of 200 jiffies over the sample
+        samples = iter([(1000, 5000), (1000 + busy_jiffies, 5200)])
+        monkeypatch.setattr(recipe, "_cpu_jiffies", lambda: next(samples))
+        assert recipe.cpu_threads() == expected_threads
+    monkeypatch.setattr(recipe, "_cpu_jiffies", lambda: None)  # no /proc/stat: the load average decides
+    assert recipe.cpu_threads() == 1
+
+
+def test_cpu_jiffies_reads_proc_stat():
+    from toyworld import recipe
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/stat is Linux's")
+    busy, total = recipe._cpu_jiffies()
+    assert 0 <= busy <= total and total > 0

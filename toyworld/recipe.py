@@ -44,15 +44,37 @@ STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1, "sft_target"
 RLHF = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
 
 
+def busy_cores(sample_seconds: float = 1.0) -> float:
+    """Cores in use by other processes right now: the non-idle share of /proc/stat's CPU time over a short sample,
+    times the core count. The 1-minute load average (the fallback off Linux) still counts a job that ended seconds
+    ago, which made the demo start on one thread right after a test run."""
+    first = _cpu_jiffies()
+    if first is None:
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    time.sleep(sample_seconds)
+    second = _cpu_jiffies()
+    busy, total = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time since boot from /proc/stat's `cpu` line; None where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
 def cpu_threads() -> int:
     """Threads per process. On a busy machine torch's spinning OpenMP threads fight other processes:
     there one thread ran the toy UNet 4x faster than two (measured), so use only the idle cores."""
     cores = os.cpu_count() or 1
-    try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    return max(1, min(cores, cores - round(busy_cores())))
 
 
 def flags(settings: dict) -> list[str]:
