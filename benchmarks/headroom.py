@@ -16,8 +16,8 @@ A reward whose best-of-n gain is small next to the evaluation's paired SE cannot
 model's own samples at a small budget, whatever the objective; one with a large gain that training does not move
 points at the objective or the budget.
 
-    python benchmarks/headroom.py                         # toy SDXL, 56 training-pair prompts x 8 seeds, ~3 min CPU
-    python benchmarks/headroom.py --model models/toy-sd3 --steps 20
+    python benchmarks/headroom.py                         # toy SDXL, all 320 training-pair prompts x 8 seeds (~10 min, 2 cores)
+    python benchmarks/headroom.py --model models/toy-sd3 --num_prompts 56
 """
 from __future__ import annotations
 
