@@ -2,19 +2,21 @@
 """How much is there to prefer? The best-of-n headroom of each reward on one model.
 
 Every preference method here (SFT- and RLHF-sharpening, RAFT, Diffusion-DPO) learns from the differences between
-a prompt's candidates: it can only move the model toward what the best of n samples already does. This samples k
+a prompt's candidates: one round of selection moves the model at most toward what the best of n samples already
+does (repeated rounds can compound past it). This samples k
 images per prompt (evaluate.py, paired seeds, the benchmark's sampler and CFG), scores them with every reward, and
 reports per reward:
 
     mean               the model's mean reward
     best-of-j gain     E[max of j candidates] - mean, j = 2..k (exact over the k samples: the mean over prompts of the
                        expected maximum of a random j-subset), ± its standard error over prompts
-    within/between SD  the mean standard deviation among a prompt's images, and that of the prompt means
+    within/between SD  the standard deviation among a prompt's images (root of the mean variance), and that of the
+                       prompts' true means (the prompt means' variance less the within-prompt noise they carry)
     tied pairs         share of candidate pairs of the same prompt whose scores are equal (no preference at all)
 
-A reward whose best-of-n gain is small next to the evaluation's paired SE cannot be raised by learning from the
-model's own samples at a small budget, whatever the objective; one with a large gain that training does not move
-points at the objective or the budget.
+A reward whose best-of-n gain is small next to the evaluation's paired SE gives little to learn from the model's
+own samples at a small budget; one with a large gain that training does not move points at the objective, the
+model or the budget.
 
     python benchmarks/headroom.py                         # toy SDXL, all 320 training-pair prompts x 8 seeds (~10 min, 2 cores)
     python benchmarks/headroom.py --model models/toy-sd3 --num_prompts 56
@@ -56,8 +58,11 @@ def headroom(scores: np.ndarray, per_prompt: int) -> dict:
     keep = np.isfinite(grid).all(axis=1)
     grid = grid[keep]
     means = grid.mean(axis=1)
+    within_var = grid.var(axis=1, ddof=1).mean()
+    # The prompt means carry within-prompt noise of variance within_var / k: take it out of their variance.
+    between_var = max(0.0, float(means.var(ddof=1) - within_var / per_prompt))
     row = {"prompts": int(len(grid)), "prompts_dropped": int((~keep).sum()), "mean": float(means.mean()),
-           "between_prompt_sd": float(means.std(ddof=1)), "within_prompt_sd": float(grid.std(axis=1, ddof=1).mean()),
+           "between_prompt_sd": math.sqrt(between_var), "within_prompt_sd": float(math.sqrt(within_var)),
            "tied_pairs": float(np.mean([tied_pair_share(g) for g in grid])), "best_of": {}}
     for j in range(2, per_prompt + 1):
         gains = np.array([expected_best_of(g, j) for g in grid]) - means
@@ -66,7 +71,7 @@ def headroom(scores: np.ndarray, per_prompt: int) -> dict:
 
 
 def markdown(rows: dict, per_prompt: int) -> str:
-    js = [j for j in (2, 3, 4, 6, 8, 16) if j <= per_prompt]
+    js = sorted({j for j in (2, 3, 4, 6, 8, 16) if j <= per_prompt} | {per_prompt})
     lines = ["| reward | mean | within-prompt SD | between-prompt SD | tied pairs | " + " | ".join(f"best-of-{j} gain" for j in js) + " |",
              "|---|---|---|---|---|" + "---|" * len(js)]
     for name, r in rows.items():

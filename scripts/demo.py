@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`make demo`: watch Diffusion-Sharpening raise a reward, on a CPU, in about 12 minutes.
+"""`make demo`: watch Diffusion-Sharpening raise a reward, on a CPU, in about 11 minutes.
 
 1. Writes the toy world's training data (an imagefolder of compositions for SFT, a prompt file for RLHF).
 2. Fine-tunes the shipped toy SDXL (models/toy-sdxl) with SFT-sharpening and RLHF-sharpening, each through
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"[demo]   done in {timings[name]:.0f} s", flush=True)
             runs[name] = reward
 
-    print(f"[demo] evaluating base and the fine-tunes on {args.eval_prompts} {args.eval_split} prompts x {args.images_per_prompt} seeds", flush=True)
+    print(f"[demo] evaluating base and the fine-tunes on {args.eval_prompts} {args.eval_split} prompts x {args.images_per_prompt} seed(s)", flush=True)
     import torch
 
     import evaluate

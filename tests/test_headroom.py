@@ -34,6 +34,9 @@ def test_headroom_by_hand(headroom):
     assert row["best_of"][2]["gain"] == pytest.approx(0.25)
     assert row["best_of"][4]["gain"] == pytest.approx(0.5)
     assert row["tied_pairs"] == pytest.approx((1 / 6 + 1) / 2)
+    # variances 2/3 and 0 -> within 1/3; prompt means 1 and 5 (variance 8) carry 1/3 / 4 of it as noise
+    assert row["within_prompt_sd"] == pytest.approx((1 / 3) ** 0.5)
+    assert row["between_prompt_sd"] == pytest.approx((8 - 1 / 12) ** 0.5)
 
 
 def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):

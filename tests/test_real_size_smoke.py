@@ -1,4 +1,4 @@
-"""Real-size wiring on the CPU (slow; `make test-real-size`, run by CI): SDXL with every part at its real size and
+"""Real-size wiring on the CPU (slow; `make test-slow`, run by CI): SDXL with every part at its real size and
 random weights (2816-dim add embeddings, CLIP-L + bigG text encoders of real width), one LoRA step of each script in
 bf16 at 64 px through `accelerate launch`. The tiny model cannot catch a wrong width here; this can. Prints each
 step's peak host memory."""
@@ -21,9 +21,11 @@ def sdxl_size(tmp_path_factory):
     """Built in its own process, so this one does not hold ~7 GB while a training run takes ~16 GB; its ~6.5 GB on
     disk are removed when the module ends, whatever the outcome."""
     out = tmp_path_factory.mktemp("sdxl-size")
-    subprocess.run([sys.executable, "-m", "sharpening.tiny", str(out), "--sdxl_size"], cwd=ROOT, check=True, timeout=1200)
-    yield out
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "sharpening.tiny", str(out), "--sdxl_size"], cwd=ROOT, check=True, timeout=1200)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.parametrize("script", ["train_sft_diffusion_sharpening_sdxl.py", "train_rlhf_diffusion_sharpening_sdxl.py"])

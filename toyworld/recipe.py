@@ -24,7 +24,7 @@ MODEL = ROOT / "models" / "toy-sdxl"
 # fine-tune got WORSE than base (standard FT -0.034, SFT-sharpening -0.037, RLHF-sharpening -0.111, its
 # relation score collapsing to 0); RLHF at 1e-5 was +0.011 after 60 steps and +0.005 after 120.
 # A 1500-step prototype of the current base (text encoders trained), lr 2e-5, 60 steps: all three -0.02 to -0.03; current base, lr 1e-5,
-# 100 steps: all within one standard error of base (README, "Demo").
+# 100 steps: all within one standard error of base (later held-out results: README, "Demo: the embedded default").
 # Caption dropout 0.1 as in the base model's training keeps the unconditional (CFG) branch consistent.
 COMMON = {
     "resolution": 32,
