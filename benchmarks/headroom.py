@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REWARDS = ("toy", "brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility")
+from toyworld.recipe import BENCHMARK_REWARDS  # noqa: E402
 
 
 def expected_best_of(values: np.ndarray, j: int) -> float:
@@ -83,7 +83,7 @@ def markdown(rows: dict, per_prompt: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "models" / "toy-sdxl"))
-    p.add_argument("--rewards", nargs="+", default=list(REWARDS))
+    p.add_argument("--rewards", nargs="+", default=list(BENCHMARK_REWARDS))
     p.add_argument("--toy_split", default="train_pairs", choices=["heldout", "train", "train_pairs", "single"],
                    help="Prompts (default: the benchmark's training pairs, where training would look for its signal).")
     p.add_argument("--num_prompts", type=int, default=None)

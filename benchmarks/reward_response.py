@@ -38,11 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
-REWARDS = ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility", "toy")
 GUARDS = ("toy/objects", "toy/relation", "toy/clean")
 VARIANTS = {
     "standard-ft": ("sft", STANDARD_FT),
@@ -74,7 +73,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"A few minutes on a CPU: {QUICK}.")
-    p.add_argument("--rewards", nargs="+", default=None, help=f"Rewards to train on (default: {' '.join(REWARDS)}).")
+    p.add_argument("--rewards", nargs="+", default=None, help=f"Rewards to train on (default: {' '.join(BENCHMARK_REWARDS)}).")
     p.add_argument("--variants", nargs="*", default=None, help=f"Built-in variants to run (default: {' '.join(VARIANTS)}).")
     p.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]",
                    help="An extra variant: a script and the flags it gets on top of the toy recipe (repeatable).")
@@ -97,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if p.get_default(key) == getattr(args, key):
                 setattr(args, key, value)
-    args.rewards = args.rewards or list(REWARDS)
+    args.rewards = args.rewards or list(BENCHMARK_REWARDS)
     names = args.variants if args.variants is not None else list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
     if unknown:

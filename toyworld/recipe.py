@@ -42,6 +42,9 @@ SFT = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
 # (the ordinary diffusion loss on the DDIM grid; never looks at the reward).
 STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1, "sft_target": "noise"}
 RLHF = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
+# The rewards the reward-response and headroom benchmarks use by default: four pixel statistics the base does not
+# maximise, and the toy compositional reward.
+BENCHMARK_REWARDS = ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility", "toy")
 
 
 def busy_cores(sample_seconds: float = 1.0) -> float:
