@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, flag_value, launch, overrides_for, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -66,7 +66,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--variant {text!r}: {item!r} is not FLAG=VALUE")
-        settings[key.lstrip("-")] = value
+        settings[key.lstrip("-")] = flag_value(value)
     return name, (kind, settings)
 
 
@@ -112,18 +112,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file: Path) -> dict:
+    """The training flags of one (reward, variant) run: the toy recipe, the variant's settings, then --set."""
+    kind, settings = args.runs[name]
+    flags = {**COMMON, **settings, "reward_model": reward, "pretrained_model_name_or_path": args.model,
+             "output_dir": str(work / reward / name), "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
+    flags |= overrides_for(name, args.overrides)
+    return flags | ({"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)})
+
+
+def checkpoint_spec(flags: dict, checkpoint: Path) -> str:
+    """How evaluate.py loads a checkpoint: the LoRA adapters of a `--use_lora` run, else the full denoiser."""
+    return f"lora={checkpoint}" if flags.get("use_lora") is True else f"unet={checkpoint}"
+
+
 def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:
     """Every (reward, variant) run, `--jobs` at a time; returns seconds per run."""
     total_threads = args.threads or cpu_threads()
     threads = max(1, total_threads // args.jobs)
-    jobs = []
-    for reward in args.rewards:
-        for name, (kind, settings) in args.runs.items():
-            flags = {**COMMON, **settings, "reward_model": reward, "pretrained_model_name_or_path": args.model,
-                     "output_dir": str(work / reward / name), "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
-            flags |= overrides_for(name, args.overrides)
-            flags |= {"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)}
-            jobs.append((f"{reward}/{name}", SCRIPTS[kind], flags))
+    jobs = [(f"{reward}/{name}", SCRIPTS[args.runs[name][0]], run_flags(args, work, reward, name, data, prompt_file))
+            for reward in args.rewards for name in args.runs]
 
     def run(job):
         label, script, flags = job
@@ -224,7 +232,8 @@ def main(args: argparse.Namespace) -> dict:
 
     checkpoints = range(args.eval_every, args.steps + 1, args.eval_every)
     models = [f"base={args.model}"] + [
-        f"{reward}/{name}@{s}={args.model},unet={work / reward / name / f'checkpoint-{s}'}"
+        f"{reward}/{name}@{s}={args.model},"
+        + checkpoint_spec(run_flags(args, work, reward, name, data, prompt_file), work / reward / name / f"checkpoint-{s}")
         for reward in args.rewards for name in args.runs for s in checkpoints
     ]
     torch.set_num_threads(args.threads or cpu_threads())

@@ -90,8 +90,14 @@ def flags(settings: dict) -> list[str]:
     return out
 
 
+def flag_value(text: str) -> str | bool:
+    """A FLAG=VALUE value from a benchmark's command line: `true` / `false` switch an on/off flag (`use_lora=true`
+    becomes `--use_lora`); anything else stays a string for the training script's own parser."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def overrides_for(name: str, overrides: list[str]) -> dict:
-    """The --set values that apply to variant `name` (values stay strings: they go onto a command line)."""
+    """The --set values that apply to variant `name`."""
     out = {}
     for item in overrides:
         target, _, assignment = item.rpartition(":")
@@ -99,7 +105,7 @@ def overrides_for(name: str, overrides: list[str]) -> dict:
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
         if target in ("", name):
-            out[key.lstrip("-")] = value
+            out[key.lstrip("-")] = flag_value(value)
     return out
 
 
