@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import load_benchmark
 
@@ -79,14 +80,14 @@ def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
 
 
 def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
-    """benchmarks/reward_response.py on the tiny SDXL: two rewards x (one built-in variant + one --variant), 2 steps:
-    each run gets its reward and flags, every checkpoint is scored with the trained reward and the guards, and
-    the JSON, Markdown and PNG are written."""
+    """benchmarks/reward_response.py on the tiny SDXL: two rewards x (one built-in variant + one LoRA --variant),
+    2 steps: each run gets its reward and flags, every checkpoint (full or LoRA) is scored with the trained reward
+    and the guards, and the JSON, Markdown and PNG are written."""
     bench = load_benchmark("reward_response")
     work = tmp_path / "rr"
     args = bench.parse_args([
         "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "saturation", "--variants", "sft-paper",
-        "--variant", "rlhf-fresh=rlhf:dpo_target=fresh,num_noisy_latents=2", "--steps", "2", "--eval_every", "1",
+        "--variant", "rlhf-fresh=rlhf:dpo_target=fresh,num_noisy_latents=2,use_lora=true,lora_rank=2", "--steps", "2", "--eval_every", "1",
         "--train_images", "4", "--eval_prompts", "2", "--images_per_prompt", "2", "--eval_steps", "2", "--threads", "1",
         "--set", "train_batch_size=2", "--set", "infer_steps=4"])
     results = bench.main(args)
@@ -94,6 +95,8 @@ def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
         assert "--sft_target noise" in (work / reward / "sft-paper.log").read_text().splitlines()[0]
         rlhf_cmd = (work / reward / "rlhf-fresh.log").read_text().splitlines()[0]
         assert f"--reward_model {reward}" in rlhf_cmd and "--dpo_target fresh" in rlhf_cmd and "--num_noisy_latents 2" in rlhf_cmd
+        assert "--use_lora --lora_rank 2" in rlhf_cmd
+        assert (work / reward / "rlhf-fresh" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
         for name in ("sft-paper", "rlhf-fresh"):
             run = results[reward][name]
             assert [p["step"] for p in run["curve"]] == [0, 1, 2]
@@ -101,9 +104,24 @@ def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
             assert all(isinstance(p["diff"], float) for p in run["curve"])
     record = json.loads((work / "reward_response.json").read_text())
     assert record["runs"]["rlhf-fresh"]["flags"]["dpo_target"] == "fresh"
+    assert record["runs"]["rlhf-fresh"]["flags"]["use_lora"] is True
     text = (work / "reward_response.md").read_text()
     assert "| rlhf-fresh |" in text and "**saturation**" in text
     assert (work / "reward_response.png").stat().st_size > 1000
+
+
+def test_reward_response_variant_flags():
+    """`true` / `false` switch on/off flags, other values stay strings; LoRA runs are evaluated through their adapters."""
+    from toyworld.recipe import flags, overrides_for
+
+    bench = load_benchmark("reward_response")
+    name, (kind, settings) = bench.parse_variant("lora=sft:use_lora=True,learning_rate=1e-4,use_ema=false")
+    assert (name, kind, settings["use_lora"], settings["learning_rate"], settings["use_ema"]) == ("lora", "sft", True, "1e-4", False)
+    command = flags(settings)
+    assert "--use_lora" in command and command[command.index("--learning_rate") + 1] == "1e-4" and "--use_ema" not in command
+    assert overrides_for("lora", ["lora:use_lora=false", "seed=3"]) == {"use_lora": False, "seed": "3"}
+    assert bench.checkpoint_spec(settings, Path("ck")) == "lora=ck"
+    assert bench.checkpoint_spec({"use_lora": False}, Path("ck")) == "unet=ck"
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):
