@@ -14,6 +14,9 @@ reports per reward:
                        prompts' true means (the prompt means' variance less the within-prompt noise they carry)
     tied pairs         share of candidate pairs of the same prompt whose scores are equal (no preference at all)
 
+and, with the toy reward, the relation score of a model that ignores the relation words (toyworld/reward.py,
+relation_by_chance): a model near it has learned no layout from text.
+
 A reward whose best-of-n gain is small next to the evaluation's paired SE gives little to learn from the model's
 own samples at a small budget; one with a large gain that training does not move points at the objective, the
 model or the budget.
@@ -118,6 +121,12 @@ def main(args: argparse.Namespace) -> dict:
     note = (f"{args.model}: {len(record['prompts'])} {args.toy_split} prompts x {args.images_per_prompt} images, "
             f"{record['sampling']['sampler']} {args.steps} steps, CFG {args.guidance_scale}, seed {args.seed}. "
             "best-of-j gain = E[max of j of the prompt's images] - the prompt's mean, averaged over prompts ± SE.")
+    if "toy/relation" in rows:
+        from toyworld.reward import relation_by_chance
+
+        chance = relation_by_chance()
+        rows["toy/relation"]["by_chance"] = chance
+        note += f" toy/relation of two objects placed at random, ignoring the caption: {chance:.3f}."
     (out / "headroom.md").write_text(table + "\n\n" + note + "\n")
     (out / "headroom.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print("\n" + table + "\n\n" + note + f"\n[headroom] wrote {out / 'headroom.md'}, {out / 'headroom.json'}", flush=True)

@@ -47,6 +47,8 @@ def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):
     written = json.loads((tmp_path / "headroom.json").read_text())
     assert written["rows"]["brightness"]["mean"] == pytest.approx(rows["brightness"]["mean"])
     assert "best-of-3 gain" in (tmp_path / "headroom.md").read_text()
+    assert written["rows"]["toy/relation"]["by_chance"] == pytest.approx(0.407, abs=0.01)
+    assert "placed at random, ignoring the caption: 0.40" in (tmp_path / "headroom.md").read_text()
 
 
 def test_headroom_needs_two_images_per_prompt(headroom):

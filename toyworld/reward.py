@@ -100,10 +100,28 @@ def _sigmoid(x: float) -> float:
 
 
 def _relation_score(relation: str, a: np.ndarray, b: np.ndarray) -> float:
-    """Soft check of `a <relation> b` from the regions' centroids: ~0.5 at equal positions, ~1 at 6 px."""
-    (ay, ax), (by, bx) = np.argwhere(a).mean(0), np.argwhere(b).mean(0)
+    """Soft check of `a <relation> b` from the regions' centroids."""
+    return relation_from_centres(relation, np.argwhere(a).mean(0)[::-1], np.argwhere(b).mean(0)[::-1])
+
+
+def relation_from_centres(relation: str, a, b) -> float:
+    """`a <relation> b` from (x, y) centres (y grows downwards): ~0.5 at equal positions, ~1 at 6 px."""
+    (ax, ay), (bx, by) = a, b
     along = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}[relation]
     return _sigmoid((along - 2.0) / 1.2)
+
+
+def relation_by_chance(samples: int = 100_000, seed: int = 0) -> float:
+    """The mean relation score of a model that ignores the relation words: both objects of a composition at
+    independent random places (sizes and margins as the world draws them; overlaps not modelled). A model's
+    toy/relation near this has learned no layout from text."""
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(samples):
+        extents = rng.integers(world.PAIR_SIZES[0], world.PAIR_SIZES[1] + 1, size=2)
+        a, b = (world._centre(rng, int(e)) for e in extents)
+        total += relation_from_centres(world.RELATIONS[rng.integers(len(world.RELATIONS))], a, b)
+    return total / samples
 
 
 def score_image(image, caption: str) -> dict[str, float]:
