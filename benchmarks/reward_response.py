@@ -123,9 +123,16 @@ def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file:
     return flags | ({"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)})
 
 
-def checkpoint_spec(flags: dict, checkpoint: Path) -> str:
-    """How evaluate.py loads a checkpoint: the LoRA adapters of a `--use_lora` run, else the full denoiser."""
-    return f"lora={checkpoint}" if flags.get("use_lora") is True else f"unet={checkpoint}"
+def checkpoint_spec(flags: dict, checkpoint: Path, model: str) -> str:
+    """How evaluate.py loads a checkpoint: the LoRA adapters of a `--use_lora` run, the averaged weights of a
+    `--use_ema` run (what its final output holds), else the full denoiser."""
+    if flags.get("use_lora") is True:
+        return f"lora={checkpoint}"
+    if flags.get("use_ema") is True:
+        from sharpening.families import family_of
+
+        return f"unet={checkpoint / f'{family_of(model).DENOISER}_ema'}"
+    return f"unet={checkpoint}"
 
 
 def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:
@@ -235,7 +242,7 @@ def main(args: argparse.Namespace) -> dict:
     checkpoints = range(args.eval_every, args.steps + 1, args.eval_every)
     models = [f"base={args.model}"] + [
         f"{reward}/{name}@{s}={args.model},"
-        + checkpoint_spec(run_flags(args, work, reward, name, data, prompt_file), work / reward / name / f"checkpoint-{s}")
+        + checkpoint_spec(run_flags(args, work, reward, name, data, prompt_file), work / reward / name / f"checkpoint-{s}", args.model)
         for reward in args.rewards for name in args.runs for s in checkpoints
     ]
     torch.set_num_threads(args.threads or cpu_threads())

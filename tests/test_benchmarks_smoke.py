@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import load_benchmark
+from conftest import ROOT, load_benchmark
 
 
 def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
@@ -111,7 +111,8 @@ def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
 
 
 def test_reward_response_variant_flags():
-    """`true` / `false` switch on/off flags, other values stay strings; LoRA runs are evaluated through their adapters."""
+    """`true` / `false` switch on/off flags, other values stay strings; LoRA runs are evaluated through their adapters,
+    EMA runs through their averaged weights."""
     from toyworld.recipe import flags, overrides_for
 
     bench = load_benchmark("reward_response")
@@ -120,8 +121,11 @@ def test_reward_response_variant_flags():
     command = flags(settings)
     assert "--use_lora" in command and command[command.index("--learning_rate") + 1] == "1e-4" and "--use_ema" not in command
     assert overrides_for("lora", ["lora:use_lora=false", "seed=3"]) == {"use_lora": False, "seed": "3"}
-    assert bench.checkpoint_spec(settings, Path("ck")) == "lora=ck"
-    assert bench.checkpoint_spec({"use_lora": False}, Path("ck")) == "unet=ck"
+    model = str(ROOT / "models" / "toy-sdxl")
+    assert bench.checkpoint_spec(settings, Path("ck"), model) == "lora=ck"
+    assert bench.checkpoint_spec({"use_lora": False}, Path("ck"), model) == "unet=ck"
+    assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), model) == f"unet={Path('ck') / 'unet_ema'}"
+    assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), str(ROOT / "models" / "toy-sd3")) == f"unet={Path('ck') / 'transformer_ema'}"
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):
