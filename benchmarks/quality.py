@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, launch, overrides_for, write_data  # noqa: E402
 
 SFT_SCRIPT = "train_sft_diffusion_sharpening_sdxl.py"
 RLHF_SCRIPT = "train_rlhf_diffusion_sharpening_sdxl.py"
@@ -90,22 +90,27 @@ def main(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(runs)}")
     data, prompt_file = write_data(work / "data", args.train_images)
-    seconds = {}
+    run_flags = {}
     for name, (script, settings) in runs.items():
-        if args.skip_training:
-            continue
         flags = {**COMMON, **settings, "pretrained_model_name_or_path": str(model), "output_dir": str(work / name),
                  "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
         if args.learning_rate:
             flags["learning_rate"] = args.learning_rate
         flags |= overrides_for(name, args.overrides)
-        flags |= {"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)}
+        run_flags[name] = flags | ({"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)})
+        check_evaluable(run_flags[name])
+    seconds = {}
+    for name, (script, _) in runs.items():
+        if args.skip_training:
+            continue
+        flags = run_flags[name]
         print(f"[quality] training {name} for {args.steps} steps (log {work / (name + '.log')})", flush=True)
         seconds[name] = round(launch(script, flags, work / f"{name}.log", threads), 1)
         print(f"[quality]   {seconds[name]:.0f} s", flush=True)
 
     checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))
-    models = [f"base={model}"] + [f"{name}@{step}={model},unet={work / name / f'checkpoint-{step}'}" for name in runs for step in checkpoints]
+    models = [f"base={model}"] + [f"{name}@{step}={model}," + checkpoint_spec(run_flags[name], work / name / f"checkpoint-{step}", str(model))
+                                  for name in runs for step in checkpoints]
     torch.set_num_threads(threads)
     record = evaluate.main(evaluate.parse_args(
         [f"--model={m}" for m in models] + [

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, cpu_threads, flag_value, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, overrides_for, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -109,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = {item.rpartition(":")[0] for item in args.overrides} - set(args.runs) - {""}
     if unknown:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
+    for name in args.runs:
+        check_evaluable(args.runs[name][1] | overrides_for(name, args.overrides))
     if args.steps % args.eval_every:
         p.error("--steps must be a multiple of --eval_every (so the last checkpoint is the final model).")
     return args
@@ -121,18 +123,6 @@ def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file:
              "output_dir": str(work / reward / name), "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
     flags |= overrides_for(name, args.overrides)
     return flags | ({"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)})
-
-
-def checkpoint_spec(flags: dict, checkpoint: Path, model: str) -> str:
-    """How evaluate.py loads a checkpoint: the LoRA adapters of a `--use_lora` run, the averaged weights of a
-    `--use_ema` run (what its final output holds), else the full denoiser."""
-    if flags.get("use_lora") is True:
-        return f"lora={checkpoint}"
-    if flags.get("use_ema") is True:
-        from sharpening.families import family_of
-
-        return f"unet={checkpoint / f'{family_of(model).DENOISER}_ema'}"
-    return f"unet={checkpoint}"
 
 
 def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:

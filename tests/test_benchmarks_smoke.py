@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, load_benchmark
 
 
@@ -46,20 +48,22 @@ def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
 
 def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path):
     """benchmarks/quality.py end to end on the tiny SDXL (2 variants, 1 step each): --set reaches the
-    training command lines (all variants, or one), every checkpoint is evaluated, both splits write their files."""
+    training command lines (all variants, or one; on/off flags too), every checkpoint (full or LoRA) is evaluated, both
+    splits write their files."""
     quality = load_benchmark("quality")
     work = tmp_path / "q"
     common = ["--model", str(tiny_sdxl), "--work_dir", str(work), "--steps", "2", "--eval_every", "1", "--train_images", "4",
               "--eval_prompts", "2", "--images_per_prompt", "1", "--eval_steps", "2", "--threads", "1",
-              "--only", "standard-ft", "rlhf-sharpening"]
+              "--only", "standard-ft", "rlhf-sharpening", "--set", "rlhf-sharpening:use_lora=true"]
     quality.main(quality.parse_args(common + ["--set", "train_batch_size=2", "--set", "rlhf-sharpening:dpo_target=endpoint"]))
     sft_cmd = (work / "standard-ft.log").read_text().splitlines()[0]
     rlhf_cmd = (work / "rlhf-sharpening.log").read_text().splitlines()[0]
     assert "--train_batch_size 2" in sft_cmd and "--train_batch_size 2" in rlhf_cmd
     assert "--dpo_target endpoint" in rlhf_cmd and "dpo_target" not in sft_cmd
+    assert "--use_lora" in rlhf_cmd and "--use_lora" not in sft_cmd
     record = json.loads((work / "quality.json").read_text())
     assert set(record["summary"]) == {"base", "standard-ft@1", "standard-ft@2", "rlhf-sharpening@1", "rlhf-sharpening@2"}
-    assert record["overrides"] == ["train_batch_size=2", "rlhf-sharpening:dpo_target=endpoint"]
+    assert record["overrides"] == ["rlhf-sharpening:use_lora=true", "train_batch_size=2", "rlhf-sharpening:dpo_target=endpoint"]
     assert "| standard-ft |" in (work / "quality.md").read_text()
 
     # The diagnostic split re-evaluates the same checkpoints on training prompts, beside the held-out files.
@@ -69,8 +73,6 @@ def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path)
 
 
 def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
-    import pytest
-
     quality = load_benchmark("quality")
     with pytest.raises(SystemExit, match="unknown variants"):
         quality.main(quality.parse_args(["--work_dir", str(tmp_path), "--steps", "2", "--eval_every", "1",
@@ -80,19 +82,21 @@ def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
 
 
 def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
-    """benchmarks/reward_response.py on the tiny SDXL: two rewards x (one built-in variant + one LoRA --variant),
-    2 steps: each run gets its reward and flags, every checkpoint (full or LoRA) is scored with the trained reward
-    and the guards, and the JSON, Markdown and PNG are written."""
+    """benchmarks/reward_response.py on the tiny SDXL: two rewards x (one built-in variant with EMA + one LoRA
+    --variant), 2 steps: each run gets its reward and flags, every checkpoint (EMA or LoRA) is scored with the trained
+    reward and the guards, and the JSON, Markdown and PNG are written."""
     bench = load_benchmark("reward_response")
     work = tmp_path / "rr"
     args = bench.parse_args([
         "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "saturation", "--variants", "sft-paper",
         "--variant", "rlhf-fresh=rlhf:dpo_target=fresh,num_noisy_latents=2,use_lora=true,lora_rank=2", "--steps", "2", "--eval_every", "1",
         "--train_images", "4", "--eval_prompts", "2", "--images_per_prompt", "2", "--eval_steps", "2", "--threads", "1",
-        "--set", "train_batch_size=2", "--set", "infer_steps=4"])
+        "--set", "train_batch_size=2", "--set", "infer_steps=4", "--set", "sft-paper:use_ema=true"])
     results = bench.main(args)
     for reward in ("brightness", "saturation"):
-        assert "--sft_target noise" in (work / reward / "sft-paper.log").read_text().splitlines()[0]
+        sft_cmd = (work / reward / "sft-paper.log").read_text().splitlines()[0]
+        assert "--sft_target noise" in sft_cmd and "--use_ema" in sft_cmd
+        assert (work / reward / "sft-paper" / "checkpoint-2" / "unet_ema" / "config.json").is_file()
         rlhf_cmd = (work / reward / "rlhf-fresh.log").read_text().splitlines()[0]
         assert f"--reward_model {reward}" in rlhf_cmd and "--dpo_target fresh" in rlhf_cmd and "--num_noisy_latents 2" in rlhf_cmd
         assert "--use_lora --lora_rank 2" in rlhf_cmd
@@ -126,11 +130,14 @@ def test_reward_response_variant_flags():
     assert bench.checkpoint_spec({"use_lora": False}, Path("ck"), model) == "unet=ck"
     assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), model) == f"unet={Path('ck') / 'unet_ema'}"
     assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), str(ROOT / "models" / "toy-sd3")) == f"unet={Path('ck') / 'transformer_ema'}"
+    # LoRA + EMA checkpoints hold the raw adapters (the output the averaged ones): refused before any training.
+    with pytest.raises(SystemExit, match="use_ema"):
+        bench.parse_args(["--variant", "x=sft:use_lora=true,use_ema=true"])
+    with pytest.raises(SystemExit, match="use_ema"):
+        bench.parse_args(["--variant", "x=sft:use_lora=true", "--set", "use_ema=true"])
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):
-    import pytest
-
     bench = load_benchmark("reward_response")
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "nope"])

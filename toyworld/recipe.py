@@ -92,7 +92,8 @@ def flags(settings: dict) -> list[str]:
 
 def flag_value(text: str) -> str | bool:
     """A FLAG=VALUE value from a benchmark's command line: `true` / `false` switch an on/off flag (`use_lora=true`
-    becomes `--use_lora`); anything else stays a string for the training script's own parser."""
+    becomes `--use_lora`; `FLAG=false` leaves the flag off the command line, so the script's default applies);
+    anything else stays a string for the training script's own parser."""
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
@@ -107,6 +108,26 @@ def overrides_for(name: str, overrides: list[str]) -> dict:
         if target in ("", name):
             out[key.lstrip("-")] = flag_value(value)
     return out
+
+
+def check_evaluable(flags: dict) -> None:
+    """Refuse, before any training, a run whose checkpoints the benchmarks cannot evaluate as its output would be."""
+    if flags.get("use_lora") is True and flags.get("use_ema") is True:
+        raise SystemExit("use_lora with use_ema is not benchmarked: its checkpoints hold the raw adapters, its final "
+                         "output the averaged ones; drop one of them.")
+
+
+def checkpoint_spec(flags: dict, checkpoint: Path, model: str) -> str:
+    """How evaluate.py loads a training checkpoint (`--model NAME=BASE,<this>`): the LoRA adapters of a `--use_lora`
+    run, the averaged weights of a `--use_ema` run (what its final output holds), else the full denoiser."""
+    check_evaluable(flags)
+    if flags.get("use_lora") is True:
+        return f"lora={checkpoint}"
+    if flags.get("use_ema") is True:
+        from sharpening.families import family_of
+
+        return f"unet={checkpoint / f'{family_of(model).DENOISER}_ema'}"
+    return f"unet={checkpoint}"
 
 
 def launch(script: str, settings: dict, log: Path, threads: int | None = None) -> float:
