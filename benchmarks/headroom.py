@@ -15,7 +15,9 @@ reports per reward:
     tied pairs         share of candidate pairs of the same prompt whose scores are equal (no preference at all)
 
 and, with the toy reward, the relation score of a model that ignores the relation words (toyworld/reward.py,
-relation_by_chance): a model near it has learned no layout from text.
+relation_by_chance) beside the model's relation on the images whose two objects are both found (the reward gates
+the relation by presence, so the plain mean also counts missing objects): a model near it places the objects
+regardless of the relation words.
 
 A reward whose best-of-n gain is small next to the evaluation's paired SE gives little to learn from the model's
 own samples at a small budget; one with a large gain that training does not move points at the objective, the
@@ -73,6 +75,23 @@ def headroom(scores: np.ndarray, per_prompt: int) -> dict:
     return row
 
 
+OBJECTS_FOUND = 0.9  # toy/objects at or above this: both objects present (presence gates the relation) and shaped right
+
+
+def relation_against_chance(scores: dict) -> dict:
+    """toy/relation beside what ignoring the relation words gives. The presence of both objects gates the relation,
+    so the model's mean relation mixes layout with missing objects; on the images where both objects are found the
+    relation reads layout alone, the same quantity as `relation_by_chance`."""
+    from toyworld.reward import relation_by_chance
+
+    objects = np.array([np.nan if x is None else x for x in scores["toy/objects"]], dtype=float)
+    relation = np.array([np.nan if x is None else x for x in scores["toy/relation"]], dtype=float)
+    found = relation[(objects >= OBJECTS_FOUND) & np.isfinite(relation)]
+    se = float(found.std(ddof=1) / math.sqrt(len(found))) if len(found) > 1 else float("nan")
+    return {"by_chance": relation_by_chance(), "objects_found_images": int(len(found)),
+            "objects_found_mean": float(found.mean()) if len(found) else float("nan"), "objects_found_se": se}
+
+
 def markdown(rows: dict, per_prompt: int) -> str:
     js = sorted({j for j in (2, 3, 4, 6, 8, 16) if j <= per_prompt} | {per_prompt})
     lines = ["| reward | mean | within-prompt SD | between-prompt SD | tied pairs | " + " | ".join(f"best-of-{j} gain" for j in js) + " |",
@@ -122,11 +141,11 @@ def main(args: argparse.Namespace) -> dict:
             f"{record['sampling']['sampler']} {args.steps} steps, CFG {args.guidance_scale}, seed {args.seed}. "
             "best-of-j gain = E[max of j of the prompt's images] - the prompt's mean, averaged over prompts ± SE.")
     if "toy/relation" in rows:
-        from toyworld.reward import relation_by_chance
-
-        chance = relation_by_chance()
-        rows["toy/relation"]["by_chance"] = chance
-        note += f" toy/relation of two objects placed at random, ignoring the caption: {chance:.3f}."
+        rows["toy/relation"] |= relation_against_chance(scores)
+        r = rows["toy/relation"]
+        note += (f" toy/relation of two objects placed at random, ignoring the caption: {r['by_chance']:.3f}; the model's "
+                 f"toy/relation on the {r['objects_found_images']} images whose objects are both found (toy/objects >= "
+                 f"{OBJECTS_FOUND}): {r['objects_found_mean']:.3f} ± {r['objects_found_se']:.3f} (SE over images).")
     (out / "headroom.md").write_text(table + "\n\n" + note + "\n")
     (out / "headroom.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print("\n" + table + "\n\n" + note + f"\n[headroom] wrote {out / 'headroom.md'}, {out / 'headroom.json'}", flush=True)

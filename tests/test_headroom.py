@@ -39,6 +39,15 @@ def test_headroom_by_hand(headroom):
     assert row["between_prompt_sd"] == pytest.approx((8 - 1 / 12) ** 0.5)
 
 
+def test_relation_against_chance_reads_only_images_with_both_objects(headroom):
+    """Only images whose objects are both found (toy/objects >= 0.9) count; missing scores are skipped."""
+    row = headroom.relation_against_chance({"toy/objects": [1.0, 0.95, 0.5, None, 0.9], "toy/relation": [1.0, 0.0, 0.9, None, float("nan")]})
+    assert row["objects_found_images"] == 2
+    assert row["objects_found_mean"] == pytest.approx(0.5)
+    assert row["objects_found_se"] == pytest.approx(0.5)  # sample SD sqrt(0.5) over sqrt(2)
+    assert row["by_chance"] == pytest.approx(0.407, abs=0.01)
+
+
 def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):
     rows = headroom.main(headroom.parse_args(["--model", str(tiny_sdxl), "--num_prompts", "3", "--images_per_prompt", "3", "--steps", "2",
                                               "--rewards", "toy", "brightness", "--output_dir", str(tmp_path)]))
@@ -48,6 +57,7 @@ def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):
     assert written["rows"]["brightness"]["mean"] == pytest.approx(rows["brightness"]["mean"])
     assert "best-of-3 gain" in (tmp_path / "headroom.md").read_text()
     assert written["rows"]["toy/relation"]["by_chance"] == pytest.approx(0.407, abs=0.01)
+    assert 0 <= written["rows"]["toy/relation"]["objects_found_images"] <= 9
     assert "placed at random, ignoring the caption: 0.40" in (tmp_path / "headroom.md").read_text()
 
 

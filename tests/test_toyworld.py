@@ -240,8 +240,7 @@ def test_relation_by_chance_matches_rendered_random_layouts():
     from toyworld import reward, world
 
     chance = reward.relation_by_chance(samples=20_000)
-    assert 0.35 < chance < 0.45
-    assert reward.relation_by_chance(samples=2_000, seed=3) == reward.relation_by_chance(samples=2_000, seed=3)
+    assert chance == pytest.approx(0.407, abs=0.01)  # 100k samples: 0.4066
     rng = np.random.default_rng(1)
     random_layout, as_captioned = [], []
     for _ in range(600):
