@@ -100,12 +100,9 @@ def main(args: argparse.Namespace) -> dict:
         run_flags[name] = flags | ({"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)})
         check_evaluable(run_flags[name])
     seconds = {}
-    for name, (script, _) in runs.items():
-        if args.skip_training:
-            continue
-        flags = run_flags[name]
+    for name, (script, _) in ({} if args.skip_training else runs).items():
         print(f"[quality] training {name} for {args.steps} steps (log {work / (name + '.log')})", flush=True)
-        seconds[name] = round(launch(script, flags, work / f"{name}.log", threads), 1)
+        seconds[name] = round(launch(script, run_flags[name], work / f"{name}.log", threads), 1)
         print(f"[quality]   {seconds[name]:.0f} s", flush=True)
 
     checkpoints = list(range(args.eval_every, args.steps + 1, args.eval_every))

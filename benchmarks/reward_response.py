@@ -18,10 +18,10 @@ Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the
 toward the starting noise), and `best-of-n-control` (benchmarks/best_of_n_control.py: fine-tune on the best of n
 FINISHED images, as RAFT does; it tells a weak objective from a reward the budget cannot move).
 `--variant NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]` adds your own (`FLAG=true` switches an on/off flag on; a
-`use_lora=true` run is evaluated through its LoRA adapters).
+`use_lora=true` run is evaluated through its LoRA adapters, a `use_ema=true` run on its averaged weights).
 
     python benchmarks/reward_response.py --quick                  # a few minutes on a CPU
-    python benchmarks/reward_response.py                          # every reward and variant (about an hour on 2 cores)
+    python benchmarks/reward_response.py                          # every reward and variant (about 85 min on 2 cores)
     python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
     python benchmarks/reward_response.py --rewards toy --variants --variant "sft-lora=sft:use_lora=true,lora_rank=8,learning_rate=1e-4"
 

@@ -113,8 +113,9 @@ def relation_from_centres(relation: str, a, b) -> float:
 
 def relation_by_chance(samples: int = 100_000, seed: int = 0) -> float:
     """The mean relation score of a model that ignores the relation words: both objects of a composition at
-    independent random places (sizes and margins as the world draws them; overlaps not modelled). A model's
-    toy/relation near this has learned no layout from text."""
+    independent random places (sizes and margins as the world draws them; overlaps not modelled). Compare it with a
+    model's toy/relation on images whose two objects are both present (presence gates the relation in
+    `score_image`): near this, the model places its objects regardless of the relation words."""
     rng = np.random.default_rng(seed)
     total = 0.0
     for _ in range(samples):
