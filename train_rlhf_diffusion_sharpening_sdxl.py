@@ -24,7 +24,7 @@ import torch
 
 from reward import add_reward_args
 from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
-from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss
+from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, validate_training_args
 from sharpening.training import StepResult, Trainer
@@ -69,7 +69,7 @@ def pair_errors(trainer: Trainer, model, rows_w: Rows, rows_l: Rows, cond) -> tu
     prediction_w, prediction_l = (prediction, prediction) if shared else prediction.split([len(rows_w.prompt), len(rows_l.prompt)])
     batch = len(cond)
     return tuple(
-        per_prompt_mean(per_sample_mse(pred, rows.target(trainer.sampler)), rows.prompt, batch)
+        per_prompt_mean(trainer.row_errors(pred, rows), rows.prompt, batch)
         for pred, rows in ((prediction_w, rows_w), (prediction_l, rows_l))
     )
 

@@ -19,7 +19,6 @@ import torch
 
 from reward import add_reward_args
 from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
-from sharpening.losses import per_sample_mse
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.config import add_training_args, validate_training_args
 from sharpening.training import StepResult, Trainer
@@ -57,9 +56,9 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
     rows = sft_rows(args.sft_target, trainer.sampler, candidates)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
-    mse = per_sample_mse(prediction, rows.target(trainer.sampler))
+    mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:
-        mse = mse + args.data_anchor_weight * per_sample_mse(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]).target(trainer.sampler))
+        mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]))
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
     return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.has_winner, logs)

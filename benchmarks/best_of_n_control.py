@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reward import add_reward_args  # noqa: E402
-from sharpening.losses import per_sample_mse, reward_dpo_logits, reward_dpo_loss  # noqa: E402
+from sharpening.losses import reward_dpo_logits, reward_dpo_loss  # noqa: E402
 from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
 from sharpening.trajectory import select  # noqa: E402
 from sharpening.config import add_training_args, validate_training_args  # noqa: E402
@@ -65,7 +65,7 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
             "reward/winner": sel.winner_reward[sel.has_winner].mean().item() if sel.has_winner.any() else float("nan")}
     if args.objective == "raft":
         prediction = trainer.predict(trainer.policy(grad=True), rows_w, train_cond)
-        losses = per_prompt_mean(per_sample_mse(prediction, rows_w.target(trainer.sampler)), rows_w.prompt, size)
+        losses = per_prompt_mean(trainer.row_errors(prediction, rows_w), rows_w.prompt, size)
         return StepResult(losses, sel.has_winner.to(losses.device), logs)
 
     # Diffusion-DPO: the loser's image under the winner's noise and timesteps, policy vs frozen reference.

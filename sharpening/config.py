@@ -66,6 +66,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="Flow families (SD3, FLUX): the density of training sigmas where a loss draws fresh noise levels "
                         "(--dpo_target fresh), as diffusers' SD3/FLUX scripts: none = uniform, logit_normal = SD3's "
                         "(--logit_mean, --logit_std). Exploration states lie on the sampling grid and are unaffected.")
+    g.add_argument("--loss_weighting", default="none", choices=["none", "v"],
+                   help="Epsilon-prediction models (SDXL): how a state's error counts. none = the plain epsilon MSE, which counts an "
+                        "x0 error at timestep t with weight SNR(t) (1/100 at t = 950: the high-noise states, where layout and "
+                        "objects are decided, barely train); v = weight each state by 1 / alpha_bar_t, normalised to mean 1 over "
+                        "the loss call's states: the v-prediction loss of the same model (Salimans & Ho 2022), as flow matching "
+                        "weighs x0 errors. Flow families already train the velocity loss.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
     g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
     g.add_argument("--decode_batch_size", type=int, default=None,

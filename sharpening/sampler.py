@@ -124,6 +124,12 @@ class DDIM:
             return x0
         raise ValueError(f"Unknown prediction_type {self.prediction_type!r}")
 
+    def v_loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample factor that turns the MSE of this model's output into the MSE of v = sqrt(abar) eps - sqrt(1 - abar) x0
+        at the same state (float64): 1 / abar for epsilon, 1 / (1 - abar) for sample, 1 for v-prediction."""
+        abar = self.alpha_bar(timesteps)
+        return {"epsilon": 1 / abar, "sample": 1 / (1 - abar), "v_prediction": torch.ones_like(abar)}[self.prediction_type]
+
     def exact_noise(self, x0: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The noise that maps x0 exactly to `states` at `timesteps`: (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
         abar = self.alpha_bar(timesteps)

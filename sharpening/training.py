@@ -30,7 +30,7 @@ from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
 from .config import public_config
 from .families import apply_text_settings, cfg_scale, family_of, with_guidance
-from .losses import masked_sum
+from .losses import masked_sum, per_sample_mse
 from .policy import Policy
 from .sampler import sample
 from .targets import Rows
@@ -122,6 +122,9 @@ class Trainer:
             if not hasattr(self.sampler, "set_train_density"):
                 raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
             self.sampler.set_train_density(args.weighting_scheme, args.logit_mean, args.logit_std)
+        if args.loss_weighting != "none" and not hasattr(self.sampler, "v_loss_weight"):
+            raise ValueError("--loss_weighting v is for epsilon-prediction families (SDXL); flow families (SD3, FLUX) already train "
+                             "the velocity loss: drop the flag.")
         self.num_steps = effective_steps(self.sampler, args.trajectory_nums)
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))
@@ -250,6 +253,14 @@ class Trainer:
     def predict(self, model, rows: Rows, cond) -> torch.Tensor:
         """`model`'s output on the rows' states, each with its prompt's conditioning (one batched call)."""
         return model(rows.states, rows.timesteps, cond.select(rows.prompt))
+
+    def row_errors(self, prediction: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """(R,) per-row squared error of `prediction` against the rows' targets, weighted as --loss_weighting says."""
+        mse = per_sample_mse(prediction, rows.target(self.sampler))
+        if self.args.loss_weighting == "none":
+            return mse
+        weight = self.sampler.v_loss_weight(rows.timesteps)
+        return mse * (weight / weight.mean()).to(mse)
 
     @staticmethod
     def exploration_logs(candidates: Candidates) -> dict[str, float]:

@@ -113,3 +113,34 @@ def test_unknown_target_names_the_choices(ddim, candidates):
         targets.sft_rows("nope", ddim, candidates)
     with pytest.raises(ValueError, match="shared"):
         targets.dpo_rows("nope", ddim, candidates, torch.Generator())
+
+
+def test_v_loss_weight_turns_the_epsilon_error_into_the_v_error(ddim, alphas_cumprod):
+    """--loss_weighting v: an epsilon model's squared error times 1 / abar is the squared error of the v it implies."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([1, 251, 751, 951])
+    x0, noise = torch.randn(4, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 4, 2, 2, generator=g, dtype=torch.float64)
+    eps_hat = noise + 0.1 * torch.randn(4, 4, 2, 2, generator=g, dtype=torch.float64)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v, v_hat = a.sqrt() * noise - (1 - a).sqrt() * x0, a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat
+    torch.testing.assert_close(ddim.v_loss_weight(t), 1 / alphas_cumprod[t])
+    torch.testing.assert_close(((eps_hat - noise) ** 2).flatten(1).mean(1) * ddim.v_loss_weight(t), ((v_hat - v) ** 2).flatten(1).mean(1))
+
+
+def test_row_errors_weigh_states_by_inverse_alpha_bar_normalised_to_mean_one(ddim, alphas_cumprod):
+    from types import SimpleNamespace
+
+    from sharpening.training import Trainer
+
+    t = torch.tensor([951, 51])
+    rows = targets.Rows(torch.zeros(2, 1, 1, 1), t, torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), torch.tensor([0, 1]))
+    prediction = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # squared errors 1 and 4 against the zero noise
+    plain = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="none"), sampler=ddim), prediction, rows)
+    torch.testing.assert_close(plain, torch.tensor([1.0, 4.0]))
+    w = 1 / alphas_cumprod[t]
+    w = (w / w.mean()).float()
+    weighted = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="v"), sampler=ddim), prediction, rows)
+    torch.testing.assert_close(weighted, torch.tensor([1.0, 4.0]) * w)
+    assert weighted[0] > 1.9  # the t = 951 state now outweighs the t = 51 one (1/abar: 123 vs 1.05)

@@ -154,6 +154,36 @@ def test_train_base_reproduces_from_its_seed_and_trains_the_text_encoders(tmp_pa
     assert parts.unet.config.addition_embed_type == "text_time" and len(parts.tokenizers[0]) == 49408
 
 
+def test_train_base_continues_a_saved_model_with_init_from(tmp_path):
+    """--init_from starts from the saved weights and keeps the latent scale they were trained on: at learning rate 0
+    every weight comes back unchanged; with the v weighting and a learning rate the UNet and encoders move."""
+    import json
+
+    import torch
+
+    from toyworld import train_base
+
+    tiny = ["--unet_steps", "2", "--dataset_size", "16", "--batch_size", "4", "--vae_batch_size", "4", "--log_every", "1"]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        base = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "base"), "--vae_steps", "2", *tiny]))
+        still = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "still"), "--init_from", str(base), "--seed", "1",
+                                                       "--unet_lr", "0", *tiny]))
+        moved = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "moved"), "--init_from", str(base), "--seed", "1",
+                                                       "--loss_weighting", "v", *tiny]))
+        with pytest.raises(SystemExit, match="holds a StableDiffusionXLPipeline"):
+            train_base.main(train_base.parse_args(["--family", "sd3", "--output_dir", str(tmp_path / "x"), "--init_from", str(base), *tiny]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    start, same, changed = _weights(base), _weights(still), _weights(moved)
+    assert all(torch.equal(same[k], start[k]) for k in start)
+    for sub in ("unet", "text_encoder", "text_encoder_2"):
+        assert any(not torch.equal(changed[k], start[k]) for k in start if k.startswith(sub + "/")), sub
+    assert all(torch.equal(changed[k], start[k]) for k in start if k.startswith("vae/"))
+    scale = json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
+    assert json.loads((moved / "vae" / "config.json").read_text())["scaling_factor"] == scale
+
+
 def test_train_base_builds_the_sd3_toy_with_trained_encoders_and_sd3_latents(tmp_path):
     """`--family sd3`: an SD3-architecture toy that StableDiffusion3Pipeline loads, with SD3's latent convention
     measured on the data, all three text encoders trained, a T5 tokenizer that covers every caption, and the

@@ -186,6 +186,12 @@ def test_flow_only_flags_are_refused_for_sdxl_with_what_to_do(tiny_sdxl, tmp_pat
     reset_accelerate_state()
 
 
+def test_loss_weighting_v_is_refused_for_flow_models_which_already_train_the_velocity(tiny_sd3, tmp_path):
+    data = write_image_folder(tmp_path / "data", count=2)
+    with pytest.raises(ValueError, match="--loss_weighting v is for epsilon-prediction families"):
+        run_sft(tiny_sd3, data, tmp_path / "v", max_train_steps=1, loss_weighting="v", max_sequence_length=32)
+
+
 def test_missing_column_fails_before_any_model_loads(tmp_path):
     data = write_image_folder(tmp_path / "data", count=4)
     args = sft.parse_args(tiny_args(tmp_path / "no-such-model", tmp_path / "out", train_data_dir=data, caption_column="caption"))

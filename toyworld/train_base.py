@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_threads", type=int, default=1,
                    help="CPU threads. 1 by default: on a shared 2-core machine two spinning OpenMP threads ran 4x SLOWER than one (measured).")
     p.add_argument("--vae_from", default=None, help="A toy model folder whose vae/ is reused instead of training a VAE.")
+    p.add_argument("--init_from", default=None,
+                   help="Continue training a saved toy model of the same family (its denoiser, text encoders, tokenizers and VAE, "
+                        "whose latent scale is kept) instead of building one from scratch; no VAE training. Use another --seed than "
+                        "the model's for fresh images.")
     p.add_argument("--vae_steps", type=int, default=600)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--vae_lr", type=float, default=2e-3)
@@ -87,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Train both text encoders with the UNet (default). Frozen random encoders gave a model that ignored "
                         "much of its caption (wrong colours and shapes on single objects).")
     p.add_argument("--caption_dropout", type=float, default=0.1)
+    p.add_argument("--loss_weighting", choices=("epsilon", "v"), default="epsilon",
+                   help="sdxl: per-sample weight of the epsilon MSE. 'epsilon' weighs every timestep alike, which in x0 terms "
+                        "weighs a timestep by its SNR: at t = 950 an x0 error counts 1/100 of its size, and the layout of a "
+                        "composition is decided there. 'v' weighs by 1 / alpha_bar_t (the v-prediction loss of the same "
+                        "epsilon model, Salimans & Ho 2022, arXiv 2202.00512), so high-noise x0 errors count.")
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_sequence_length", type=int, default=77, help="sd3: T5 tokens per caption (the training scripts' default).")
     p.add_argument("--log_every", type=int, default=100)
@@ -239,17 +248,18 @@ def encode_dataset(vae, images, device, batch=256):
     return torch.cat(means), torch.cat(stds)
 
 
-def noised(family: str, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator, abar: torch.Tensor):
-    """(x_t, timestep, regression target) of the family's training objective: epsilon prediction on SDXL's discrete
-    schedule, or the rectified-flow velocity ε - x0 at σ ~ logit-normal(0, 1) (SD3) with timestep σ·1000."""
+def noised(family: str, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator, abar: torch.Tensor, weighting: str = "epsilon"):
+    """(x_t, timestep, regression target, per-sample loss weight) of the family's training objective: epsilon
+    prediction on SDXL's discrete schedule (weighted as `--loss_weighting` says), or the rectified-flow velocity
+    ε - x0 at σ ~ logit-normal(0, 1) (SD3) with timestep σ·1000."""
     n = x0.shape[0]
     if family == "sdxl":
         t = torch.randint(0, 1000, (n,), generator=gen).to(x0.device)
         a = abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, 1 / a.view(-1) if weighting == "v" else torch.ones_like(t, dtype=x0.dtype)
     sigma = torch.sigmoid(torch.randn(n, generator=gen)).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
-    return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0
+    return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0, torch.ones(n, device=x0.device)
 
 
 def train_denoiser(family, denoiser, text_encoders, latents, caption_index, caption_ids, args, device):
@@ -300,7 +310,7 @@ def train_denoiser(family, denoiser, text_encoders, latents, caption_index, capt
         eps_vae = torch.randn(latents_mean[idx].shape, generator=gen)
         x0 = ((latents_mean[idx] + latents_std[idx] * eps_vae - args.shift_factor) * args.scaling_factor).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t, t, target = noised(family, x0, noise, gen, abar)
+        x_t, t, target, weight = noised(family, x0, noise, gen, abar, args.loss_weighting)
         keep = (torch.rand(args.batch_size, generator=gen) >= args.caption_dropout).to(device)
         rows = caption_index[idx].to(device)
         if family == "sdxl":  # dropped captions -> zero embeddings (force_zeros_for_empty_prompt)
@@ -308,7 +318,7 @@ def train_denoiser(family, denoiser, text_encoders, latents, caption_index, capt
             cond = sdxl.Conditioning(cond.prompt_embeds * keep.view(-1, 1, 1), cond.pooled * keep.view(-1, 1), cond.time_ids)
         else:  # dropped captions -> the encoded empty prompt
             cond = encode(torch.where(keep, rows, empty_row))
-        loss = F.mse_loss(forward(x_t, t, cond), target)
+        loss = (weight * ((forward(x_t, t, cond) - target) ** 2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -384,6 +394,22 @@ def load_or_train_vae(args, device):
     return vae, loss, time.time() - started
 
 
+def load_toy(folder: str, family: str):
+    """(tokenizers, text encoders, VAE, denoiser) of a saved toy model of `family`, for `--init_from`."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    expected = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
+    if index.get("_class_name") != expected:
+        raise SystemExit(f"--init_from {folder} holds a {index.get('_class_name')}, not the {expected} that --family {family} trains.")
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        return (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), pipe.vae, pipe.unet
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    return ((pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3),
+            pipe.vae, pipe.transformer)
+
+
 def main(args: argparse.Namespace) -> Path:
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
@@ -400,21 +426,28 @@ def main(args: argparse.Namespace) -> Path:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_dir = out / "_tokenizer_build"
-    if args.family == "sdxl":
+    if args.init_from:
+        tokenizers, text_encoders, vae, denoiser = load_toy(args.init_from, args.family)
+        tokenizer, vae_loss, t_vae = tokenizers[0], None, 0.0
+    elif args.family == "sdxl":
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build_dir))
         tokenizers, text_encoders = (tokenizer, tokenizer), build_text_encoders(args.seed)
     else:
         tokenizers, text_encoders = build_sd3_text(args.seed, build_dir)
-
-    vae, vae_loss, t_vae = load_or_train_vae(args, device)
+    if not args.init_from:
+        vae, vae_loss, t_vae = load_or_train_vae(args, device)
+        denoiser = build_unet(args.seed) if args.family == "sdxl" else build_transformer(args.seed)
 
     images = world_images(args.dataset_size, args.seed + 100, args.single_fraction)
     captions = sorted({c for _, c in images})
     caption_index = torch.tensor([captions.index(c) for _, c in images])
     means, stds = encode_dataset(vae, [i for i, _ in images], device)
-    # SD convention: unit-variance latents; SD3 also centres them (z - shift_factor)
-    args.shift_factor = float(means.mean()) if args.family == "sd3" else 0.0
-    args.scaling_factor = float(1.0 / means.std())
+    if args.init_from:  # the denoiser was trained on these latents: keep their scale
+        args.shift_factor = float(vae.config.shift_factor or 0.0) if args.family == "sd3" else 0.0
+        args.scaling_factor = float(vae.config.scaling_factor)
+    else:  # SD convention: unit-variance latents; SD3 also centres them (z - shift_factor)
+        args.shift_factor = float(means.mean()) if args.family == "sd3" else 0.0
+        args.scaling_factor = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=args.scaling_factor, **({"shift_factor": args.shift_factor} if args.family == "sd3" else {}))
     if args.family == "sdxl":
         caption_ids = [tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -424,7 +457,6 @@ def main(args: argparse.Namespace) -> Path:
     print(f"dataset: {len(images)} images, {len(captions)} captions, latent shift {args.shift_factor:.4f} scale {args.scaling_factor:.4f} "
           f"[{time.time() - started:.0f} s]", flush=True)
 
-    denoiser = build_unet(args.seed) if args.family == "sdxl" else build_transformer(args.seed)
     ema, text_encoders, log = train_denoiser(args.family, denoiser, text_encoders, (means, stds), caption_index, caption_ids, args, device)
 
     vae, ema, text_encoders = vae.cpu().eval(), ema.cpu().eval(), tuple(e.cpu() for e in text_encoders)
@@ -439,7 +471,7 @@ def main(args: argparse.Namespace) -> Path:
             text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=text_encoders[2], tokenizer_3=tokenizers[2],
         )
     pipe.save_pretrained(out, safe_serialization=True)
-    shutil.rmtree(build_dir)
+    shutil.rmtree(build_dir, ignore_errors=True)
     names = ("unet", "text_encoder", "text_encoder_2") if args.family == "sdxl" else ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     summary = {
         "family": args.family, "seed": args.seed, "device": str(device), "seconds": round(time.time() - started, 1), "vae_seconds": round(t_vae, 1),
