@@ -1,21 +1,23 @@
 #!/usr/bin/env python
-"""Does a toy SDXL model's denoising loss use the words of its caption? A likelihood probe per noise level.
+"""Does a toy model's denoising loss use the words of its caption? A likelihood probe per noise level.
 
 For fresh composition images of the training pairs (toyworld.world, a seed the base never saw), noise each image at
-timestep t and compare the model's epsilon MSE under its true caption with the MSE under a wrong caption:
+timestep t and compare the model's MSE (epsilon for the SDXL toy, velocity for the SD3 toy at sigma = t / 1000) under
+its true caption with the MSE under a wrong caption:
 
     relation flipped   "a red circle to the left of a blue square" -> "... to the right of ..."
     colours swapped    "a red circle ... a blue square" -> "a blue circle ... a red square" (attribute binding)
-    unconditional      the classifier-free-guidance branch (zero embeddings): what the caption is worth at all
+    unconditional      the classifier-free-guidance branch (SDXL: zero embeddings; SD3: "" encoded): what the caption
+                       is worth at all
 
 Each cell is the mean over images of MSE(wrong) - MSE(true) ± its standard error (positive: the true caption
-explains the image better), and, because the epsilon loss counts an x0 error at t with weight SNR(t) =
-abar/(1 - abar) (1/100 at t = 950), the same difference in x0 units (divided by SNR(t)): what the model's x0
-prediction gains from the right words. A model that ignores the relation words shows 0 in the first column at
+explains the image better), and the same difference in x0 units: what the model's x0 prediction gains from the
+right words. The epsilon loss counts an x0 error at t with weight SNR(t) = abar / (1 - abar) (1/100 at t = 950),
+so x0 units divide by SNR(t); the velocity loss counts it with 1 / sigma^2, so they multiply by sigma^2. A model that ignores the relation words shows 0 in the first column at
 every t; the x0 column shows where, along the chain, the caption decides anything.
 
     python benchmarks/caption_sensitivity.py                                  # models/toy-sdxl, 256 images (~1 min)
-    python benchmarks/caption_sensitivity.py --model output/my-toy --num_images 512
+    python benchmarks/caption_sensitivity.py --model models/toy-sd3
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def colours_swapped(caption: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "toy-sdxl"), help="A toy SDXL model folder.")
+    p.add_argument("--model", default=str(ROOT / "models" / "toy-sdxl"), help="A toy model folder (SDXL or SD3 architecture).")
     p.add_argument("--num_images", type=int, default=256)
     p.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
     p.add_argument("--seed", type=int, default=12345, help="World images and noise; the toy bases trained on seeds 0-99.")
@@ -58,51 +60,71 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def noising(family: str, scheduler_config: dict):
+    """f(x0, noise, t) -> (x_t, regression target, x0 units per unit of the loss) of the family's training objective."""
+    if family == "sdxl":
+        from diffusers import DDPMScheduler
+
+        abar = DDPMScheduler.from_config(scheduler_config).alphas_cumprod
+
+        def sdxl_noised(x0, noise, t):
+            a = abar[t]
+            return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, float((1 - a) / a)
+
+        return sdxl_noised
+
+    def sd3_noised(x0, noise, t):
+        sigma = t / 1000
+        return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma**2
+
+    return sd3_noised
+
+
 @torch.no_grad()
 def probe(args: argparse.Namespace) -> dict:
-    from diffusers import DDPMScheduler
-
-    from sharpening import sdxl
+    from sharpening import sd3, sdxl
+    from sharpening.families import FAMILIES
     from toyworld.train_base import to_pixels
 
-    if json.loads((Path(args.model) / "model_index.json").read_text()).get("_class_name") != "StableDiffusionXLPipeline":
-        raise SystemExit(f"{args.model} is not an SDXL-architecture toy model; this probe noises with SDXL's epsilon schedule.")
+    pipeline = json.loads((Path(args.model) / "model_index.json").read_text()).get("_class_name")
+    if FAMILIES.get(pipeline) not in ("sdxl", "sd3"):
+        raise SystemExit(f"{args.model} holds a {pipeline}; this probe reads toy models of the SDXL or SD3 architecture.")
+    family = sdxl if FAMILIES[pipeline] == "sdxl" else sd3
     torch.set_num_threads(args.threads)
-    parts = sdxl.load(args.model)
-    forward = sdxl.forward(parts.unet.eval())
+    parts = family.load(args.model)
+    forward = family.forward(parts.denoiser.eval())
+    noised = noising(FAMILIES[pipeline], parts.scheduler_config)
     items = world.generate(world.train_prompts("pairs"), args.num_images, args.seed)
     captions = [c for _, c in items]
     n = len(items)
-    x0 = sdxl.encode_images(parts.vae, to_pixels([i for i, _ in items]), torch.Generator().manual_seed(args.seed))
-    time_ids = sdxl.time_ids([(world.IMAGE_SIZE,) * 2] * n, [(0, 0)] * n, (world.IMAGE_SIZE,) * 2)
-    conds = {name: sdxl.encode_prompts(parts, [edit(c) for c in captions], time_ids, "cpu")
+    x0 = family.encode_images(parts.vae, to_pixels([i for i, _ in items]), torch.Generator().manual_seed(args.seed))
+    time_ids = family.time_ids([(world.IMAGE_SIZE,) * 2] * n, [(0, 0)] * n, (world.IMAGE_SIZE,) * 2)
+    conds = {name: family.encode_prompts(parts, [edit(c) for c in captions], time_ids, "cpu")
              for name, edit in (("true", lambda c: c), ("relation flipped", relation_flipped), ("colours swapped", colours_swapped))}
-    conds["unconditional"] = sdxl.unconditional(parts, conds["true"], "cpu")
-    abar = DDPMScheduler.from_config(parts.scheduler_config).alphas_cumprod
+    conds["unconditional"] = family.unconditional(parts, conds["true"], "cpu")
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows = []
     for t in args.timesteps:
         noise = torch.randn(x0.shape, generator=generator)
-        x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise
-        steps = torch.full((n,), t)
+        x_t, target, to_x0 = noised(x0, noise, t)
+        steps = torch.full((n,), float(t))
         mse = {}
         for name, cond in conds.items():
             out = torch.cat([forward(x_t[i : i + args.batch_size], steps[i : i + args.batch_size],
                                      cond.select(torch.arange(i, min(i + args.batch_size, n)))) for i in range(0, n, args.batch_size)])
-            mse[name] = ((out - noise) ** 2).flatten(1).mean(1)
-        snr = float(abar[t] / (1 - abar[t]))
-        row = {"t": t, "snr": snr, "mse_true": float(mse["true"].mean())}
+            mse[name] = ((out - target) ** 2).flatten(1).mean(1)
+        row = {"t": t, "x0_per_loss_unit": to_x0, "mse_true": float(mse["true"].mean())}
         for name in ("relation flipped", "colours swapped", "unconditional"):
             diff = mse[name] - mse["true"]
-            row[name] = {"mean": float(diff.mean()), "se": float(diff.std() / n**0.5), "x0_mean": float(diff.mean()) / snr,
-                         "x0_se": float(diff.std() / n**0.5) / snr}
+            mean, se = float(diff.mean()), float(diff.std() / n**0.5)
+            row[name] = {"mean": mean, "se": se, "x0_mean": mean * to_x0, "x0_se": se * to_x0}
         rows.append(row)
         print(format_row(row), flush=True)
-    return {"model": args.model, "num_images": n, "seed": args.seed, "rows": rows}
+    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "rows": rows}
 
 
 def format_row(row: dict) -> str:
-    cells = [f"t={row['t']:4d} (SNR {row['snr']:.3g}) mse {row['mse_true']:.4f}"]
+    cells = [f"t={row['t']:4d} (x0 units per loss unit {row['x0_per_loss_unit']:.3g}) mse {row['mse_true']:.4f}"]
     for name in ("relation flipped", "colours swapped", "unconditional"):
         c = row[name]
         cells.append(f"{name} {c['mean']:+.5f} ± {c['se']:.5f} (x0 {c['x0_mean']:+.4f} ± {c['x0_se']:.4f})")
@@ -111,7 +133,7 @@ def format_row(row: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    print(f"{args.model}: MSE(wrong caption) - MSE(true caption), {args.num_images} composition images; epsilon units (x0 units)")
+    print(f"{args.model}: MSE(wrong caption) - MSE(true caption), {args.num_images} composition images; loss units (x0 units)")
     result = probe(args)
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)

@@ -147,17 +147,20 @@ def test_reward_response_refuses_unknown_variants(tmp_path):
         bench.parse_args(["--set", "nope:beta_dpo=1"])
 
 
-def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toy(tmp_path):
-    """The probe's wrong captions are the intended edits, and on the shipped toy the true caption explains its images
-    better than no caption at t = 700 (where the caption matters most in epsilon units)."""
+def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path):
+    """The probe's wrong captions are the intended edits, and on both shipped toys the true caption explains their
+    images better than no caption at t = 700 (where the caption matters most in loss units)."""
     probe = load_benchmark("caption_sensitivity")
 
     assert probe.relation_flipped("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
     assert probe.relation_flipped("a small green triangle above a yellow circle") == "a small green triangle below a yellow circle"
     assert probe.colours_swapped("a large red circle below a blue square") == "a large blue circle below a red square"
-    result = probe.main(["--num_images", "16", "--timesteps", "700", "--output_json", str(tmp_path / "probe.json")])
-    row = result["rows"][0]
-    assert row["t"] == 700 and result["num_images"] == 16
-    assert row["unconditional"]["mean"] > 2 * row["unconditional"]["se"] > 0
-    assert row["relation flipped"]["x0_mean"] == pytest.approx(row["relation flipped"]["mean"] / row["snr"])
-    assert (tmp_path / "probe.json").is_file()
+    for family in ("sdxl", "sd3"):
+        out = tmp_path / f"{family}.json"
+        result = probe.main(["--model", str(ROOT / "models" / f"toy-{family}"), "--num_images", "16", "--timesteps", "700", "--output_json", str(out)])
+        row = result["rows"][0]
+        assert result["family"] == family and row["t"] == 700 and result["num_images"] == 16 and out.is_file()
+        assert row["unconditional"]["mean"] > 2 * row["unconditional"]["se"] > 0
+        expected_to_x0 = 0.7**2 if family == "sd3" else pytest.approx(1 / 0.0899, rel=0.01)  # sigma^2; 1 / SNR(700)
+        assert row["x0_per_loss_unit"] == expected_to_x0
+        assert row["relation flipped"]["x0_mean"] == pytest.approx(row["relation flipped"]["mean"] * row["x0_per_loss_unit"])
