@@ -14,7 +14,9 @@ Each cell is the mean over images of MSE(wrong) - MSE(true) ± its standard erro
 explains the image better), and the same difference in x0 units: what the model's x0 prediction gains from the
 right words. The epsilon loss counts an x0 error at t with weight SNR(t) = abar / (1 - abar) (1/100 at t = 950),
 so x0 units divide by SNR(t); the velocity loss counts it with 1 / sigma^2, so they multiply by sigma^2. A model that ignores the relation words shows 0 in the first column at
-every t; the x0 column shows where, along the chain, the caption decides anything.
+every t; the x0 column shows where, along the chain, the caption decides anything. It also prints how far each wrong
+caption's pooled text embedding lies from the true one's (a relation the text encoders do not separate cannot reach
+the denoiser through the pooled path).
 
     python benchmarks/caption_sensitivity.py                                  # models/toy-sdxl, 256 images (~1 min)
     python benchmarks/caption_sensitivity.py --model models/toy-sd3
@@ -102,6 +104,10 @@ def probe(args: argparse.Namespace) -> dict:
     conds = {name: family.encode_prompts(parts, [edit(c) for c in captions], time_ids, "cpu")
              for name, edit in (("true", lambda c: c), ("relation flipped", relation_flipped), ("colours swapped", colours_swapped))}
     conds["unconditional"] = family.unconditional(parts, conds["true"], "cpu")
+    pooled = {name: float((conds[name].pooled - conds["true"].pooled).norm(dim=-1).mean())
+              for name in ("relation flipped", "colours swapped", "unconditional")}
+    print(f"pooled text embedding: norm {float(conds['true'].pooled.norm(dim=-1).mean()):.3f}, distance to the true caption's: "
+          + ", ".join(f"{name} {d:.3f}" for name, d in pooled.items()), flush=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows = []
     for t in args.timesteps:
@@ -120,7 +126,7 @@ def probe(args: argparse.Namespace) -> dict:
             row[name] = {"mean": mean, "se": se, "x0_mean": mean * to_x0, "x0_se": se * to_x0}
         rows.append(row)
         print(format_row(row), flush=True)
-    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "rows": rows}
+    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "pooled_distance": pooled, "rows": rows}
 
 
 def format_row(row: dict) -> str:
