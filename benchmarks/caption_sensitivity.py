@@ -12,7 +12,7 @@ its true caption with the MSE under a wrong caption:
 
 Each cell is the mean over images of MSE(wrong) - MSE(true) ± its standard error (positive: the true caption
 explains the image better), and the same difference in x0 units: what the model's x0 prediction gains from the
-right words. The epsilon loss counts an x0 error at t with weight SNR(t) = abar / (1 - abar) (1/100 at t = 950),
+right words. The epsilon loss counts an x0 error at t with weight SNR(t) = abar / (1 - abar) (1/120 at t = 950),
 so x0 units divide by SNR(t); the velocity loss counts it with 1 / sigma^2, so they multiply by sigma^2. A model that ignores the relation words shows 0 in the first column at
 every t; the x0 column shows where, along the chain, the caption decides anything. It also prints how far each wrong
 caption's pooled text embedding lies from the true one's (a relation the text encoders do not separate cannot reach
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ROOT / "models" / "toy-sdxl"), help="A toy model folder (SDXL or SD3 architecture).")
     p.add_argument("--num_images", type=int, default=256)
     p.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
-    p.add_argument("--seed", type=int, default=12345, help="World images and noise; the toy bases trained on seeds 0-99.")
+    p.add_argument("--seed", type=int, default=12345, help="World images and noise (the shipped toys trained on images of seeds 100-102).")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_json", default=None)

@@ -68,10 +68,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "(--logit_mean, --logit_std). Exploration states lie on the sampling grid and are unaffected.")
     g.add_argument("--loss_weighting", default="none", choices=["none", "v"],
                    help="Epsilon-prediction models (SDXL): how a state's error counts. none = the plain epsilon MSE, which counts an "
-                        "x0 error at timestep t with weight SNR(t) (1/100 at t = 950: the high-noise states, where layout and "
-                        "objects are decided, barely train); v = weight each state by 1 / alpha_bar_t, normalised to mean 1 over "
-                        "the loss call's states: the v-prediction loss of the same model (Salimans & Ho 2022), as flow matching "
-                        "weighs x0 errors. Flow families already train the velocity loss.")
+                        "x0 error at timestep t with weight SNR(t) (1/120 at t = 950: the high-noise states, where layout and "
+                        "objects are decided, barely train); v = weight each state by 1 / alpha_bar_t divided by its mean over the "
+                        "training timesteps (21.3 on SDXL's schedule): the v-prediction loss of the same model (Salimans & Ho "
+                        "2022), which weighs x0 errors by 1 + SNR(t), closer to flow matching's (1 + sqrt(SNR))^2. Flow families "
+                        "already train the velocity loss.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
     g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
     g.add_argument("--decode_batch_size", type=int, default=None,

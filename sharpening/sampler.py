@@ -130,6 +130,11 @@ class DDIM:
         abar = self.alpha_bar(timesteps)
         return {"epsilon": 1 / abar, "sample": 1 / (1 - abar), "v_prediction": torch.ones_like(abar)}[self.prediction_type]
 
+    def mean_v_loss_weight(self) -> float:
+        """v_loss_weight averaged over the training timesteps 0..T-1: a fixed normaliser (21.3 on SDXL's schedule), so
+        that the weighted loss keeps the plain loss's overall scale while a state's weight depends on its timestep only."""
+        return float(self.v_loss_weight(torch.arange(self.scheduler.config.num_train_timesteps)).mean())
+
     def exact_noise(self, x0: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The noise that maps x0 exactly to `states` at `timesteps`: (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
         abar = self.alpha_bar(timesteps)

@@ -259,8 +259,8 @@ class Trainer:
         mse = per_sample_mse(prediction, rows.target(self.sampler))
         if self.args.loss_weighting == "none":
             return mse
-        weight = self.sampler.v_loss_weight(rows.timesteps)
-        return mse * (weight / weight.mean()).to(mse)
+        weight = self.sampler.v_loss_weight(rows.timesteps) / self.sampler.mean_v_loss_weight()
+        return mse * weight.to(mse)
 
     @staticmethod
     def exploration_logs(candidates: Candidates) -> dict[str, float]:

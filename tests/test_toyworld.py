@@ -184,6 +184,21 @@ def test_train_base_continues_a_saved_model_with_init_from(tmp_path):
     assert json.loads((moved / "vae" / "config.json").read_text())["scaling_factor"] == scale
 
 
+def test_train_base_v_weighting_is_inverse_alpha_bar_at_the_plain_losses_scale():
+    import torch
+
+    from toyworld import train_base
+
+    abar = torch.linspace(0.99, 0.01, 1000)
+    x0, noise, g = torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2), torch.Generator().manual_seed(0)
+    _, _, _, plain = train_base.noised("sdxl", x0, noise, g, abar)
+    _, t, _, v = train_base.noised("sdxl", x0, noise, g, abar, "v")
+    assert torch.equal(plain, torch.ones(3))
+    torch.testing.assert_close(v, (1 / abar[t]) / (1 / abar).mean())
+    with pytest.raises(SystemExit):
+        train_base.parse_args(["--family", "sd3", "--loss_weighting", "v"])
+
+
 def test_train_base_builds_the_sd3_toy_with_trained_encoders_and_sd3_latents(tmp_path):
     """`--family sd3`: an SD3-architecture toy that StableDiffusion3Pipeline loads, with SD3's latent convention
     measured on the data, all three text encoders trained, a T5 tokenizer that covers every caption, and the

@@ -333,17 +333,17 @@ def test_caption_dropout_uses_the_classifier_free_guidance_empty_conditioning(ti
     assert trainer.parts.force_zeros_for_empty_prompt and dropped.pooled[drop].abs().sum() == 0
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdxl, tmp_path, use_lora, precision):
-    """Policy and reference must run with the same numerics: otherwise beta (2500) turns their rounding
-    differences into a random preference at step 0."""
+@pytest.mark.parametrize("use_lora, precision, loss_weighting",
+                         [(False, "no", "none"), (True, "no", "none"), (False, "bf16", "none"), (True, "bf16", "none"), (False, "bf16", "v")])
+def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdxl, tmp_path, use_lora, precision, loss_weighting):
+    """Policy and reference must run with the same numerics (and the same state weights): otherwise beta (2500) turns
+    their differences into a random preference at step 0."""
     from reward import RewardOutput
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")
     args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=1, use_lora=use_lora or None,
-                                     mixed_precision=precision, reward_margin_scale=0.0))
+                                     mixed_precision=precision, reward_margin_scale=0.0, loss_weighting=loss_weighting))
     trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
     trainer.reward.evaluate = lambda images, texts: RewardOutput(torch.arange(len(images), dtype=torch.float32), {})
     # The tiny model's fresh norm weights (1 and 0) are exact in every dtype; real ones are not.

@@ -77,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_from", default=None, help="A toy model folder whose vae/ is reused instead of training a VAE.")
     p.add_argument("--init_from", default=None,
                    help="Continue training a saved toy model of the same family (its denoiser, text encoders, tokenizers and VAE, "
-                        "whose latent scale is kept) instead of building one from scratch; no VAE training. Use another --seed than "
-                        "the model's for fresh images.")
+                        "whose latent scale is kept) instead of building one from scratch; no VAE training. Training starts from "
+                        "its saved (EMA) weights with a fresh optimiser and schedule. Use another --seed than the model's for fresh images.")
     p.add_argument("--vae_steps", type=int, default=600)
     p.add_argument("--vae_batch_size", type=int, default=16)
     p.add_argument("--vae_lr", type=float, default=2e-3)
@@ -93,13 +93,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--loss_weighting", choices=("epsilon", "v"), default="epsilon",
                    help="sdxl: per-sample weight of the epsilon MSE. 'epsilon' weighs every timestep alike, which in x0 terms "
-                        "weighs a timestep by its SNR: at t = 950 an x0 error counts 1/100 of its size, and the layout of a "
-                        "composition is decided there. 'v' weighs by 1 / alpha_bar_t (the v-prediction loss of the same "
-                        "epsilon model, Salimans & Ho 2022, arXiv 2202.00512), so high-noise x0 errors count.")
+                        "weighs a timestep by its SNR: at t = 950 an x0 error counts 1/120 of its size, and the layout of a "
+                        "composition is decided there. 'v' weighs by 1 / alpha_bar_t over its mean across timesteps (the "
+                        "v-prediction loss of the same epsilon model, Salimans & Ho 2022, arXiv 2202.00512, at the plain loss's "
+                        "overall scale), so high-noise x0 errors count.")
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_sequence_length", type=int, default=77, help="sd3: T5 tokens per caption (the training scripts' default).")
     p.add_argument("--log_every", type=int, default=100)
     args = p.parse_args(argv)
+    if args.loss_weighting != "epsilon" and args.family != "sdxl":
+        p.error("--loss_weighting is for the epsilon objective (--family sdxl); sd3 trains the velocity loss.")
+    if args.init_from and args.vae_from:
+        p.error("--init_from continues a model with its own VAE; drop --vae_from.")
     args.output_dir = args.output_dir or str(ROOT / "models" / f"toy-{args.family}")
     return args
 
@@ -256,7 +261,8 @@ def noised(family: str, x0: torch.Tensor, noise: torch.Tensor, gen: torch.Genera
     if family == "sdxl":
         t = torch.randint(0, 1000, (n,), generator=gen).to(x0.device)
         a = abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, 1 / a.view(-1) if weighting == "v" else torch.ones_like(t, dtype=x0.dtype)
+        weight = (1 / a.view(-1)) / (1 / abar).mean() if weighting == "v" else torch.ones_like(t, dtype=x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, weight
     sigma = torch.sigmoid(torch.randn(n, generator=gen)).to(x0.device)
     s = sigma.view(-1, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0, torch.ones(n, device=x0.device)
@@ -428,6 +434,7 @@ def main(args: argparse.Namespace) -> Path:
     build_dir = out / "_tokenizer_build"
     if args.init_from:
         tokenizers, text_encoders, vae, denoiser = load_toy(args.init_from, args.family)
+        vae = vae.to(device)
         tokenizer, vae_loss, t_vae = tokenizers[0], None, 0.0
     elif args.family == "sdxl":
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build_dir))
