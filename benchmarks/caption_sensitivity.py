@@ -16,7 +16,8 @@ right words. The epsilon loss counts an x0 error at t with weight SNR(t) = abar 
 so x0 units divide by SNR(t); the velocity loss counts it with 1 / sigma^2, so they multiply by sigma^2. A model that ignores the relation words shows 0 in the first column at
 every t; the x0 column shows where, along the chain, the caption decides anything. It also prints how far each wrong
 caption's pooled text embedding lies from the true one's (a relation the text encoders do not separate cannot reach
-the denoiser through the pooled path).
+the denoiser through the pooled path), and, as the yardstick for the x0 columns at high noise, what each edit costs
+an ideal model at pure noise (its x0 prediction from noise alone is the mean latent of the caption's images).
 
     python benchmarks/caption_sensitivity.py                                  # models/toy-sdxl, 256 images (~1 min)
     python benchmarks/caption_sensitivity.py --model models/toy-sd3
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
     p.add_argument("--seed", type=int, default=12345, help="World images and noise (the shipped toys trained on images of seeds 100-102).")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--ideal_captions", type=int, default=16, help="Captions (and their edits) for the ideal model's reference.")
+    p.add_argument("--ideal_images", type=int, default=64, help="Images per caption for the ideal reference (half fit, half score).")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output_json", default=None)
     return p.parse_args(argv)
@@ -108,6 +111,10 @@ def probe(args: argparse.Namespace) -> dict:
               for name in ("relation flipped", "colours swapped", "unconditional")}
     print(f"pooled text embedding: norm {float(conds['true'].pooled.norm(dim=-1).mean()):.3f}, distance to the true caption's: "
           + ", ".join(f"{name} {d:.3f}" for name, d in pooled.items()), flush=True)
+    ideal = ideal_gains(lambda images: family.encode_images(parts.vae, to_pixels(images), torch.Generator().manual_seed(args.seed)),
+                        args.ideal_captions, args.ideal_images, args.seed)
+    print("an ideal model at pure noise (x0 units): " + ", ".join(f"{name} {c['mean']:+.4f} ± {c['se']:.4f}" for name, c in ideal.items()),
+          flush=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
     rows = []
     for t in args.timesteps:
@@ -126,7 +133,41 @@ def probe(args: argparse.Namespace) -> dict:
             row[name] = {"mean": mean, "se": se, "x0_mean": mean * to_x0, "x0_se": se * to_x0}
         rows.append(row)
         print(format_row(row), flush=True)
-    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "pooled_distance": pooled, "rows": rows}
+    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "pooled_distance": pooled, "ideal_at_pure_noise": ideal,
+            "rows": rows}
+
+
+WRONG = {"relation flipped": relation_flipped, "colours swapped": colours_swapped}
+
+
+def ideal_gains(encode, num_captions: int, per_caption: int, seed: int) -> dict:
+    """What each caption edit costs a model that predicts x0 perfectly, at pure noise (x0 units): its prediction from
+    noise alone is the mean latent of the caption's images, so the cost of a wrong caption is E||x0 - mean(wrong)||^2 -
+    E||x0 - mean(true)||^2 over the true caption's images ("no caption": the mean over all the captions' images).
+    Means come from one half of `per_caption` images per caption, the errors from the other half (no in-sample bias)."""
+    captions = [c for i, c in enumerate(world.train_prompts("pairs")) if i % max(1, 320 // num_captions) == 0][:num_captions]
+    half = per_caption // 2
+
+    def latents(caption, offset):
+        return encode([i for i, _ in world.generate([caption], per_caption, seed + offset)])
+
+    costs = {name: [] for name in (*WRONG, "unconditional")}
+    fitted, held = {}, {}
+    for k, caption in enumerate(captions):
+        x = latents(caption, 1000 + k)
+        fitted[caption], held[caption] = x[:half].mean(0), x[half:]
+    overall = torch.stack(list(fitted.values())).mean(0)
+    for k, caption in enumerate(captions):
+        error = lambda mean: ((held[caption] - mean) ** 2).flatten(1).mean(1)  # noqa: E731
+        right = error(fitted[caption])
+        for name, edit in WRONG.items():
+            costs[name].append(error(latents(edit(caption), 5000 + k)[:half].mean(0)) - right)
+        costs["unconditional"].append(error(overall) - right)
+    out = {}
+    for name, values in costs.items():
+        v = torch.cat(values)
+        out[name] = {"mean": float(v.mean()), "se": float(v.std() / len(v) ** 0.5)}
+    return out
 
 
 def format_row(row: dict) -> str:

@@ -157,10 +157,13 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
     assert probe.colours_swapped("a large red circle below a blue square") == "a large blue circle below a red square"
     for family in ("sdxl", "sd3"):
         out = tmp_path / f"{family}.json"
-        result = probe.main(["--model", str(ROOT / "models" / f"toy-{family}"), "--num_images", "16", "--timesteps", "700", "--output_json", str(out)])
+        result = probe.main(["--model", str(ROOT / "models" / f"toy-{family}"), "--num_images", "16", "--timesteps", "700",
+                             "--ideal_captions", "8", "--ideal_images", "32", "--output_json", str(out)])
         row = result["rows"][0]
         assert result["family"] == family and row["t"] == 700 and result["num_images"] == 16 and out.is_file()
         assert row["unconditional"]["mean"] > 2 * row["unconditional"]["se"] > 0
         assert result["pooled_distance"]["unconditional"] > result["pooled_distance"]["relation flipped"] > 0
+        ideal = result["ideal_at_pure_noise"]  # a model that knew the captions would pay for every wrong one
+        assert all(ideal[name]["mean"] > 3 * ideal[name]["se"] > 0 for name in ("relation flipped", "colours swapped"))
         expected_to_x0 = 0.7**2 if family == "sd3" else pytest.approx(1 / 0.0899, rel=0.01)  # sigma^2; 1 / SNR(700)
         assert row["x0_per_loss_unit"] == expected_to_x0
