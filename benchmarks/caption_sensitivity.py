@@ -65,24 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def noising(family: str, scheduler_config: dict):
-    """f(x0, noise, t) -> (x_t, regression target, x0 units per unit of the loss) of the family's training objective."""
-    if family == "sdxl":
-        from diffusers import DDPMScheduler
-
-        abar = DDPMScheduler.from_config(scheduler_config).alphas_cumprod
-
-        def sdxl_noised(x0, noise, t):
-            a = abar[t]
-            return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, float((1 - a) / a)
-
-        return sdxl_noised
-
-    def sd3_noised(x0, noise, t):
-        sigma = t / 1000
-        return (1 - sigma) * x0 + sigma * noise, noise - x0, sigma**2
-
-    return sd3_noised
+def x0_per_loss_unit(sampler, t: int) -> float:
+    """How many units of x0 MSE one unit of the training loss is at timestep t, the state held fixed: (1 - abar) per
+    unit of v MSE on the DDIM grid (1 / SNR(t) for an epsilon model), sigma^2 for the flow sampler's velocity."""
+    steps = torch.tensor([float(t)])
+    if hasattr(sampler, "v_loss_weight"):
+        return float((1 - sampler.alpha_bar(steps)[0]) * sampler.v_loss_weight(steps)[0])
+    return float(sampler.sigma(steps)[0]) ** 2
 
 
 @torch.no_grad()
@@ -98,7 +87,7 @@ def probe(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     parts = family.load(args.model)
     forward = family.forward(parts.denoiser.eval())
-    noised = noising(FAMILIES[pipeline], parts.scheduler_config)
+    sampler = family.make_sampler(parts, 20)  # its noising and regression target are the training objective's
     items = world.generate(world.train_prompts("pairs"), args.num_images, args.seed)
     captions = [c for _, c in items]
     n = len(items)
@@ -119,8 +108,8 @@ def probe(args: argparse.Namespace) -> dict:
     rows = []
     for t in args.timesteps:
         noise = torch.randn(x0.shape, generator=generator)
-        x_t, target, to_x0 = noised(x0, noise, t)
         steps = torch.full((n,), float(t))
+        x_t, target, to_x0 = sampler.add_noise(x0, noise, steps), sampler.target(x0, noise, steps), x0_per_loss_unit(sampler, t)
         mse = {}
         for name, cond in conds.items():
             out = torch.cat([forward(x_t[i : i + args.batch_size], steps[i : i + args.batch_size],

@@ -404,10 +404,11 @@ def load_toy(folder: str, family: str):
     """(tokenizers, text encoders, VAE, denoiser) of a saved toy model of `family`, for `--init_from`."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    expected = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[family]
-    if index.get("_class_name") != expected:
-        raise SystemExit(f"--init_from {folder} holds a {index.get('_class_name')}, not the {expected} that --family {family} trains.")
+    from sharpening.families import FAMILIES
+
+    pipeline = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    if FAMILIES.get(pipeline) != family:
+        raise SystemExit(f"--init_from {folder} holds a {pipeline}, not a model of the family --family {family} trains.")
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(folder)
         return (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), pipe.vae, pipe.unet
