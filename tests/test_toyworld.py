@@ -199,6 +199,22 @@ def test_train_base_v_weighting_is_inverse_alpha_bar_at_the_plain_losses_scale()
         train_base.parse_args(["--family", "sd3", "--loss_weighting", "v"])
 
 
+def test_train_base_sd3_sigma_density_is_the_logit_normal_it_names():
+    import torch
+
+    from toyworld import train_base
+
+    x0, noise = torch.zeros(4000, 1, 1, 1), torch.ones(4000, 1, 1, 1)
+    _, t, _, _ = train_base.noised("sd3", x0, noise, torch.Generator().manual_seed(0), None, logit_mean=1.0, logit_std=0.5)
+    z = torch.logit(t / 1000)  # sigma = timestep / 1000
+    assert abs(float(z.mean()) - 1.0) < 0.03 and abs(float(z.std()) - 0.5) < 0.03
+    # the default location draws exactly what it drew before the flag existed
+    _, t0, _, _ = train_base.noised("sd3", x0[:5], noise[:5], torch.Generator().manual_seed(1), None)
+    torch.testing.assert_close(t0, torch.sigmoid(torch.randn(5, generator=torch.Generator().manual_seed(1))) * 1000)
+    with pytest.raises(SystemExit):
+        train_base.parse_args(["--family", "sdxl", "--logit_mean", "1"])
+
+
 def test_train_base_builds_the_sd3_toy_with_trained_encoders_and_sd3_latents(tmp_path):
     """`--family sd3`: an SD3-architecture toy that StableDiffusion3Pipeline loads, with SD3's latent convention
     measured on the data, all three text encoders trained, a T5 tokenizer that covers every caption, and the
