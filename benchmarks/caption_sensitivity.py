@@ -37,12 +37,18 @@ sys.path.insert(0, str(ROOT))
 from toyworld import world  # noqa: E402
 
 FLIPPED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+PLACE_FLIPPED = {"on the left": "on the right", "on the right": "on the left", "at the top": "at the bottom", "at the bottom": "at the top"}
 TIMESTEPS = (100, 300, 500, 700, 850, 950)
 
 
 def relation_flipped(caption: str) -> str:
     scene = world.parse_caption(caption)
     return world.Scene(scene.objects, FLIPPED[scene.relation]).caption()
+
+
+def place_flipped(caption: str) -> str:
+    scene = world.parse_caption(caption)
+    return world.Scene(scene.objects, place=PLACE_FLIPPED[scene.place]).caption()
 
 
 def colours_swapped(caption: str) -> str:
@@ -61,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ideal_captions", type=int, default=16, help="Captions (and their edits) for the ideal model's reference.")
     p.add_argument("--ideal_images", type=int, default=64, help="Images per caption for the ideal reference (half fit, half score).")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--placed", action="store_true",
+                   help="Probe placed single objects ('a red circle on the left', train_base --placed_fraction's curriculum) with the "
+                        "place flipped, instead of compositions: whether the model learned the two-way half of a relation.")
     p.add_argument("--output_json", default=None)
     return p.parse_args(argv)
 
@@ -88,20 +97,21 @@ def probe(args: argparse.Namespace) -> dict:
     parts = family.load(args.model)
     forward = family.forward(parts.denoiser.eval())
     sampler = family.make_sampler(parts, 20)  # its noising and regression target are the training objective's
-    items = world.generate(world.train_prompts("pairs"), args.num_images, args.seed)
+    kind, edits = ("placed", PLACED_EDITS) if args.placed else ("pairs", WRONG)
+    items = world.generate(world.train_prompts(kind), args.num_images, args.seed)
     captions = [c for _, c in items]
     n = len(items)
     x0 = family.encode_images(parts.vae, to_pixels([i for i, _ in items]), torch.Generator().manual_seed(args.seed))
     time_ids = family.time_ids([(world.IMAGE_SIZE,) * 2] * n, [(0, 0)] * n, (world.IMAGE_SIZE,) * 2)
     conds = {name: family.encode_prompts(parts, [edit(c) for c in captions], time_ids, "cpu")
-             for name, edit in (("true", lambda c: c), ("relation flipped", relation_flipped), ("colours swapped", colours_swapped))}
+             for name, edit in {"true": lambda c: c, **edits}.items()}
     conds["unconditional"] = family.unconditional(parts, conds["true"], "cpu")
     pooled = {name: float((conds[name].pooled - conds["true"].pooled).norm(dim=-1).mean())
-              for name in ("relation flipped", "colours swapped", "unconditional")}
+              for name in (*edits, "unconditional")}
     print(f"pooled text embedding: norm {float(conds['true'].pooled.norm(dim=-1).mean()):.3f}, distance to the true caption's: "
           + ", ".join(f"{name} {d:.3f}" for name, d in pooled.items()), flush=True)
     ideal = ideal_gains(lambda images: family.encode_images(parts.vae, to_pixels(images), torch.Generator().manual_seed(args.seed)),
-                        args.ideal_captions, args.ideal_images, args.seed)
+                        args.ideal_captions, args.ideal_images, args.seed, kind, edits)
     print("an ideal model at pure noise (x0 units): " + ", ".join(f"{name} {c['mean']:+.4f} ± {c['se']:.4f}" for name, c in ideal.items()),
           flush=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -116,7 +126,7 @@ def probe(args: argparse.Namespace) -> dict:
                                      cond.select(torch.arange(i, min(i + args.batch_size, n)))) for i in range(0, n, args.batch_size)])
             mse[name] = ((out - target) ** 2).flatten(1).mean(1)
         row = {"t": t, "x0_per_loss_unit": to_x0, "mse_true": float(mse["true"].mean())}
-        for name in ("relation flipped", "colours swapped", "unconditional"):
+        for name in (*edits, "unconditional"):
             diff = mse[name] - mse["true"]
             mean, se = float(diff.mean()), float(diff.std() / n**0.5)
             row[name] = {"mean": mean, "se": se, "x0_mean": mean * to_x0, "x0_se": se * to_x0}
@@ -127,20 +137,23 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 WRONG = {"relation flipped": relation_flipped, "colours swapped": colours_swapped}
+PLACED_EDITS = {"place flipped": place_flipped}
 
 
-def ideal_gains(encode, num_captions: int, per_caption: int, seed: int) -> dict:
+def ideal_gains(encode, num_captions: int, per_caption: int, seed: int, kind: str = "pairs", edits: dict = WRONG) -> dict:
     """What each caption edit costs a model that predicts x0 perfectly, at pure noise (x0 units): its prediction from
     noise alone is the mean latent of the caption's images, so the cost of a wrong caption is E||x0 - mean(wrong)||^2 -
     E||x0 - mean(true)||^2 over the true caption's images ("no caption": the mean over all the captions' images).
     Means come from one half of `per_caption` images per caption, the errors from the other half (no in-sample bias)."""
-    captions = [c for i, c in enumerate(world.train_prompts("pairs")) if i % max(1, 320 // num_captions) == 0][:num_captions]
+    prompts = world.train_prompts(kind)
+    stride = max(1, min(320, len(prompts)) // num_captions)  # 320: the stride the published composition figures used
+    captions = [c for i, c in enumerate(prompts) if i % stride == 0][:num_captions]
     half = per_caption // 2
 
     def latents(caption, offset):
         return encode([i for i, _ in world.generate([caption], per_caption, seed + offset)])
 
-    costs = {name: [] for name in (*WRONG, "unconditional")}
+    costs = {name: [] for name in (*edits, "unconditional")}
     fitted, held = {}, {}
     for k, caption in enumerate(captions):
         x = latents(caption, 1000 + k)
@@ -149,7 +162,7 @@ def ideal_gains(encode, num_captions: int, per_caption: int, seed: int) -> dict:
     for k, caption in enumerate(captions):
         error = lambda mean: ((held[caption] - mean) ** 2).flatten(1).mean(1)  # noqa: E731
         right = error(fitted[caption])
-        for name, edit in WRONG.items():
+        for name, edit in edits.items():
             costs[name].append(error(latents(edit(caption), 5000 + k)[:half].mean(0)) - right)
         costs["unconditional"].append(error(overall) - right)
     out = {}
@@ -161,7 +174,7 @@ def ideal_gains(encode, num_captions: int, per_caption: int, seed: int) -> dict:
 
 def format_row(row: dict) -> str:
     cells = [f"t={row['t']:4d} (x0 units per loss unit {row['x0_per_loss_unit']:.3g}) mse {row['mse_true']:.4f}"]
-    for name in ("relation flipped", "colours swapped", "unconditional"):
+    for name in [k for k in row if isinstance(row[k], dict)]:
         c = row[name]
         cells.append(f"{name} {c['mean']:+.5f} ± {c['se']:.5f} (x0 {c['x0_mean']:+.4f} ± {c['x0_se']:.4f})")
     return " | ".join(cells)
@@ -169,7 +182,8 @@ def format_row(row: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    print(f"{args.model}: MSE(wrong caption) - MSE(true caption), {args.num_images} composition images; loss units (x0 units)")
+    what = "placed single-object" if args.placed else "composition"
+    print(f"{args.model}: MSE(wrong caption) - MSE(true caption), {args.num_images} {what} images; loss units (x0 units)")
     result = probe(args)
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)

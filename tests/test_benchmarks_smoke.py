@@ -155,6 +155,7 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
     assert probe.relation_flipped("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
     assert probe.relation_flipped("a small green triangle above a yellow circle") == "a small green triangle below a yellow circle"
     assert probe.colours_swapped("a large red circle below a blue square") == "a large blue circle below a red square"
+    assert probe.place_flipped("a red circle at the top") == "a red circle at the bottom"
     for family in ("sdxl", "sd3"):
         out = tmp_path / f"{family}.json"
         result = probe.main(["--model", str(ROOT / "models" / f"toy-{family}"), "--num_images", "16", "--timesteps", "700",
@@ -167,3 +168,7 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
         assert all(ideal[name]["mean"] > 3 * ideal[name]["se"] > 0 for name in ("relation flipped", "colours swapped"))
         expected_to_x0 = 0.7**2 if family == "sd3" else pytest.approx(1 / 0.0899, rel=0.01)  # sigma^2; 1 / SNR(700)
         assert row["x0_per_loss_unit"] == expected_to_x0
+    placed = probe.main(["--model", str(ROOT / "models" / "toy-sd3"), "--placed", "--num_images", "8", "--timesteps", "700",
+                         "--ideal_captions", "4", "--ideal_images", "16"])
+    assert set(placed["rows"][0]) >= {"place flipped", "unconditional"} and "relation flipped" not in placed["rows"][0]
+    assert placed["ideal_at_pure_noise"]["place flipped"]["mean"] > 0  # the place decides where the object's pixels are

@@ -99,6 +99,47 @@ def test_reward_is_high_on_matching_and_low_on_mismatching_captions():
     assert np.mean(wrong_colour) < 0.05
 
 
+def test_placed_singles_are_drawn_where_they_say_and_the_reward_reads_the_place():
+    """The curriculum captions ("a red circle on the left") round-trip, stay out of the benchmark prompts, and their
+    images lie on the named side of the canvas centre; the reward scores the place like a relation to the centre."""
+    placed = world.train_prompts("placed")
+    assert len(placed) == 12 * 4 and not set(placed) & set(world.train_prompts("all") + world.heldout_prompts())
+    for caption in placed:
+        scene = world.parse_caption(caption)
+        assert scene.caption() == caption and scene.place in world.PLACES and scene.relation is None
+    flipped = {"on the left": "on the right", "on the right": "on the left", "at the top": "at the bottom", "at the bottom": "at the top"}
+    true, wrong = [], []
+    for image, caption in world.generate(placed, 48, seed=4):
+        scene = world.parse_caption(caption)
+        ys, xs = np.nonzero((np.asarray(image).astype(int) - world.BACKGROUND).any(-1))
+        dx, dy = xs.mean() + 0.5 - world.IMAGE_SIZE / 2, ys.mean() + 0.5 - world.IMAGE_SIZE / 2
+        along = {"on the left": -dx, "on the right": dx, "at the top": -dy, "at the bottom": dy}[scene.place]
+        assert along > 2.0, (caption, dx, dy)  # drawn >= 4 px off centre (a triangle's mass sits low: > 2 px)
+        true.append(score_image(image, caption))
+        wrong.append(score_image(image, world.Scene(scene.objects, place=flipped[scene.place]).caption()))
+    # Measured: place 0.96 mean on the true caption, 0.00 on the flipped one.
+    assert np.mean([r["relation"] for r in true]) > 0.9 and np.mean([r["relation"] for r in wrong]) < 0.05
+    assert np.mean([r["total"] for r in true]) > 0.9 > 0.6 > np.mean([r["total"] for r in wrong])
+    assert np.isnan(score_image(image, "a red circle")["relation"])  # an unplaced single has no relation
+
+
+def test_train_base_placed_fraction_takes_its_share_from_the_compositions():
+    from toyworld import train_base
+
+    def kinds(items):
+        scenes = [world.parse_caption(c) for _, c in items]
+        return (sum(s.place is not None for s in scenes), sum(len(s.objects) == 1 and s.place is None for s in scenes),
+                sum(len(s.objects) == 2 for s in scenes))
+
+    default = train_base.world_images(40, 5, 0.5)
+    assert [c for _, c in train_base.world_images(40, 5, 0.5, 0.0)] == [c for _, c in default]  # 0 draws what it drew
+    assert kinds(default) == (0, 20, 20)
+    assert kinds(train_base.world_images(40, 5, 0.25, 0.5)) == (20, 10, 10)
+    for bad in (["--placed_fraction", "0.6"], ["--placed_fraction", "-0.1"]):  # with --single_fraction 0.5: over 1
+        with pytest.raises(SystemExit):
+            train_base.parse_args(bad)
+
+
 def test_reward_on_blank_and_unparseable():
     from PIL import Image
 

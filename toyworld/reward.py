@@ -10,11 +10,12 @@ How an image is read:
    of the area in the top half, filled bounding-box corners): square (1, 0.5, 1), circle (pi/4, 0.5, 0),
    triangle (0.5, 0.25, 0.5: only the bottom corners). Corners separate small circles from squares,
    where pixelisation pushes a circle's fill ratio towards 1.
-3. A composition also scores its relation from the two regions' centroids along the relation's axis.
+3. A composition also scores its relation from the two regions' centroids along the relation's axis; a placed
+   single ("a red circle on the left") scores its place as that relation to the canvas centre.
 4. Colours the caption does not name scale everything down ("clean").
 
 total = clean * mean(object scores [, relation]). Components are reported separately (relation is NaN for
-single objects). A caption outside the world's grammar gets NaN: the reward is unavailable, never guessed.
+single objects without a place). A caption outside the world's grammar gets NaN: the reward is unavailable, never guessed.
 """
 from __future__ import annotations
 
@@ -149,6 +150,11 @@ def score_image(image, caption: str) -> dict[str, float]:
         relation = _relation_score(scene.relation, a, b) if a.any() and b.any() else 0.0
         # Presence gates the relation: two specks in the right order are not a composition.
         relation *= min(1.0, a.sum() / _MIN_AREA) * min(1.0, b.sum() / _MIN_AREA)
+        parts.append(relation)
+    elif scene.place:  # a placed single: its relation to the canvas centre, gated by presence alike
+        (a,) = regions
+        relation = relation_from_centres(world.PLACES[scene.place], np.argwhere(a).mean(0)[::-1] + 0.5, world.CANVAS_CENTRE) if a.any() else 0.0
+        relation *= min(1.0, a.sum() / _MIN_AREA)
         parts.append(relation)
     named = {_NAMES.index(o.colour) for o in scene.objects}
     coloured = labels > 0

@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--dataset_size", type=int, default=8192, help="World images whose latents the UNet trains on.")
     p.add_argument("--single_fraction", type=float, default=0.5, help="Share of single-object images (the rest: compositions).")
+    p.add_argument("--placed_fraction", type=float, default=0.0,
+                   help="Share of placed single objects ('a red circle on the left'; toyworld.world's curriculum captions), taken "
+                        "from the compositions' share. A composition's relation asks the denoiser for a three-way interaction "
+                        "(an image token's position, which object the caption names first, the relation word); a placed single "
+                        "asks for the two-way half of it (position and place word). 0 (default) draws what it drew before.")
     p.add_argument("--train_text_encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="Train both text encoders with the UNet (default). Frozen random encoders gave a model that ignored "
                         "much of its caption (wrong colours and shapes on single objects).")
@@ -109,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--loss_weighting is for the epsilon objective (--family sdxl); sd3 trains the velocity loss.")
     if (args.logit_mean, args.logit_std) != (0.0, 1.0) and args.family != "sd3":
         p.error("--logit_mean/--logit_std shape sd3's sigma density; sdxl draws timesteps uniformly (see --loss_weighting).")
+    if min(args.single_fraction, args.placed_fraction) < 0 or args.single_fraction + args.placed_fraction > 1:
+        p.error("--single_fraction and --placed_fraction are shares of the dataset: each >= 0, together <= 1.")
     if args.init_from and args.vae_from:
         p.error("--init_from continues a model with its own VAE; drop --vae_from.")
     args.output_dir = args.output_dir or str(ROOT / "models" / f"toy-{args.family}")
@@ -137,7 +144,7 @@ def build_text_encoders(seed: int):
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
 
 
-def build_sd3_text(seed: int, build_dir: Path):
+def build_sd3_text(seed: int, build_dir: Path, placed: bool = False):
     """(tokenizers, encoders) of the SD3 toy: CLIP-L-, CLIP-G-style encoders with projection and a small T5 with an
     offline Unigram tokenizer (written under `build_dir`)."""
     from transformers import CLIPTextModelWithProjection
@@ -149,7 +156,7 @@ def build_sd3_text(seed: int, build_dir: Path):
     clip_l = CLIPTextModelWithProjection(config)
     torch.manual_seed(seed + 3)
     clip_g = CLIPTextModelWithProjection(config)
-    corpus = tuple(world.train_prompts("all") + world.heldout_prompts())  # text only: the tokenizer sees no images
+    corpus = tuple(world.train_prompts("all") + world.heldout_prompts() + (world.train_prompts("placed") if placed else []))  # text only
     clip_tokenizer, t5_tokenizer, t5 = tokenizers_and_t5(build_dir, 2 * TEXT_WIDTH, seed + 5, corpus, t5_max_length=77)
     encoders = tuple(e.eval().requires_grad_(False) for e in (clip_l, clip_g, t5))
     return (clip_tokenizer, clip_tokenizer, t5_tokenizer), encoders
@@ -215,9 +222,11 @@ def to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
-def world_images(count: int, seed: int, single_fraction: float) -> list[tuple]:
-    n_single = round(count * single_fraction)
-    items = world.generate(world.train_prompts("single"), n_single, seed) + world.generate(world.train_prompts("pairs"), count - n_single, seed + 1)
+def world_images(count: int, seed: int, single_fraction: float, placed_fraction: float = 0.0) -> list[tuple]:
+    n_single, n_placed = round(count * single_fraction), round(count * placed_fraction)
+    items = world.generate(world.train_prompts("single"), n_single, seed) + world.generate(world.train_prompts("pairs"), count - n_single - n_placed, seed + 1)
+    if n_placed:
+        items += world.generate(world.train_prompts("placed"), n_placed, seed + 3)
     order = np.random.default_rng(seed + 2).permutation(len(items))
     return [items[i] for i in order]
 
@@ -230,7 +239,7 @@ def train_vae(vae, args, device) -> float:
     gen = torch.Generator().manual_seed(args.seed + 10)
     loss_value = float("nan")
     for step in range(args.vae_steps):
-        images = world_images(args.vae_batch_size, args.seed * 1_000_003 + 7919 * step, args.single_fraction)
+        images = world_images(args.vae_batch_size, args.seed * 1_000_003 + 7919 * step, args.single_fraction, args.placed_fraction)
         pixels = to_pixels([i for i, _ in images]).to(device)
         dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
@@ -448,12 +457,12 @@ def main(args: argparse.Namespace) -> Path:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(build_dir))
         tokenizers, text_encoders = (tokenizer, tokenizer), build_text_encoders(args.seed)
     else:
-        tokenizers, text_encoders = build_sd3_text(args.seed, build_dir)
+        tokenizers, text_encoders = build_sd3_text(args.seed, build_dir, placed=args.placed_fraction > 0)
     if not args.init_from:
         vae, vae_loss, t_vae = load_or_train_vae(args, device)
         denoiser = build_unet(args.seed) if args.family == "sdxl" else build_transformer(args.seed)
 
-    images = world_images(args.dataset_size, args.seed + 100, args.single_fraction)
+    images = world_images(args.dataset_size, args.seed + 100, args.single_fraction, args.placed_fraction)
     captions = sorted({c for _, c in images})
     caption_index = torch.tensor([captions.index(c) for _, c in images])
     means, stds = encode_dataset(vae, [i for i, _ in images], device)

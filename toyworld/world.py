@@ -3,15 +3,19 @@
 Grammar (every caption is one of these, and `parse_caption` inverts `Scene.caption`):
 
     single:      "a [small|large] <colour> <shape>"                e.g. "a small red circle"
+    placed:      "a <colour> <shape> <place>"                      e.g. "a red circle on the left"
     composition: "a <colour> <shape> <relation> a <colour> <shape>" e.g. "a red circle to the left of a blue square"
 
 colours: red, green, blue, yellow; shapes: circle, square, triangle; relations: to the left of,
-to the right of, above, below. The two objects of a composition have different colours, so a reward can
+to the right of, above, below; places: on the left, on the right, at the top, at the bottom (the object lies that
+way from the canvas centre, as a relation to it would require). The two objects of a composition have different colours, so a reward can
 find each by colour alone.
 
 Split: compositions are held out by their UNORDERED pair of objects: every caption built from a held-out
 pair (both orders, all four relations) is an evaluation prompt that never appears in training, while each
-single object (and each object inside other pairs) is seen in training. Held-out prompts therefore test
+single object (and each object inside other pairs) is seen in training. Placed singles are an optional curriculum
+for base-model training (`toyworld.train_base --placed_fraction`): one object and one position word, the two-way
+half of a composition's relation, which the benchmarks' prompts do not use. Held-out prompts therefore test
 new combinations of known parts, which is where attribute binding and positions fail first.
 """
 from __future__ import annotations
@@ -33,6 +37,9 @@ SIZES = {"small": (9, 10), "large": (13, 14)}  # extents in pixels at IMAGE_SIZE
 ANY_SIZE = (9, 14)  # below 9 px a circle is hard to tell from a square
 PAIR_SIZES = (9, 12)  # two objects must fit side by side
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+PLACES = {"on the left": "to the left of", "on the right": "to the right of", "at the top": "above", "at the bottom": "below"}
+PLACE_GAP = 4.0  # px: a placed object's centre lies at least this far from the canvas centre, along the place's axis
+CANVAS_CENTRE = np.array([IMAGE_SIZE / 2, IMAGE_SIZE / 2])
 SPLIT_SEED = 0  # the split is part of the world's definition, not of an experiment
 HELDOUT_FRACTION = 0.25
 _SUPERSAMPLE = 4  # draw large and downsample: anti-aliased edges, closer to what a VAE can reproduce
@@ -53,15 +60,17 @@ class Obj:
 class Scene:
     objects: tuple[Obj, ...]  # one object, or two with a relation: objects[0] <relation> objects[1]
     relation: str | None = None
+    place: str | None = None  # a single object's position on the canvas (a key of PLACES)
 
     def caption(self) -> str:
         if len(self.objects) == 1:
-            return self.objects[0].phrase()
+            return f"{self.objects[0].phrase()} {self.place}" if self.place else self.objects[0].phrase()
         return f"{self.objects[0].phrase()} {self.relation} {self.objects[1].phrase()}"
 
 
 _OBJ = rf"a (?:(small|large) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 _SINGLE = re.compile(rf"^{_OBJ}$")
+_PLACED = re.compile(rf"^{_OBJ} ({'|'.join(PLACES)})$")
 _PAIR = re.compile(rf"^{_OBJ} ({'|'.join(RELATIONS)}) {_OBJ}$")
 
 
@@ -70,6 +79,8 @@ def parse_caption(caption: str) -> Scene | None:
     text = " ".join(caption.lower().strip().rstrip(".").split())
     if m := _SINGLE.match(text):
         return Scene((Obj(m[2], m[3], m[1]),))
+    if m := _PLACED.match(text):
+        return Scene((Obj(m[2], m[3], m[1]),), place=m[4])
     if m := _PAIR.match(text):
         a, b = Obj(m[2], m[3], m[1]), Obj(m[6], m[7], m[5])
         if a.colour == b.colour:
@@ -103,8 +114,15 @@ def single_prompts() -> list[str]:
     return [Scene((Obj(o.colour, o.shape, size),)).caption() for o in all_objects() for size in (None, *SIZES)]
 
 
+def placed_prompts() -> list[str]:
+    return [Scene((o,), place=place).caption() for o in all_objects() for place in PLACES]
+
+
 def train_prompts(kind: str = "all") -> list[str]:
-    """Training captions: `single`, `pairs` (compositions of non-held-out pairs) or `all`."""
+    """Training captions: `single`, `pairs` (compositions of non-held-out pairs), `all` (both) or `placed` (the
+    optional curriculum's placed singles, not part of `all`)."""
+    if kind == "placed":
+        return placed_prompts()
     held = set(heldout_pairs())
     pairs = _pair_captions([p for p in object_pairs() if p not in held])
     return {"single": single_prompts(), "pairs": pairs, "all": single_prompts() + pairs}[kind]
@@ -156,7 +174,10 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     if len(scene.objects) == 1:
         obj = scene.objects[0]
         extent = _extent(obj, rng)
-        _draw(draw, obj, *_centre(rng, extent), extent)
+        centre = _centre(rng, extent)
+        while scene.place and not _relation_holds(PLACES[scene.place], centre, CANVAS_CENTRE, gap=PLACE_GAP):
+            centre = _centre(rng, extent)
+        _draw(draw, obj, *centre, extent)
     else:
         a, b = scene.objects
         ea, eb = _extent(a, rng, PAIR_SIZES), _extent(b, rng, PAIR_SIZES)
