@@ -8,15 +8,16 @@ Grammar (every caption is one of these, and `parse_caption` inverts `Scene.capti
 
 colours: red, green, blue, yellow; shapes: circle, square, triangle; relations: to the left of,
 to the right of, above, below; places: on the left, on the right, at the top, at the bottom (the object lies that
-way from the canvas centre, as a relation to it would require). The two objects of a composition have different colours, so a reward can
-find each by colour alone.
+way from the canvas centre, as a relation to it would require). The two objects of a composition have different
+colours, so a reward can find each by colour alone.
 
 Split: compositions are held out by their UNORDERED pair of objects: every caption built from a held-out
 pair (both orders, all four relations) is an evaluation prompt that never appears in training, while each
-single object (and each object inside other pairs) is seen in training. Placed singles are an optional curriculum
-for base-model training (`toyworld.train_base --placed_fraction`): one object and one position word, the two-way
-half of a composition's relation, which the benchmarks' prompts do not use. Held-out prompts therefore test
+single object (and each object inside other pairs) is seen in training. Held-out prompts therefore test
 new combinations of known parts, which is where attribute binding and positions fail first.
+
+Placed singles are an optional curriculum for base-model training (`toyworld.train_base --placed_fraction`): one
+object and one position word, the two-way half of a composition's relation; no benchmark prompt uses them.
 """
 from __future__ import annotations
 
