@@ -3,6 +3,7 @@ matching from mismatching captions (with the numbers asserted)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,6 +224,39 @@ def test_train_base_continues_a_saved_model_with_init_from(tmp_path):
     assert all(torch.equal(changed[k], start[k]) for k in start if k.startswith("vae/"))
     scale = json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((moved / "vae" / "config.json").read_text())["scaling_factor"] == scale
+
+
+def test_train_base_unet_levels_3_adds_sdxl_third_level_and_2_is_the_shipped_toy(tmp_path):
+    """--unet_levels 3 saves an SDXL-pipeline toy whose UNet has three levels (cross-attention down to 4x4) and which
+    samples at 32 px; the default builds exactly the shipped toy's UNet shape; the flag is refused where it cannot apply."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from toyworld import train_base
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    shipped = json.loads((models / "toy-sdxl" / "unet" / "config.json").read_text())
+    built = dict(train_base.build_unet(0).config)
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim", "cross_attention_dim"):
+        value = list(built[key]) if isinstance(built[key], (list, tuple)) else built[key]
+        assert value == shipped[key], key
+    tiny = ["--unet_steps", "2", "--dataset_size", "16", "--batch_size", "4", "--log_every", "1"]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        out = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "l3"), "--unet_levels", "3",
+                                                     "--vae_from", str(models / "toy-sdxl"), *tiny]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert pipe.unet.config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    image = pipe("a red circle on the left", height=32, width=32, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+    for bad in (["--family", "sd3", "--unet_levels", "3"], ["--init_from", str(out), "--unet_levels", "3"]):
+        with pytest.raises(SystemExit):
+            train_base.parse_args(bad)
 
 
 def test_train_base_v_weighting_is_inverse_alpha_bar_at_the_plain_losses_scale():

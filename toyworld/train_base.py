@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_text_encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="Train both text encoders with the UNet (default). Frozen random encoders gave a model that ignored "
                         "much of its caption (wrong colours and shapes on single objects).")
+    p.add_argument("--unet_levels", type=int, choices=(2, 3), default=2,
+                   help="sdxl: resolution levels of the toy UNet (see build_unet). 2 is the shipped toy; 3 adds SDXL's third level, "
+                        "with cross-attention at 4x4.")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--loss_weighting", choices=("epsilon", "v"), default="epsilon",
                    help="sdxl: per-sample weight of the epsilon MSE. 'epsilon' weighs every timestep alike, which in x0 terms "
@@ -112,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.loss_weighting != "epsilon" and args.family != "sdxl":
         p.error("--loss_weighting is for the epsilon objective (--family sdxl); sd3 trains the velocity loss.")
+    if args.unet_levels != 2 and (args.family != "sdxl" or args.init_from):
+        p.error("--unet_levels shapes a new sdxl UNet; sd3 builds a transformer and --init_from keeps the saved UNet's shape.")
     if (args.logit_mean, args.logit_std) != (0.0, 1.0) and args.family != "sd3":
         p.error("--logit_mean/--logit_std shape sd3's sigma density; sdxl draws timesteps uniformly (see --loss_weighting).")
     if min(args.single_fraction, args.placed_fraction) < 0 or args.single_fraction + args.placed_fraction > 1:
@@ -173,18 +178,27 @@ def build_vae(seed: int):
     )
 
 
-def build_unet(seed: int):
+def build_unet(seed: int, levels: int = 2):
+    """SDXL's UNet at toy size. levels=2 (the shipped toy): 16x16 and 8x8, cross-attention at 8x8 only. levels=3 adds SDXL's
+    third level (4x4; SDXL itself has three), so cross-attention also runs where the zero padding of every 3x3 convolution
+    tells each position where it is: attention in diffusers' UNet has no positional embedding, the convolutions' padding is
+    the UNet's only source of absolute position, and at 8x8 most positions are more than one cell from a border."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed + 4)
+    shape = {
+        2: dict(block_out_channels=(48, 96), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(4, 8), transformer_layers_per_block=(1, 1)),
+        3: dict(block_out_channels=(48, 96, 96), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(4, 8, 8),
+                transformer_layers_per_block=(1, 1, 1)),
+    }[levels]
     return UNet2DConditionModel(
-        sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4,
-        block_out_channels=(48, 96), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(4, 8), transformer_layers_per_block=(1, 1), use_linear_projection=True,
-        cross_attention_dim=2 * TEXT_WIDTH,
+        sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8,
+        use_linear_projection=True, cross_attention_dim=2 * TEXT_WIDTH,
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + TEXT_WIDTH,  # 6 time ids x 8 + pooled text_encoder_2
+        **shape,
     )
 
 
@@ -460,7 +474,7 @@ def main(args: argparse.Namespace) -> Path:
         tokenizers, text_encoders = build_sd3_text(args.seed, build_dir, placed=args.placed_fraction > 0)
     if not args.init_from:
         vae, vae_loss, t_vae = load_or_train_vae(args, device)
-        denoiser = build_unet(args.seed) if args.family == "sdxl" else build_transformer(args.seed)
+        denoiser = build_unet(args.seed, args.unet_levels) if args.family == "sdxl" else build_transformer(args.seed)
 
     images = world_images(args.dataset_size, args.seed + 100, args.single_fraction, args.placed_fraction)
     captions = sorted({c for _, c in images})
