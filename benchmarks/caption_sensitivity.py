@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from toyworld import world  # noqa: E402
 
 FLIPPED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
-PLACE_FLIPPED = {"on the left": "on the right", "on the right": "on the left", "at the top": "at the bottom", "at the bottom": "at the top"}
+PLACE_OF = {relation: place for place, relation in world.PLACES.items()}  # "to the left of" -> "on the left"
+PLACE_FLIPPED = {place: PLACE_OF[FLIPPED[relation]] for place, relation in world.PLACES.items()}
 TIMESTEPS = (100, 300, 500, 700, 850, 950)
 
 

@@ -156,6 +156,7 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
     assert probe.relation_flipped("a small green triangle above a yellow circle") == "a small green triangle below a yellow circle"
     assert probe.colours_swapped("a large red circle below a blue square") == "a large blue circle below a red square"
     assert probe.place_flipped("a red circle at the top") == "a red circle at the bottom"
+    assert probe.place_flipped("a small blue square on the right") == "a small blue square on the left"
     for family in ("sdxl", "sd3"):
         out = tmp_path / f"{family}.json"
         result = probe.main(["--model", str(ROOT / "models" / f"toy-{family}"), "--num_images", "16", "--timesteps", "700",
