@@ -360,7 +360,7 @@ class Trainer:
                 if stop:
                     self.checkpoints.mark_preempted(global_step)
                     logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
-                    acc.end_training()
+                    self._end_training()
                     sys.exit(SIGTERM_EXIT_CODE)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     self.validate(global_step)
@@ -375,7 +375,15 @@ class Trainer:
         self.validate(global_step)
         self.checkpoints.save_final(self.parts, self.variant, self.num_steps)
         logger.info("Peak memory of this process: %s.", peak_memory(self.device))
-        acc.end_training()
+        self._end_training()
+
+    def _end_training(self) -> None:
+        """Every rank waits until the main process has written its files, then all tear the process group down
+        together. A rank that destroyed its gloo group and exited while rank 0 was still writing the final pipeline
+        was once killed by SIGABRT ("terminate called without an active exception") in a 2-process CPU run, and the
+        launcher then reported the whole run as failed."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def train_micro_batch(self, step_fn: StepFn, batch: dict, generator: torch.Generator, window: "UpdateWindow") -> str | None:
         """One micro-batch: the variant's step and the backward of its summed loss; at the end of an accumulation
