@@ -6,6 +6,10 @@
 # FLUX.1-dev too with FLOW_REAL_SIZE="sd3 flux": peak memory per GPU), then the step-cost benchmark's GPU preset on
 # a real-size SDXL with random weights (no download).
 # Usage (on a CUDA machine with the requirements installed): bash scripts/gpu_checks.sh [OUT_DIR]
+# On an offline machine whose image lacks some requirements (seen: diffusers, open_clip_torch, datasets and its
+# dill/multiprocess, ftfy, wcwidth), download their wheels here with `pip download --no-deps -d .wheels ...` (for
+# multiprocess add --only-binary=:all: --python-version of that machine), carry .wheels, and run
+# `python3 -m pip install --no-deps --no-index .wheels/*.whl` there first.
 # Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
