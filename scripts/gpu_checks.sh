@@ -10,7 +10,8 @@
 # dill/multiprocess, ftfy, wcwidth), download their wheels here with `pip download --no-deps -d .wheels ...` (for
 # multiprocess add --only-binary=:all: --python-version of that machine), carry .wheels, and run
 # `python3 -m pip install --no-deps --no-index .wheels/*.whl` there first.
-# Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset.
+# Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset, FLUX_PROBE=1
+# to run scripts/flux_cuda_probe.py first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_checks_out}}"
@@ -72,6 +73,17 @@ write_image_folder(work / "data", count=8)
 PY
 
 status=0
+# FLUX on CUDA (FLUX_PROBE=1): one training step per setting, SDPA with and without cuDNN's attention (and torch's
+# fused RMSNorm against a float32 one), on the tiny twin and on FLUX.1-dev's config (one process per setting: a kernel
+# failure can end the process; CUDA_LAUNCH_BLOCKING=1 names the kernel that fails). scripts/flux_cuda_probe.py.
+if [ -n "${FLUX_PROBE:-}" ]; then
+  CUDA_LAUNCH_BLOCKING=1 "$PY" scripts/flux_cuda_probe.py --model "$WORK/tiny_flux" 2>&1 | grep "^tiny\|Error" | tee "$OUT/flux_probe_tiny.log"
+  for cudnn in ${FLUX_PROBE_REAL-on off}; do
+    CUDA_LAUNCH_BLOCKING=1 timeout 300 "$PY" scripts/flux_cuda_probe.py --real --cudnn "$cudnn" --checkpointing >"$OUT/flux_probe_real_$cudnn.log" 2>&1 \
+      || echo "FLUX.1-dev probe, cuDNN attention $cudnn: exit $?"
+    grep "FLUX.1-dev\|Error" "$OUT/flux_probe_real_$cudnn.log" | tail -3
+  done
+fi
 # [family:]variant:precision:kind (family sdxl when left out)
 CONFIGS="${CONFIGS:-sft:fp16:full sft:bf16:lora rlhf:fp16:full rlhf:bf16:lora rlhf:fp16:lora sd3:sft:bf16:full sd3:rlhf:bf16:lora flux:sft:bf16:lora flux:rlhf:bf16:full}"
 for cfg in $CONFIGS; do

@@ -101,6 +101,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--cudnn_attention", action="store_true",
+                   help="Let PyTorch's SDPA use cuDNN's attention kernels on CUDA. Off by default: on torch 2.11 (H200) their bf16 "
+                        "backward gave non-finite gradients when training FLUX (scripts/flux_cuda_probe.py).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Needs xformers and CUDA; PyTorch SDPA is the default.")
     g.add_argument("--seed", type=int, default=None)

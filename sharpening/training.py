@@ -67,6 +67,19 @@ StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def configure_cuda_kernels(args) -> None:
+    """Process-wide CUDA kernel choices from the flags (nothing to do without CUDA)."""
+    if not torch.cuda.is_available():
+        return
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if not args.cudnn_attention:
+        # cuDNN's fused attention, one of SDPA's CUDA backends, gave non-finite bf16 gradients (and "mha_graph.execute"
+        # failures at 1024 px) when training FLUX on an H200 with torch 2.11, where SDPA without it trained cleanly
+        # (scripts/flux_cuda_probe.py). Flash and memory-efficient attention take over.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class Trainer:
     def __init__(self, args: argparse.Namespace, dataset, collate_fn, needs_reference: bool, variant: str):
         from accelerate import Accelerator
@@ -90,8 +103,7 @@ class Trainer:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_local_main_process else logging.WARNING)
         if acc.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
-        if args.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
+        configure_cuda_kernels(args)
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
 

@@ -406,3 +406,20 @@ def test_trajectory_grids_reach_wandb_offline(tiny_sdxl, tmp_path, monkeypatch):
     assert len(media) == 2, sorted(p.name for p in tmp_path.rglob("*"))[:50]
     # the offline run's record (.wandb) holds the logged histograms
     assert any(b"reward_histogram/path" in f.read_bytes() for f in tmp_path.rglob("*.wandb"))
+
+
+@pytest.mark.parametrize("flags, cudnn_calls", [([], [False]), (["--cudnn_attention"], [])])
+def test_cudnn_attention_is_off_on_cuda_unless_asked_for(monkeypatch, flags, cudnn_calls):
+    """On CUDA the trainers turn SDPA's cuDNN backend off (its bf16 backward gave non-finite FLUX gradients on an
+    H200); --cudnn_attention keeps torch's choice. Without CUDA nothing is touched."""
+    from sharpening.training import configure_cuda_kernels
+
+    calls = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", calls.append)
+    args = sft.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y", *flags])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    configure_cuda_kernels(args)
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    configure_cuda_kernels(args)
+    assert calls == cudnn_calls
