@@ -393,3 +393,26 @@ def test_relation_by_chance_matches_rendered_random_layouts():
             as_captioned.append(reward.score_image(world.render(scene, rng), scene.caption())["relation"])
     assert abs(np.mean(random_layout) - chance) < 0.06
     assert np.mean(as_captioned) > 0.9
+
+
+def test_train_base_max_seconds_stops_early_saves_and_says_where(tmp_path):
+    """--max_seconds ends the denoiser's training at the first step past the limit, still saves a loadable model, and
+    training_summary.json records the step it stopped at next to the planned --unet_steps."""
+    import json
+
+    import torch
+
+    from toyworld import train_base
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        out = train_base.main(train_base.parse_args(["--output_dir", str(tmp_path / "cut"), "--vae_from", str(models / "toy-sdxl"),
+                                                     "--unet_steps", "50", "--max_seconds", "0", "--dataset_size", "16",
+                                                     "--batch_size", "4", "--log_every", "10"]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["unet_steps_done"] == 1 and summary["flags"]["unet_steps"] == 50
+    assert [entry["step"] for entry in summary["unet_loss"]] == [1]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()

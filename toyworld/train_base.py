@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--max_sequence_length", type=int, default=77, help="sd3: T5 tokens per caption (the training scripts' default).")
     p.add_argument("--log_every", type=int, default=100)
+    p.add_argument("--max_seconds", type=float, default=None,
+                   help="Stop the denoiser's training after this many seconds from the start and save what it has (for a "
+                        "machine lent for a fixed time); training_summary.json records the step it stopped at.")
     args = p.parse_args(argv)
     if args.loss_weighting != "epsilon" and args.family != "sdxl":
         p.error("--loss_weighting is for the epsilon objective (--family sdxl); sd3 trains the velocity loss.")
@@ -366,10 +369,15 @@ def train_denoiser(family, denoiser, text_encoders, latents, caption_index, capt
             decay = min(args.ema_decay, (1 + step) / (10 + step))  # warm-up of the EMA, as diffusers' EMAModel
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         window.append(float(loss.detach()))
-        if (step + 1) % args.log_every == 0 or step == args.unet_steps - 1:
+        out_of_time = args.max_seconds is not None and time.time() - args.started > args.max_seconds
+        if (step + 1) % args.log_every == 0 or step == args.unet_steps - 1 or out_of_time:
             log.append({"step": step + 1, "loss": float(np.mean(window)), "lr": lr})
             print(f"{family} denoiser step {step + 1:5d} loss {np.mean(window):.4f} lr {lr:.2e} [{time.time() - args.started:.0f} s]", flush=True)
             window = []
+        if out_of_time:
+            print(f"--max_seconds {args.max_seconds} reached: stopping at step {step + 1} of {args.unet_steps} (the schedule did not "
+                  "finish; the summary says so)", flush=True)
+            break
     ema_denoiser = emas[0].eval()
     ema_encoders = tuple(e.eval() for e in emas[1:]) if args.train_text_encoders else text_encoders
     return ema_denoiser, ema_encoders, log
@@ -513,7 +521,7 @@ def main(args: argparse.Namespace) -> Path:
     names = ("unet", "text_encoder", "text_encoder_2") if args.family == "sdxl" else ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
     summary = {
         "family": args.family, "seed": args.seed, "device": str(device), "seconds": round(time.time() - started, 1), "vae_seconds": round(t_vae, 1),
-        "vae_final_loss": vae_loss, "unet_loss": log, "shift_factor": args.shift_factor, "scaling_factor": args.scaling_factor,
+        "vae_final_loss": vae_loss, "unet_loss": log, "unet_steps_done": log[-1]["step"] if log else 0, "shift_factor": args.shift_factor, "scaling_factor": args.scaling_factor,
         "flags": {k: v for k, v in vars(args).items() if k not in ("shift_factor", "scaling_factor", "started")},
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in zip(names + ("vae",), (ema, *text_encoders, vae))},
     }
