@@ -73,6 +73,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "training timesteps (21.3 on SDXL's schedule): the v-prediction loss of the same model (Salimans & Ho "
                         "2022), which weighs x0 errors by 1 + SNR(t), closer to flow matching's (1 + sqrt(SNR))^2. Flow families "
                         "already train the velocity loss.")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR-gamma (Hang et al. 2023; diffusers' --snr_gamma, 5 recommended there): multiply each state's loss by "
+                        "min(1, gamma / SNR(t)), so that states close to the end of sampling, where an x0 error counts with a "
+                        "huge weight, cannot swamp the batch. Applies to every family; off by default.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
     g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
     g.add_argument("--decode_batch_size", type=int, default=None,
@@ -137,6 +141,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
     if args.infer_steps < 1 or 1000 % args.infer_steps and args.infer_steps > 1000:
         raise ValueError("--infer_steps must be between 1 and 1000.")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise ValueError("--snr_gamma must be > 0 (5 is the Min-SNR paper's choice); leave it out for no capping.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:

@@ -43,6 +43,9 @@ class Sampler(Protocol):
     def draw_train_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """`count` timesteps from the distribution the model was trained on (the ordinary diffusion loss)."""
 
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio of the states at `timesteps` (float64): (signal scale / noise scale)^2."""
+
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, 1, 1) in `like`'s dtype and device, for broadcasting over latents."""
@@ -74,6 +77,11 @@ class DDIM:
         t = timesteps.long().cpu()
         abar = self.alphas_cumprod[t.clamp(min=0)]
         return torch.where(t >= 0, abar, torch.full_like(abar, self.final_alpha_cumprod))
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha_bar / (1 - alpha_bar)."""
+        abar = self.alpha_bar(timesteps)
+        return abar / (1 - abar)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         abar = self.alpha_bar(timesteps)
@@ -193,6 +201,11 @@ class FlowMatchEuler:
     def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
         """σ per sample (float64) of model timesteps σ·1000."""
         return timesteps.double().cpu() / self.num_train_timesteps
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """((1 - σ) / σ)^2."""
+        s = self.sigma(timesteps)
+        return ((1 - s) / s) ** 2
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         s = _per_sample(self.sigma(timesteps), x0)

@@ -67,6 +67,16 @@ StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556; diffusers' --snr_gamma for epsilon-prediction): min(1, gamma / SNR).
+    An error in the model's output space counts an x0 error with weight SNR (epsilon) or about SNR (velocity); this caps
+    that weight at gamma. Why it matters here: the default targets regress a candidate's state onto the WINNER's end
+    image through the noise that maps it exactly there, (x_t - sqrt(abar) c) / sqrt(1 - abar), which grows without
+    bound near the end of sampling (measured: a velocity target of mean square 5084 at sigma 0.009 against 0.3-9 for the
+    other rows), so one such row can swamp the batch."""
+    return torch.clamp(gamma / snr, max=1.0)
+
+
 def configure_cuda_kernels(args) -> None:
     """Process-wide CUDA kernel choices from the flags (nothing to do without CUDA)."""
     if not torch.cuda.is_available():
@@ -267,12 +277,14 @@ class Trainer:
         return model(rows.states, rows.timesteps, cond.select(rows.prompt))
 
     def row_errors(self, prediction: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """(R,) per-row squared error of `prediction` against the rows' targets, weighted as --loss_weighting says."""
+        """(R,) per-row squared error of `prediction` against the rows' targets, weighted as --loss_weighting and
+        --snr_gamma say."""
         mse = per_sample_mse(prediction, rows.target(self.sampler))
-        if self.args.loss_weighting == "none":
-            return mse
-        weight = self.sampler.v_loss_weight(rows.timesteps) / self.sampler.mean_v_loss_weight()
-        return mse * weight.to(mse)
+        if self.args.loss_weighting != "none":
+            mse = mse * (self.sampler.v_loss_weight(rows.timesteps) / self.sampler.mean_v_loss_weight()).to(mse)
+        if self.args.snr_gamma is not None:
+            mse = mse * min_snr_weight(self.sampler.snr(rows.timesteps), self.args.snr_gamma).to(mse)
+        return mse
 
     @staticmethod
     def exploration_logs(candidates: Candidates) -> dict[str, float]:

@@ -149,3 +149,51 @@ def test_row_errors_weigh_states_by_inverse_alpha_bar_normalised_to_mean_one(ddi
                                targets.Rows(*(x[:1] for x in (rows.states, rows.timesteps, rows.clean, rows.noise, rows.prompt))))
     torch.testing.assert_close(alone, weighted[:1])
     assert weighted[0] / weighted[1] == pytest.approx(float(alphas_cumprod[51] / alphas_cumprod[951]) / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flow"])
+def test_snr_gamma_caps_a_foreign_target_near_the_end_of_sampling(ddim, family):
+    """A candidate's state close to the end of sampling, regressed onto ANOTHER path's end image (the default
+    targets do this), has an exact-noise target that grows as 1/sigma: here its raw error is in the thousands.
+    --snr_gamma multiplies each row by min(1, gamma / SNR(t)), which turns that error into gamma times the x0 distance
+    (over (1 - sigma)^2 for the flow, alpha_bar for epsilon), and leaves high-noise rows untouched."""
+    from types import SimpleNamespace
+
+    from sharpening.sampler import FlowMatchEuler
+    from sharpening.training import Trainer, min_snr_weight
+    from toyworld.train_base import build_flow_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    state_clean, foreign, noise = (torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    sampler = ddim if family == "sdxl" else FlowMatchEuler(dict(build_flow_scheduler().config), 10)
+    timesteps = torch.tensor([1, 951]) if family == "sdxl" else torch.tensor([9.0, 951.0])  # near the end; near pure noise
+    states = sampler.add_noise(state_clean, noise, timesteps)
+    rows = targets.Rows(states, timesteps, foreign, sampler.exact_noise(foreign, states, timesteps), torch.arange(2))
+    prediction = torch.zeros_like(states)
+    trainer = SimpleNamespace(sampler=sampler, args=SimpleNamespace(loss_weighting="none", snr_gamma=None))
+    raw = Trainer.row_errors(trainer, prediction, rows)
+    trainer.args.snr_gamma = 5.0
+    capped = Trainer.row_errors(trainer, prediction, rows)
+
+    distance = (states - foreign).pow(2).flatten(1).mean(1)  # x_t - c, the jump the target asks for
+    if family == "sdxl":
+        abar = sampler.alpha_bar(timesteps)
+        x0_weight = 1 / abar  # eps error = sqrt(abar) (x0 error) / sqrt(1 - abar); capped weight gamma (1 - abar) / abar
+    else:
+        x0_weight = 1 / (1 - sampler.sigma(timesteps)) ** 2  # velocity target (x_t - c) / sigma
+    assert raw[0] > 1000 * raw[1]
+    assert torch.allclose(min_snr_weight(sampler.snr(timesteps), 5.0), torch.tensor([5.0 / sampler.snr(timesteps)[0].item(), 1.0], dtype=torch.float64))
+    assert torch.allclose(capped[1], raw[1])
+    if family == "flow":
+        assert torch.allclose(capped[0].double(), 5.0 * x0_weight[0] * distance[0], rtol=1e-5)
+    else:  # eps target (x_t - sqrt(abar) c) / sqrt(1 - abar); capped: 5 (x_t - sqrt(abar) c)^2 / abar
+        jump = (states[0] - abar[0].sqrt() * foreign[0]).pow(2).mean()
+        assert torch.allclose(capped[0].double(), 5.0 * x0_weight[0] * jump, rtol=1e-5)
+    assert capped[0] < 100 * capped[1]
+
+
+def test_snr_gamma_must_be_positive():
+    import train_sft_diffusion_sharpening_sdxl as sft
+
+    with pytest.raises(ValueError, match="snr_gamma"):
+        sft.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y", "--reward_model", "brightness", "--snr_gamma", "0"])
