@@ -137,15 +137,15 @@ def test_row_errors_weigh_states_by_inverse_alpha_bar_normalised_to_mean_one(ddi
     t = torch.tensor([951, 51])
     rows = targets.Rows(torch.zeros(2, 1, 1, 1), t, torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), torch.tensor([0, 1]))
     prediction = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)  # squared errors 1 and 4 against the zero noise
-    plain = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="none"), sampler=ddim), prediction, rows)
+    plain = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="none", snr_gamma=None), sampler=ddim), prediction, rows)
     torch.testing.assert_close(plain, torch.tensor([1.0, 4.0]))
     mean_weight = float((1 / alphas_cumprod).mean())  # over the 1000 training timesteps: a fixed normaliser
     assert ddim.mean_v_loss_weight() == pytest.approx(mean_weight) and 21 < mean_weight < 22
     w = (1 / alphas_cumprod[t] / mean_weight).float()
-    weighted = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="v"), sampler=ddim), prediction, rows)
+    weighted = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="v", snr_gamma=None), sampler=ddim), prediction, rows)
     torch.testing.assert_close(weighted, torch.tensor([1.0, 4.0]) * w)
     # A state's weight depends on its own timestep only, not on the other rows of the call (1/abar: 123 vs 1.05).
-    alone = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="v"), sampler=ddim), prediction[:1],
+    alone = Trainer.row_errors(SimpleNamespace(args=SimpleNamespace(loss_weighting="v", snr_gamma=None), sampler=ddim), prediction[:1],
                                targets.Rows(*(x[:1] for x in (rows.states, rows.timesteps, rows.clean, rows.noise, rows.prompt))))
     torch.testing.assert_close(alone, weighted[:1])
     assert weighted[0] / weighted[1] == pytest.approx(float(alphas_cumprod[51] / alphas_cumprod[951]) / 4, rel=1e-5)
