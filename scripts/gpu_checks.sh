@@ -11,7 +11,8 @@
 # multiprocess add --only-binary=:all: --python-version of that machine), carry .wheels, and run
 # `python3 -m pip install --no-deps --no-index .wheels/*.whl` there first.
 # Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset, FLUX_PROBE=1
-# to run scripts/flux_cuda_probe.py first.
+# to run scripts/flux_cuda_probe.py first (FLUX_PROBE_REAL="off" for its FLUX.1-dev step without cuDNN attention only),
+# CONFIGS="" to skip the tiny-model trainings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_checks_out}}"
@@ -85,7 +86,7 @@ if [ -n "${FLUX_PROBE:-}" ]; then
   done
 fi
 # [family:]variant:precision:kind (family sdxl when left out)
-CONFIGS="${CONFIGS:-sft:fp16:full sft:bf16:lora rlhf:fp16:full rlhf:bf16:lora rlhf:fp16:lora sd3:sft:bf16:full sd3:rlhf:bf16:lora flux:sft:bf16:lora flux:rlhf:bf16:full}"
+CONFIGS="${CONFIGS-sft:fp16:full sft:bf16:lora rlhf:fp16:full rlhf:bf16:lora rlhf:fp16:lora sd3:sft:bf16:full sd3:rlhf:bf16:lora flux:sft:bf16:lora flux:rlhf:bf16:full}"
 for cfg in $CONFIGS; do
   [ "$(tr -cd : <<<"$cfg" | wc -c)" -eq 2 ] && cfg="sdxl:$cfg"
   IFS=: read -r family variant precision kind <<<"$cfg"
