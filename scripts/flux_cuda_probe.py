@@ -92,7 +92,7 @@ def peak_gib() -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else "-"
 
 
-def sync():
+def reset_peak_memory():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -107,17 +107,18 @@ def report(label, out, loss, grads_finite, reference=None):
 def tiny(model: str, device):
     from diffusers import FluxTransformer2DModel
 
+    reference = prepare(FluxTransformer2DModel.from_pretrained(model, subfolder="transformer"), "full", device)
+    x, t, cond, target = inputs(reference.config, 16, 32, 2, device)  # the same inputs for every setting
+    with torch.no_grad():  # fp32 without autocast: the output every setting is compared with
+        ref_out = flux.forward(set_norm(reference, "fp32"))(x, t, cond).float()
+    del reference
     for cudnn, kind, checkpointing, norm in itertools.product(("on", "off"), ("lora", "full"), (False, True), ("native", "fp32")):
         set_cudnn(cudnn)
         transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
-        x, t, cond, target = inputs(transformer.config, 16, 32, 2, device)
-        reference = prepare(FluxTransformer2DModel.from_pretrained(model, subfolder="transformer"), "full", device)
-        with torch.no_grad():
-            ref_out = flux.forward(set_norm(reference, "fp32"))(x, t, cond).float()
         transformer = prepare(set_norm(transformer, norm), kind, device)
         if checkpointing:
             transformer.enable_gradient_checkpointing()
-        sync()
+        reset_peak_memory()
         out, loss, grads_finite = step(transformer, x, t, cond, target, autocast=True)
         report(f"tiny cudnn {cudnn} {kind} {norm} ckpt={checkpointing}", out, loss, grads_finite, ref_out)
 
@@ -137,7 +138,7 @@ def real(norm: str, cudnn: str, checkpointing: bool, resolution: int, device):
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     x, t, cond, target = inputs(transformer.config, resolution // 8, flux.DEFAULT_MAX_SEQUENCE_LENGTH, 1, device)
-    sync()
+    reset_peak_memory()
     start = time.time()
     out, loss, grads_finite = step(transformer, x, t, cond, target, autocast=True)
     if torch.cuda.is_available():
