@@ -7,6 +7,9 @@ its true caption with the MSE under a wrong caption:
 
     relation flipped   "a red circle to the left of a blue square" -> "... to the right of ..."
     colours swapped    "a red circle ... a blue square" -> "a blue circle ... a red square" (attribute binding)
+    order swapped      "a red circle to the left of a blue square" -> "a blue square to the left of a red circle": the
+                       same scene as the relation flip, reached by word order instead of the relation word (a model
+                       that puts the first-named object on one side whatever the relation pays for this one only)
     unconditional      the classifier-free-guidance branch (SDXL: zero embeddings; SD3: "" encoded): what the caption
                        is worth at all
 
@@ -40,6 +43,7 @@ FLIPPED = {"to the left of": "to the right of", "to the right of": "to the left 
 PLACE_OF = {relation: place for place, relation in world.PLACES.items()}  # "to the left of" -> "on the left"
 PLACE_FLIPPED = {place: PLACE_OF[FLIPPED[relation]] for place, relation in world.PLACES.items()}
 TIMESTEPS = (100, 300, 500, 700, 850, 950)
+RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 
 
 def relation_flipped(caption: str) -> str:
@@ -71,8 +75,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placed", action="store_true",
                    help="Probe placed single objects ('a red circle on the left', train_base --placed_fraction's curriculum) with the "
                         "place flipped, instead of compositions: whether the model learned the two-way half of a relation.")
+    p.add_argument("--relations", nargs="+", choices=list(RELATION_WORDS), default=None,
+                   help="Probe only compositions with these relations (left: 'to the left of', right: 'to the right of'; "
+                        "default: all four). A model trained with "
+                        "train_base --relation_skew learns 'the first-named object goes left / up' first; over all four "
+                        "relations its order-swapped cost cancels (it is right for half of them and wrong for the rest), "
+                        "so probe 'to the left of' above and 'to the right of' below apart.")
     p.add_argument("--output_json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.relations and args.placed:
+        p.error("--relations selects compositions; --placed probes placed singles.")
+    args.relations = [RELATION_WORDS[r] for r in args.relations] if args.relations else None
+    return args
+
+
+def probe_prompts(kind: str, relations=None) -> list[str]:
+    """The captions the probe draws its images (and the ideal reference) from: training pairs or placed singles."""
+    prompts = world.train_prompts(kind)
+    return [c for c in prompts if world.parse_caption(c).relation in relations] if relations else prompts
 
 
 def x0_per_loss_unit(sampler, t: int) -> float:
@@ -99,7 +119,7 @@ def probe(args: argparse.Namespace) -> dict:
     forward = family.forward(parts.denoiser.eval())
     sampler = family.make_sampler(parts, 20)  # its noising and regression target are the training objective's
     kind, edits = ("placed", PLACED_EDITS) if args.placed else ("pairs", WRONG)
-    items = world.generate(world.train_prompts(kind), args.num_images, args.seed)
+    items = world.generate(probe_prompts(kind, args.relations), args.num_images, args.seed)
     captions = [c for _, c in items]
     n = len(items)
     x0 = family.encode_images(parts.vae, to_pixels([i for i, _ in items]), torch.Generator().manual_seed(args.seed))
@@ -112,7 +132,7 @@ def probe(args: argparse.Namespace) -> dict:
     print(f"pooled text embedding: norm {float(conds['true'].pooled.norm(dim=-1).mean()):.3f}, distance to the true caption's: "
           + ", ".join(f"{name} {d:.3f}" for name, d in pooled.items()), flush=True)
     ideal = ideal_gains(lambda images: family.encode_images(parts.vae, to_pixels(images), torch.Generator().manual_seed(args.seed)),
-                        args.ideal_captions, args.ideal_images, args.seed, kind, edits)
+                        args.ideal_captions, args.ideal_images, args.seed, kind, edits, args.relations)
     print("an ideal model at pure noise (x0 units): " + ", ".join(f"{name} {c['mean']:+.4f} ± {c['se']:.4f}" for name, c in ideal.items()),
           flush=True)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -133,20 +153,27 @@ def probe(args: argparse.Namespace) -> dict:
             row[name] = {"mean": mean, "se": se, "x0_mean": mean * to_x0, "x0_se": se * to_x0}
         rows.append(row)
         print(format_row(row), flush=True)
-    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "pooled_distance": pooled, "ideal_at_pure_noise": ideal,
+    return {"model": args.model, "family": FAMILIES[pipeline], "num_images": n, "seed": args.seed, "relations": args.relations,
+            "pooled_distance": pooled, "ideal_at_pure_noise": ideal,
             "rows": rows}
 
 
-WRONG = {"relation flipped": relation_flipped, "colours swapped": colours_swapped}
+def order_swapped(caption: str) -> str:
+    scene = world.parse_caption(caption)
+    return world.Scene(scene.objects[::-1], scene.relation).caption()
+
+
+WRONG = {"relation flipped": relation_flipped, "order swapped": order_swapped, "colours swapped": colours_swapped}
 PLACED_EDITS = {"place flipped": place_flipped}
 
 
-def ideal_gains(encode, num_captions: int, per_caption: int, seed: int, kind: str = "pairs", edits: dict = WRONG) -> dict:
+def ideal_gains(encode, num_captions: int, per_caption: int, seed: int, kind: str = "pairs", edits: dict = WRONG,
+                relations=None) -> dict:
     """What each caption edit costs a model that predicts x0 perfectly, at pure noise (x0 units): its prediction from
     noise alone is the mean latent of the caption's images, so the cost of a wrong caption is E||x0 - mean(wrong)||^2 -
     E||x0 - mean(true)||^2 over the true caption's images ("no caption": the mean over all the captions' images).
     Means come from one half of `per_caption` images per caption, the errors from the other half (no in-sample bias)."""
-    prompts = world.train_prompts(kind)
+    prompts = probe_prompts(kind, relations)
     stride = max(1, min(320, len(prompts)) // num_captions)  # 320: the stride the published composition figures used
     captions = [c for i, c in enumerate(prompts) if i % stride == 0][:num_captions]
     half = per_caption // 2
@@ -183,7 +210,7 @@ def format_row(row: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    what = "placed single-object" if args.placed else "composition"
+    what = "placed single-object" if args.placed else "composition" + (f" ({', '.join(args.relations)})" if args.relations else "")
     print(f"{args.model}: MSE(wrong caption) - MSE(true caption), {args.num_images} {what} images; loss units (x0 units)")
     result = probe(args)
     if args.output_json:

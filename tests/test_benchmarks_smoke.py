@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, load_benchmark
+from toyworld import world
 
 
 def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
@@ -155,6 +156,13 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
     assert probe.relation_flipped("a red circle to the left of a blue square") == "a red circle to the right of a blue square"
     assert probe.relation_flipped("a small green triangle above a yellow circle") == "a small green triangle below a yellow circle"
     assert probe.colours_swapped("a large red circle below a blue square") == "a large blue circle below a red square"
+    assert probe.order_swapped("a large red circle below a blue square") == "a blue square below a large red circle"
+    relations = probe.parse_args(["--relations", "left", "above"]).relations
+    assert relations == ["to the left of", "above"]
+    chosen = probe.probe_prompts("pairs", relations)
+    assert {world.parse_caption(c).relation for c in chosen} == set(relations) and len(chosen) == len(world.train_prompts("pairs")) // 2
+    with pytest.raises(SystemExit):
+        probe.parse_args(["--relations", "left", "--placed"])
     assert probe.place_flipped("a red circle at the top") == "a red circle at the bottom"
     assert probe.place_flipped("a small blue square on the right") == "a small blue square on the left"
     for family in ("sdxl", "sd3"):
@@ -166,7 +174,7 @@ def test_caption_sensitivity_edits_captions_and_probes_the_shipped_toys(tmp_path
         assert row["unconditional"]["mean"] > 2 * row["unconditional"]["se"] > 0
         assert result["pooled_distance"]["unconditional"] > result["pooled_distance"]["relation flipped"] > 0
         ideal = result["ideal_at_pure_noise"]  # a model that knew the captions would pay for every wrong one
-        assert all(ideal[name]["mean"] > 3 * ideal[name]["se"] > 0 for name in ("relation flipped", "colours swapped"))
+        assert all(ideal[name]["mean"] > 3 * ideal[name]["se"] > 0 for name in ("relation flipped", "order swapped", "colours swapped"))
         expected_to_x0 = 0.7**2 if family == "sd3" else pytest.approx(1 / 0.0899, rel=0.01)  # sigma^2; 1 / SNR(700)
         assert row["x0_per_loss_unit"] == expected_to_x0
     placed = probe.main(["--model", str(ROOT / "models" / "toy-sd3"), "--placed", "--num_images", "8", "--timesteps", "700",

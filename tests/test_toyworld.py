@@ -136,9 +136,27 @@ def test_train_base_placed_fraction_takes_its_share_from_the_compositions():
     assert [c for _, c in train_base.world_images(40, 5, 0.5, 0.0)] == [c for _, c in default]  # 0 draws what it drew
     assert kinds(default) == (0, 20, 20)
     assert kinds(train_base.world_images(40, 5, 0.25, 0.5)) == (20, 10, 10)
-    for bad in (["--placed_fraction", "0.6"], ["--placed_fraction", "-0.1"]):  # with --single_fraction 0.5: over 1
+    for bad in (["--placed_fraction", "0.6"], ["--placed_fraction", "-0.1"], ["--relation_skew", "1.2"]):  # over 1 or < 0
         with pytest.raises(SystemExit):
             train_base.parse_args(bad)
+
+
+def test_train_base_relation_skew_sets_the_share_of_forward_relations():
+    """--relation_skew p: a share p of the compositions name the left / upper object first ('to the left of', 'above');
+    left out, the compositions are drawn as before (all four relations)."""
+    from toyworld import train_base
+
+    def forward_share(items):
+        relations = [world.parse_caption(c).relation for _, c in items if world.parse_caption(c).relation]
+        return sum(r in ("to the left of", "above") for r in relations) / len(relations), len(relations)
+
+    assert [c for _, c in train_base.world_images(40, 5, 0.5, 0.0, None)] == [c for _, c in train_base.world_images(40, 5, 0.5)]
+    assert forward_share(train_base.world_images(200, 5, 0.0, 0.5, 0.8)) == (0.8, 100)
+    assert forward_share(train_base.world_images(200, 5, 0.0, 0.0, 1.0)) == (1.0, 200)
+    assert forward_share(train_base.world_images(200, 5, 0.0, 0.0, 0.0)) == (0.0, 200)
+    uniform, _ = forward_share(train_base.world_images(400, 5, 0.0, 0.0))
+    assert 0.4 < uniform < 0.6
+    assert train_base.parse_args(["--relation_skew", "0.8"]).relation_skew == 0.8
 
 
 def test_reward_on_blank_and_unparseable():

@@ -61,6 +61,7 @@ from sharpening.tiny import CLIP_CONTEXT, CLIP_VOCAB_SIZE, write_clip_tokenizer 
 from toyworld import world  # noqa: E402
 
 FAMILIES = ("sdxl", "sd3")
+FORWARD_RELATIONS = ("to the left of", "above")  # the first-named object lies left of / above the second
 FLOW_SHIFT = 1.0  # sd3: the scheduler's shift (see the docstring)
 TEXT_WIDTH = 24  # per encoder (UNet context: 2 * 24 = 48 channels); keeps the model under 30 MB with the
 # two 49408-token embedding tables of the real CLIP vocabulary
@@ -92,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the compositions' share. A composition's relation asks the denoiser for a three-way interaction "
                         "(an image token's position, which object the caption names first, the relation word); a placed single "
                         "asks for the two-way half of it (position and place word). 0 (default) draws what it drew before.")
+    p.add_argument("--relation_skew", type=float, default=None,
+                   help="Share of compositions whose relation is 'to the left of' or 'above' (the first-named object on the "
+                        "left / at the top); the rest use 'to the right of' / 'below'. Uniform relations (the default) give the "
+                        "pair (word order, position) no signal of its own: each order puts the first object on either side "
+                        "equally often, so only the three-way interaction with the relation word pays. A skew, e.g. 0.8, "
+                        "makes 'the first-named object goes left / up' pay by itself, a step towards the relation.")
     p.add_argument("--train_text_encoders", action=argparse.BooleanOptionalAction, default=True,
                    help="Train both text encoders with the UNet (default). Frozen random encoders gave a model that ignored "
                         "much of its caption (wrong colours and shapes on single objects).")
@@ -124,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--logit_mean/--logit_std shape sd3's sigma density; sdxl draws timesteps uniformly (see --loss_weighting).")
     if min(args.single_fraction, args.placed_fraction) < 0 or args.single_fraction + args.placed_fraction > 1:
         p.error("--single_fraction and --placed_fraction are shares of the dataset: each >= 0, together <= 1.")
+    if args.relation_skew is not None and not 0 <= args.relation_skew <= 1:
+        p.error("--relation_skew is a share of the compositions: between 0 and 1.")
     if args.init_from and args.vae_from:
         p.error("--init_from continues a model with its own VAE; drop --vae_from.")
     args.output_dir = args.output_dir or str(ROOT / "models" / f"toy-{args.family}")
@@ -239,9 +248,18 @@ def to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
-def world_images(count: int, seed: int, single_fraction: float, placed_fraction: float = 0.0) -> list[tuple]:
+def world_images(count: int, seed: int, single_fraction: float, placed_fraction: float = 0.0,
+                 relation_skew: float | None = None) -> list[tuple]:
     n_single, n_placed = round(count * single_fraction), round(count * placed_fraction)
-    items = world.generate(world.train_prompts("single"), n_single, seed) + world.generate(world.train_prompts("pairs"), count - n_single - n_placed, seed + 1)
+    n_pairs = count - n_single - n_placed
+    items = world.generate(world.train_prompts("single"), n_single, seed)
+    if relation_skew is None:
+        items += world.generate(world.train_prompts("pairs"), n_pairs, seed + 1)
+    else:  # a share `relation_skew` names the left / upper object first; the rest use the mirrored relations
+        forward = [c for c in world.train_prompts("pairs") if world.parse_caption(c).relation in FORWARD_RELATIONS]
+        mirrored = [c for c in world.train_prompts("pairs") if world.parse_caption(c).relation not in FORWARD_RELATIONS]
+        n_forward = round(n_pairs * relation_skew)
+        items += world.generate(forward, n_forward, seed + 1) + world.generate(mirrored, n_pairs - n_forward, seed + 4)
     if n_placed:
         items += world.generate(world.train_prompts("placed"), n_placed, seed + 3)
     order = np.random.default_rng(seed + 2).permutation(len(items))
@@ -256,7 +274,8 @@ def train_vae(vae, args, device) -> float:
     gen = torch.Generator().manual_seed(args.seed + 10)
     loss_value = float("nan")
     for step in range(args.vae_steps):
-        images = world_images(args.vae_batch_size, args.seed * 1_000_003 + 7919 * step, args.single_fraction, args.placed_fraction)
+        images = world_images(args.vae_batch_size, args.seed * 1_000_003 + 7919 * step, args.single_fraction, args.placed_fraction,
+                              args.relation_skew)
         pixels = to_pixels([i for i, _ in images]).to(device)
         dist = vae.encode(pixels).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
@@ -484,7 +503,7 @@ def main(args: argparse.Namespace) -> Path:
         vae, vae_loss, t_vae = load_or_train_vae(args, device)
         denoiser = build_unet(args.seed, args.unet_levels) if args.family == "sdxl" else build_transformer(args.seed)
 
-    images = world_images(args.dataset_size, args.seed + 100, args.single_fraction, args.placed_fraction)
+    images = world_images(args.dataset_size, args.seed + 100, args.single_fraction, args.placed_fraction, args.relation_skew)
     captions = sorted({c for _, c in images})
     caption_index = torch.tensor([captions.index(c) for _, c in images])
     means, stds = encode_dataset(vae, [i for i, _ in images], device)
