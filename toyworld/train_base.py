@@ -253,11 +253,13 @@ def world_images(count: int, seed: int, single_fraction: float, placed_fraction:
     n_single, n_placed = round(count * single_fraction), round(count * placed_fraction)
     n_pairs = count - n_single - n_placed
     items = world.generate(world.train_prompts("single"), n_single, seed)
+    pairs = world.train_prompts("pairs")
     if relation_skew is None:
-        items += world.generate(world.train_prompts("pairs"), n_pairs, seed + 1)
+        items += world.generate(pairs, n_pairs, seed + 1)
     else:  # a share `relation_skew` names the left / upper object first; the rest use the mirrored relations
-        forward = [c for c in world.train_prompts("pairs") if world.parse_caption(c).relation in FORWARD_RELATIONS]
-        mirrored = [c for c in world.train_prompts("pairs") if world.parse_caption(c).relation not in FORWARD_RELATIONS]
+        forward, mirrored = [], []
+        for caption in pairs:
+            (forward if world.parse_caption(caption).relation in FORWARD_RELATIONS else mirrored).append(caption)
         n_forward = round(n_pairs * relation_skew)
         items += world.generate(forward, n_forward, seed + 1) + world.generate(mirrored, n_pairs - n_forward, seed + 4)
     if n_placed:
