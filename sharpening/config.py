@@ -53,7 +53,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_start_timestep", type=float, default=None,
                    help="Start trajectories only at grid timesteps <= this (default: anywhere on the grid). Later starts give "
                         "cleaner previews, whose reward predicts the finished image's better, but train only low-noise states.")
-    g.add_argument("--path_reward", default="sum", choices=["sum", "mean"], help="Eq. 8 aggregates step rewards by sum; mean as an option.")
+    g.add_argument("--path_reward", default="sum", choices=["sum", "mean", "final"],
+                   help="How a candidate path is scored. sum (Eq. 8) or mean of the rewards of its m x0 previews; final: continue "
+                        "each path without grad to the end of the grid and score the image it finishes at (one reward call per "
+                        "path, about (grid length - start) more model calls). The endpoint targets then regress toward that "
+                        "finished image instead of the last preview. Early previews are blurry, so their reward can say little "
+                        "about the image a path leads to.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=5.0,
                    help="CFG of rollouts (RLHF) and validation images. FLUX.1-dev: the embedded guidance everywhere "

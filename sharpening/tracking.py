@@ -14,16 +14,17 @@ WINNER, LOSER = (30, 160, 60), (200, 40, 40)
 
 
 def trajectory_grid(candidates: Candidates, prompt: int, cell: int = 96) -> Image.Image:
-    """One prompt's exploration: a row per candidate (its m x0 previews left to right, each with its step reward;
-    the path reward at the row's start), the winner framed green and the loser red."""
+    """One prompt's exploration: a row per candidate (its m x0 previews left to right, each with its step reward, or
+    with --path_reward final its finished image; the path reward at the row's start), the winner framed green and
+    the loser red."""
     exploration = candidates.exploration
-    m, rows = exploration.timesteps.shape
+    m, rows = exploration.step_rewards.shape
     n = rows // candidates.selection.winner.shape[0]
     label_w, label_h = 110, 14
     grid = Image.new("RGB", (label_w + m * cell, label_h + n * (cell + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for k in range(m):
-        draw.text((label_w + k * cell + 2, 1), f"state {k + 1}", fill="black")
+        draw.text((label_w + k * cell + 2, 1), "finished" if exploration.finished is not None else f"state {k + 1}", fill="black")
     winner, loser = int(candidates.selection.winner[prompt]), int(candidates.selection.loser[prompt])
     for i in range(n):
         row = i * candidates.selection.winner.shape[0] + prompt

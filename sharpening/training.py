@@ -265,7 +265,7 @@ class Trainer:
         x_t = self.sampler.add_noise(x0.repeat(n, 1, 1, 1), noise, self.sampler.grid[start])
         cond_n = cond.repeat(n)
         model = with_guidance(self.family, self.parts, self.policy(grad=False), cond_n, self.args.explore_guidance_scale, self.device)
-        exploration = explore(model, self.sampler, x_t, start, cond_n, self.num_steps)
+        exploration = explore(model, self.sampler, x_t, start, cond_n, self.num_steps, to_end=self.args.path_reward == "final")
         score_exploration(exploration, prompts * n, self.decode, self.reward)
         rewards = path_reward(exploration.step_rewards, self.args.path_reward)
         candidates = Candidates(x0, noise, exploration, rewards, select(rewards, n))

@@ -43,12 +43,20 @@ class Exploration:
     x0_preds: torch.Tensor  # (m, N, C, H, W): one-step x0 prediction at each state (what the reward sees)
     step_rewards: torch.Tensor | None = None  # (m, N), NaN where the reward could not be had
     step_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (m, N)
-    images: list | None = None  # the m * N decoded previews the reward saw (state-major), for the trajectory grids
+    images: list | None = None  # the decoded images the reward saw (scored-major: k * N + row), for the trajectory grids
+    finished: torch.Tensor | None = None  # (N, C, H, W): where each path ends when continued to the end of the grid
+
+    def scored_latents(self) -> torch.Tensor:
+        """(k, N, C, H, W): what the reward scores. The m previews, or (--path_reward final) each path's finished image."""
+        return self.x0_preds if self.finished is None else self.finished.unsqueeze(0)
 
 
 @torch.no_grad()
-def explore(model: ModelFn, sampler: Sampler, x_start: torch.Tensor, start: torch.Tensor, cond, num_steps: int) -> Exploration:
-    """Run `num_steps` deterministic sampler steps from x_start (N rows, per-row grid index `start`), keeping each state."""
+def explore(model: ModelFn, sampler: Sampler, x_start: torch.Tensor, start: torch.Tensor, cond, num_steps: int,
+            to_end: bool = False) -> Exploration:
+    """Run `num_steps` deterministic sampler steps from x_start (N rows, per-row grid index `start`), keeping each state.
+    to_end: then continue every row with the same sampler to the end of the grid (states not kept) and record the
+    image each path finishes at (`Exploration.finished`)."""
     states, timesteps, x0_preds = [], [], []
     x, index = x_start, start.long()
     for _ in range(num_steps):
@@ -58,15 +66,36 @@ def explore(model: ModelFn, sampler: Sampler, x_start: torch.Tensor, start: torc
         x, x0 = sampler.step(model(x, t, cond), index, x)
         x0_preds.append(x0)
         index = index + 1
-    return Exploration(torch.stack(states), torch.stack(timesteps), torch.stack(x0_preds))
+    exploration = Exploration(torch.stack(states), torch.stack(timesteps), torch.stack(x0_preds))
+    if to_end:
+        exploration.finished = finish(model, sampler, x, index, cond, x0_preds[-1])
+    return exploration
+
+
+@torch.no_grad()
+def finish(model: ModelFn, sampler: Sampler, x: torch.Tensor, index: torch.Tensor, cond, last_x0: torch.Tensor) -> torch.Tensor:
+    """Continue each row from grid `index` (per row; len(grid) = already at the end) to the end of the grid and return
+    its last x0 prediction, the image the path finishes at (`last_x0` for rows already at the end). All rows run
+    through the model together, so a guided `model` keeps its batch; rows that have ended are not updated."""
+    size = len(sampler.grid)
+    finished = last_x0.clone()
+    for _ in range(size - int(index.min()) if len(index) else 0):
+        active = index < size
+        at = index.clamp(max=size - 1)
+        x_next, x0 = sampler.step(model(x, sampler.grid[at], cond), at, x)
+        mask = active.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+        x, finished = torch.where(mask, x_next, x), torch.where(mask, x0, finished)
+        index = index + active.long()
+    return finished
 
 
 def score_exploration(exploration: Exploration, prompts: list[str], decode: Callable, reward) -> None:
-    """Decode every x0 prediction of the exploration and score all of them in ONE reward call (so an
-    MLLM grader runs them concurrently). `prompts` holds the real caption of each of the N rows.
-    `decode(latents) -> (images, finite)`: an image that did not decode to finite pixels scores NaN."""
-    m, N = exploration.timesteps.shape
-    images, finite = decode(exploration.x0_preds.flatten(0, 1))
+    """Decode what the exploration is scored on (every x0 preview, or each path's finished image) and score all of
+    them in ONE reward call (so an MLLM grader runs them concurrently). `prompts` holds the real caption of each of
+    the N rows. `decode(latents) -> (images, finite)`: an image that did not decode to finite pixels scores NaN."""
+    scored = exploration.scored_latents()
+    m, N = scored.shape[:2]
+    images, finite = decode(scored.flatten(0, 1))
     result = reward.evaluate(images, prompts * m)
 
     def grid(values: torch.Tensor) -> torch.Tensor:
@@ -78,14 +107,22 @@ def score_exploration(exploration: Exploration, prompts: list[str], decode: Call
     exploration.step_components = {k: grid(v) for k, v in result.components.items()}
 
 
+PATH_REWARDS = ("sum", "mean", "final")
+
+
 def path_reward(step_rewards: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     """Eq. 8: R_i = sum over the visited states (or the mean). One unscored state makes the path NaN,
-    so an incompletely scored candidate can never win."""
+    so an incompletely scored candidate can never win. "final": the reward of the one scored image, the path's
+    finished image (exploration ran `to_end`)."""
     if mode == "sum":
         return step_rewards.sum(0)
     if mode == "mean":
         return step_rewards.mean(0)
-    raise ValueError(f"--path_reward must be 'sum' or 'mean', got {mode!r}")
+    if mode == "final":
+        if step_rewards.shape[0] != 1:
+            raise ValueError("--path_reward final scores one finished image per path; explore with to_end=True")
+        return step_rewards[0]
+    raise ValueError(f"--path_reward must be one of {PATH_REWARDS}, got {mode!r}")
 
 
 @dataclass
@@ -141,6 +178,7 @@ class Candidates:
         return which.cpu() * batch + torch.arange(batch)
 
     def endpoints_of(self, which: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W): where candidate which[b] of prompt b ended, its last one-step x0 preview (the last image
-        the reward scored on that path)."""
-        return self.exploration.x0_preds[-1, self.rows_of(which)]
+        """(B, C, H, W): where candidate which[b] of prompt b ended: its last one-step x0 preview, or its finished
+        image when the exploration ran to the end of the grid (the last image the reward scored on that path)."""
+        ends = self.exploration.x0_preds[-1] if self.exploration.finished is None else self.exploration.finished
+        return ends[self.rows_of(which)]

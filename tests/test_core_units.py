@@ -372,6 +372,48 @@ def test_explore_with_zero_output_keeps_x0_and_scales_states():
         assert out.x0_preds[1, row].item() == pytest.approx(x0.item(), rel=1e-12)
 
 
+def test_explore_to_end_finishes_each_row_as_its_own_sampling_loop():
+    # --path_reward final: rows at different grid positions continue to the end together; each must finish exactly
+    # where stepping that row alone to the end of the grid lands (its last x0 prediction).
+    ddim, ref = DDIM(sdxl_config(), 25), reference_scheduler(sdxl_config())
+    g = torch.Generator().manual_seed(9)
+    x_start = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    cond = cond_of([0.5, -0.25, 1.0, 2.0])
+
+    def model(x, t, c):
+        return 0.3 * x + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * c.pooled[:, :1].view(-1, 1, 1, 1)
+
+    start, m = torch.tensor([0, 22, 12, 20]), 3  # row 1 ends its m steps at the grid's end; row 0 needs 22 more
+    out = trajectory.explore(model, ddim, x_start, start, cond, m, to_end=True)
+    preview_only = trajectory.explore(model, ddim, x_start, start, cond, m)
+    torch.testing.assert_close(out.x0_preds, preview_only.x0_preds, rtol=0, atol=0)
+    assert out.scored_latents().shape == (1, 4, 2, 2, 2) and preview_only.scored_latents().shape == (m, 4, 2, 2, 2)
+    for row in range(4):
+        x, x0 = x_start[row : row + 1], None
+        for t in ddim.grid[int(start[row]):]:
+            t = t.view(1)
+            x, x0 = reference_step(ref, model(x, t, cond.select(torch.tensor([row]))), t, x)
+        torch.testing.assert_close(out.finished[row : row + 1], x0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.finished[1], out.x0_preds[-1, 1], rtol=0, atol=0)  # already at the end
+    assert not torch.allclose(out.finished[0], out.x0_preds[-1, 0])
+
+
+def test_endpoints_are_the_finished_images_when_exploration_ran_to_the_end():
+    states = torch.zeros(2, 4, 1, 1, 1)
+    exploration = trajectory.Exploration(states, torch.zeros(2, 4), torch.arange(8.0).view(2, 4, 1, 1, 1))
+    rewards = torch.tensor([0.0, 1.0, 2.0, -1.0])  # n = 2, B = 2: winners 1 (prompt 0) and 0 (prompt 1)
+    c = trajectory.Candidates(torch.zeros(2, 1, 1, 1), torch.zeros(4, 1, 1, 1), exploration, rewards, trajectory.select(rewards, 2))
+    assert c.endpoints_of(c.selection.winner).flatten().tolist() == [6.0, 5.0]  # last previews, rows 2 and 1
+    exploration.finished = torch.arange(10.0, 14.0).view(4, 1, 1, 1)
+    assert c.endpoints_of(c.selection.winner).flatten().tolist() == [12.0, 11.0]
+
+
+def test_path_reward_final_is_the_finished_images_reward():
+    assert trajectory.path_reward(torch.tensor([[0.25, float("nan")]]), "final")[0].item() == 0.25
+    with pytest.raises(ValueError, match="to_end"):
+        trajectory.path_reward(torch.ones(3, 2), "final")
+
+
 def test_path_reward_sum_mean_and_nan():
     r = torch.tensor([[1.0, 2.0, 0.5], [3.0, float("nan"), 0.5], [5.0, 6.0, 2.0]])
     s = trajectory.path_reward(r, "sum")
@@ -462,6 +504,17 @@ def test_score_exploration_scores_all_states_in_one_call_step_major():
     assert exploration.step_rewards.dtype == torch.float32
     torch.testing.assert_close(exploration.step_components["a"], torch.tensor([[0.0, 1.0, 2.0], [100.0, 101.0, nan]]), equal_nan=True)
     torch.testing.assert_close(exploration.step_components["b"], torch.tensor([[-0.0, -2.0, -4.0], [-200.0, -202.0, nan]]), equal_nan=True)
+
+
+def test_score_exploration_of_finished_paths_scores_only_the_finished_images():
+    m, N = 2, 3
+    exploration = trajectory.Exploration(torch.zeros(m, N, 1, 1, 1), torch.zeros(m, N), torch.zeros(m, N, 1, 1, 1),
+                                         finished=torch.tensor([5.0, 6.0, 7.0]).view(N, 1, 1, 1))
+    reward = FakeReward()
+    trajectory.score_exploration(exploration, ["p0", "p1", "p0"], lambda z: ([float(v) for v in z.flatten()], torch.ones(len(z), dtype=torch.bool)), reward)
+    assert reward.calls == [([5.0, 6.0, 7.0], ["p0", "p1", "p0"])]
+    torch.testing.assert_close(exploration.step_rewards, torch.tensor([[10.0, 12.0, 14.0]]))
+    torch.testing.assert_close(trajectory.path_reward(exploration.step_rewards, "final"), torch.tensor([10.0, 12.0, 14.0]))
 
 
 # ----------------------------------------------------------------------------------------------- 4. losses

@@ -99,6 +99,28 @@ def test_full_sampling_and_exploration_equal_the_scheduler_loop():
             x = s.step(model(x, t.view(1), None), t, x).prev_sample
 
 
+def test_exploration_run_to_the_end_finishes_where_the_scheduler_loop_ends():
+    # --path_reward final on the flow sampler: each row, continued from its own start to the end of the grid, ends at
+    # the clean image scheduler.step lands on (the last Euler step goes to sigma 0, where x equals the x0 preview).
+    ours = FlowMatchEuler(SD3, 6)
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(3, 2, 3, 3, generator=g)
+
+    def model(x, t, cond):
+        return 0.5 * x - (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
+
+    start = torch.tensor([0, 2, 3])
+    out = trajectory.explore(model, ours, noise, start, None, 3, to_end=True)
+    for row in range(3):
+        s = reference(SD3, 6)
+        s._step_index = int(start[row])
+        x = noise[row : row + 1]
+        while s.step_index < len(s.timesteps):
+            t = s.timesteps[s.step_index]
+            x = s.step(model(x, t.view(1), None), t, x).prev_sample
+        torch.testing.assert_close(out.finished[row : row + 1], x, rtol=0, atol=1e-5)
+
+
 def test_fresh_rows_draw_training_sigmas_in_range():
     ours = FlowMatchEuler(SD3, 10)
     clean = torch.zeros(4, 2, 2, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -90,6 +91,38 @@ def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tm
     expected = torch.cat([states[k, [2 * batch + 0, 0 * batch + 1]] for k in range(m)])
     torch.testing.assert_close(captured["states"], expected)
     assert not any(s.requires_grad for s in candidates.exploration.states)
+
+
+def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_sdxl, tmp_path):
+    # --path_reward final: every candidate runs on to the end of the grid, only the n x B finished images are scored,
+    # and best_endpoint regresses all n paths' states onto the winner's FINISHED image (not its last preview).
+    from sharpening.targets import sft_rows
+
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, path_reward="final", report_to="tensorboard",
+                          log_trajectories_every=1, log_trajectories_prompts=2)
+    rigged = RiggedReward(torch.tensor([[0.1, 0.9], [0.2, 0.5], [0.8, 0.3]]))
+    scored = []
+    trainer.reward = SimpleNamespace(evaluate=lambda images, prompts: scored.append(len(images)) or rigged.evaluate(images, prompts),
+                                     counters=dict)
+    explored = {}
+    original_explore = trainer.explore_candidates
+
+    def keep(*a, **k):
+        explored["c"] = original_explore(*a, **k)
+        return explored["c"]
+
+    trainer.explore_candidates = keep
+    trainer.train(sft.sft_step)
+
+    c, n, batch = explored["c"], 3, 2
+    assert scored == [n * batch] and c.selection.winner.tolist() == [2, 0]
+    finished = c.exploration.finished
+    assert finished is not None and finished.shape == c.exploration.x0_preds.shape[1:]
+    rows = sft_rows("best_endpoint", trainer.sampler, c)
+    winners_finished = finished[[2 * batch + 0, 0 * batch + 1]]
+    torch.testing.assert_close(rows.clean, winners_finished[rows.prompt].to(rows.clean))
+    assert len(rows.prompt) == n * trainer.num_steps * batch
+    assert any((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))  # the one-column trajectory grid was drawn
 
 
 def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path):
