@@ -54,6 +54,18 @@ class RiggedReward:
         return {}
 
 
+def keep_explorations(trainer) -> dict:
+    """Wrap trainer.explore_candidates so that the returned dict holds the last step's candidates under "c"."""
+    explored, original_explore = {}, trainer.explore_candidates
+
+    def keep(*a, **k):
+        explored["c"] = original_explore(*a, **k)
+        return explored["c"]
+
+    trainer.explore_candidates = keep
+    return explored
+
+
 def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tmp_path):
     # Eq. 9's target trains the winner's states only, which makes the per-prompt selection visible here.
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, sft_target="noise")
@@ -70,14 +82,7 @@ def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tm
         return original_forward(sample, timestep, *a, **k)
 
     unet.forward = counting_forward
-    explored = {}
-    original_explore = trainer.explore_candidates
-
-    def keep(*a, **k):
-        explored["c"] = original_explore(*a, **k)
-        return explored["c"]
-
-    trainer.explore_candidates = keep
+    explored = keep_explorations(trainer)
     trainer.train(sft.sft_step)
 
     candidates = explored["c"]
@@ -104,14 +109,7 @@ def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_
     scored = []
     trainer.reward = SimpleNamespace(evaluate=lambda images, prompts: scored.append(len(images)) or rigged.evaluate(images, prompts),
                                      counters=dict)
-    explored = {}
-    original_explore = trainer.explore_candidates
-
-    def keep(*a, **k):
-        explored["c"] = original_explore(*a, **k)
-        return explored["c"]
-
-    trainer.explore_candidates = keep
+    explored = keep_explorations(trainer)
     trainer.train(sft.sft_step)
 
     c, n, batch = explored["c"], 3, 2
