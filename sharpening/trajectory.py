@@ -107,9 +107,6 @@ def score_exploration(exploration: Exploration, prompts: list[str], decode: Call
     exploration.step_components = {k: grid(v) for k, v in result.components.items()}
 
 
-PATH_REWARDS = ("sum", "mean", "final")
-
-
 def path_reward(step_rewards: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     """Eq. 8: R_i = sum over the visited states (or the mean). One unscored state makes the path NaN,
     so an incompletely scored candidate can never win. "final": the reward of the one scored image, the path's
@@ -122,7 +119,7 @@ def path_reward(step_rewards: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         if step_rewards.shape[0] != 1:
             raise ValueError("--path_reward final scores one finished image per path; explore with to_end=True")
         return step_rewards[0]
-    raise ValueError(f"--path_reward must be one of {PATH_REWARDS}, got {mode!r}")
+    raise ValueError(f"--path_reward must be 'sum', 'mean' or 'final', got {mode!r}")
 
 
 @dataclass
