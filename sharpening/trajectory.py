@@ -79,8 +79,7 @@ def finish(model: ModelFn, sampler: Sampler, x: torch.Tensor, index: torch.Tenso
     through the model together, so a guided `model` keeps its batch; rows that have ended are not updated."""
     size = len(sampler.grid)
     finished = last_x0.clone()
-    for _ in range(size - int(index.min()) if len(index) else 0):
-        active = index < size
+    while (active := index < size).any():
         at = index.clamp(max=size - 1)
         x_next, x0 = sampler.step(model(x, sampler.grid[at], cond), at, x)
         mask = active.to(x.device).view(-1, *([1] * (x.ndim - 1)))
@@ -177,5 +176,4 @@ class Candidates:
     def endpoints_of(self, which: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W): where candidate which[b] of prompt b ended: its last one-step x0 preview, or its finished
         image when the exploration ran to the end of the grid (the last image the reward scored on that path)."""
-        ends = self.exploration.x0_preds[-1] if self.exploration.finished is None else self.exploration.finished
-        return ends[self.rows_of(which)]
+        return self.exploration.scored_latents()[-1, self.rows_of(which)]
