@@ -125,6 +125,8 @@ def test_reward_response_variant_flags():
     assert (name, kind, settings["use_lora"], settings["learning_rate"], settings["use_ema"]) == ("lora", "sft", True, "1e-4", False)
     command = flags(settings)
     assert "--use_lora" in command and command[command.index("--learning_rate") + 1] == "1e-4" and "--use_ema" not in command
+    # 0 is a value, not "off": the recipe's seed 0 reaches the script (once dropped as 0 == False, so runs drew random seeds).
+    assert flags({"seed": 0, "snr_gamma": None, "data_anchor_weight": 0.0}) == ["--seed", "0", "--data_anchor_weight", "0.0"]
     assert overrides_for("lora", ["lora:use_lora=false", "seed=3"]) == {"use_lora": False, "seed": "3"}
     model = str(ROOT / "models" / "toy-sdxl")
     assert bench.checkpoint_spec(settings, Path("ck"), model) == "lora=ck"
@@ -136,6 +138,46 @@ def test_reward_response_variant_flags():
         bench.parse_args(["--variant", "x=sft:use_lora=true,use_ema=true"])
     with pytest.raises(SystemExit, match="use_ema"):
         bench.parse_args(["--variant", "x=sft:use_lora=true", "--set", "use_ema=true"])
+
+
+def test_reward_response_train_seeds_end_to_end(tiny_sdxl, tmp_path):
+    """Two training runs of one variant: both are trained with their own seeds, evaluated, and pooled into the table."""
+    bench = load_benchmark("reward_response")
+    work = tmp_path / "rr"
+    results = bench.main(bench.parse_args([
+        "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "--variants", "sft", "--train_seeds", "2",
+        "--steps", "1", "--eval_every", "1", "--train_images", "4", "--eval_prompts", "2", "--images_per_prompt", "2",
+        "--eval_steps", "2", "--threads", "1", "--set", "train_batch_size=2", "--set", "infer_steps=4"]))
+    assert "--seed 0" in (work / "brightness" / "sft.log").read_text().splitlines()[0]
+    assert "--seed 1" in (work / "brightness" / "sft.run1.log").read_text().splitlines()[0]
+    evaluated = json.loads((work / "eval" / "results.json").read_text())["summary"]
+    assert {"brightness/sft@1", "brightness/sft.run1@1"} <= set(evaluated)
+    final = results["brightness"]["sft"]["final"]["brightness"]
+    assert len(final["run_diffs"]) == 2 and final["diff"] == pytest.approx(sum(final["run_diffs"]) / 2)
+    assert "mean of 2 training runs" in (work / "reward_response.md").read_text()
+
+
+def test_reward_response_pools_training_seeds(tmp_path):
+    """--train_seeds K: the J-th run trains with seed + J into its own folder, and Δ pools the K runs with an SE that
+    adds their spread to the evaluation's (hand-computed: 3 prompts x 2 images, base 0, two runs)."""
+    bench = load_benchmark("reward_response")
+    args = bench.parse_args(["--rewards", "toy", "--variants", "sft", "--train_seeds", "2", "--set", "seed=5"])
+    first, second = (bench.run_flags(args, tmp_path, "toy", "sft", tmp_path, tmp_path, j) for j in (0, 1))
+    assert (first["seed"], second["seed"]) == (5, 6)
+    assert first["output_dir"] == str(tmp_path / "toy" / "sft") and second["output_dir"] == str(tmp_path / "toy" / "sft.run1")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train_seeds", "0"])
+
+    scores = {"base": [0.0] * 6, "toy/sft@1": [1.0, None, 2.0, 2.0, 3.0, 3.0], "toy/sft.run1@1": [2.0, 2.0, 2.0, 2.0, 5.0, 5.0]}
+    record = {"baseline": "base", "images_per_prompt": 2, "scores": {m: {"toy": v} for m, v in scores.items()},
+              "summary": {"toy/sft@1": {"toy": {"mean": 2.0}}, "toy/sft.run1@1": {"toy": {"mean": 3.0}}}}
+    entry = bench.pooled_entry(record, ["toy/sft@1", "toy/sft.run1@1"], "toy")
+    # Per-prompt Δ averaged over the runs: 1.5, 2, 4 -> mean 2.5, SE sqrt(1.75 / 3); runs' Δ 2 and 3 -> SD sqrt(0.5).
+    assert entry["run_diffs"] == [2.0, 3.0] and entry["diff"] == pytest.approx(2.5) and entry["mean"] == pytest.approx(2.5)
+    assert entry["eval_se"] == pytest.approx((1.75 / 3) ** 0.5) and entry["run_sd"] == pytest.approx(0.5 ** 0.5)
+    assert entry["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
+    # One run: the evaluation's own paired entry, unchanged.
+    assert bench.pooled_entry(record, ["toy/sft@1"], "toy") == {"mean": 2.0}
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):

@@ -81,11 +81,13 @@ def cpu_threads() -> int:
 
 
 def flags(settings: dict) -> list[str]:
+    """settings -> command-line flags: True switches a flag on, None and False leave it off; every other value,
+    0 included, is passed (`value not in (None, False)` would drop 0 == False, e.g. the recipe's `--seed 0`)."""
     out = []
     for key, value in settings.items():
         if value is True:
             out.append(f"--{key}")
-        elif value not in (None, False):
+        elif value is not None and value is not False:
             out += [f"--{key}", str(value)]
     return out
 
