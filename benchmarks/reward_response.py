@@ -25,6 +25,10 @@ FINISHED images, as RAFT does; it tells a weak objective from a reward the budge
     python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
     python benchmarks/reward_response.py --rewards toy --variants --variant "sft-lora=sft:use_lora=true,lora_rank=8,learning_rate=1e-4"
 
+Training itself varies from run to run (seed, thread count): the paired SE covers the evaluation's seeds only.
+`--train_seeds K` trains every (reward, variant) K times with training seeds s, s+1, ... and reports the mean Δ over
+the K runs with an SE that adds their spread: sqrt(SE_eval^2 + SD_runs^2 / K).
+
 Writes `reward_response.json`, `reward_response.md` and `reward_response.png` (Δ reward vs step) to --work_dir.
 """
 from __future__ import annotations
@@ -36,6 +40,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_prompts", type=int, default=56, help="Training-pair prompts evaluated.")
     p.add_argument("--images_per_prompt", type=int, default=2)
     p.add_argument("--eval_steps", type=int, default=20, help="Sampling steps of the evaluation samples (DDIM for SDXL, flow-matching Euler for SD3 / FLUX).")
+    p.add_argument("--train_seeds", type=int, default=1,
+                   help="Training runs per (reward, variant), with training seeds s, s+1, ... (s: the recipe's or --set seed); "
+                        "Δ is their mean, its SE adds the runs' spread to the evaluation's.")
     p.add_argument("--train_images", type=int, default=512, help="Images in the SFT imagefolder.")
     p.add_argument("--model", default=str(MODEL), help="The toy model to fine-tune (models/toy-sdxl or models/toy-sd3).")
     p.add_argument("--work_dir", default=str(ROOT / "output" / "reward_response"))
@@ -111,17 +120,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
     for name in args.runs:
         check_evaluable(args.runs[name][1] | overrides_for(name, args.overrides))
+    if args.train_seeds < 1:
+        p.error("--train_seeds must be >= 1.")
     if args.steps % args.eval_every:
         p.error("--steps must be a multiple of --eval_every (so the last checkpoint is the final model).")
     return args
 
 
-def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file: Path) -> dict:
-    """The training flags of one (reward, variant) run: the toy recipe, the variant's settings, then --set."""
+def run_label(reward: str, name: str, replica: int) -> str:
+    """`reward/variant` for the first training run of a variant, `reward/variant.runJ` for its J-th repeat."""
+    return f"{reward}/{name}" + (f".run{replica}" if replica else "")
+
+
+def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file: Path, replica: int = 0) -> dict:
+    """The training flags of one (reward, variant) run: the toy recipe, the variant's settings, then --set; the
+    J-th repeat (`--train_seeds`) trains with the seed plus J."""
     kind, settings = args.runs[name]
     flags = {**COMMON, **settings, "reward_model": reward, "pretrained_model_name_or_path": args.model,
-             "output_dir": str(work / reward / name), "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
+             "output_dir": str(work / run_label(reward, name, replica)), "max_train_steps": args.steps,
+             "checkpointing_steps": args.eval_every}
     flags |= overrides_for(name, args.overrides)
+    flags["seed"] = int(flags["seed"]) + replica
     return flags | ({"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)})
 
 
@@ -129,8 +148,8 @@ def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, floa
     """Every (reward, variant) run, `--jobs` at a time; returns seconds per run."""
     total_threads = args.threads or cpu_threads()
     threads = max(1, total_threads // args.jobs)
-    jobs = [(f"{reward}/{name}", SCRIPTS[args.runs[name][0]], run_flags(args, work, reward, name, data, prompt_file))
-            for reward in args.rewards for name in args.runs]
+    jobs = [(run_label(reward, name, j), SCRIPTS[args.runs[name][0]], run_flags(args, work, reward, name, data, prompt_file, j))
+            for reward in args.rewards for name in args.runs for j in range(args.train_seeds)]
 
     def run(job):
         label, script, flags = job
@@ -151,19 +170,44 @@ def first_step_above(curve: list[dict], sigmas: float = 3.0) -> int | None:
     return None
 
 
+def pooled_entry(record: dict, labels: list[str], metric: str) -> dict:
+    """One metric of K training runs of a variant (evaluation labels `labels`), paired with the base on the same
+    seeds: Δ is the mean over runs, and its SE adds the runs' spread (SD of their Δs / sqrt K) to the evaluation's
+    (SE over prompts of the run-averaged per-prompt Δ)."""
+    from evaluate import mean_se, per_prompt
+
+    if len(labels) == 1:
+        return record["summary"][labels[0]][metric]
+    k = record["images_per_prompt"]
+
+    def prompt_means(model):
+        return per_prompt(np.array(record["scores"][model][metric], dtype=float), k)
+
+    base = prompt_means(record["baseline"])
+    runs = np.stack([prompt_means(label) - base for label in labels])  # (K, prompts)
+    run_diffs = np.nanmean(runs, axis=1)
+    diff, eval_se, _ = mean_se(np.nanmean(runs, axis=0))
+    run_sd = float(np.std(run_diffs, ddof=1))
+    return {"mean": float(np.mean([record["summary"][label][metric]["mean"] for label in labels])), "diff": diff,
+            "diff_se": math.sqrt(eval_se ** 2 + run_sd ** 2 / len(labels)), "eval_se": eval_se, "run_sd": run_sd,
+            "run_diffs": [float(d) for d in run_diffs]}
+
+
 def summarise(record: dict, args) -> dict:
-    """{reward: {variant: {"curve": [{step, diff, diff_se}], "final": {metric: entry}, "steps_to_3se": ...}}}."""
+    """{reward: {variant: {"curve": [{step, diff, diff_se}], "final": {metric: entry}, "steps_to_3se": ...}}}; with
+    --train_seeds K every entry pools the K runs (pooled_entry)."""
     summary, checkpoints = record["summary"], list(range(args.eval_every, args.steps + 1, args.eval_every))
     out = {}
     for reward in args.rewards:
         out[reward] = {"base": {m: summary["base"][m] for m in (reward, *GUARDS)}}
         for name in args.runs:
+            def at(step, metric):
+                return pooled_entry(record, [f"{run_label(reward, name, j)}@{step}" for j in range(args.train_seeds)], metric)
+
             curve = [{"step": 0, "diff": 0.0, "diff_se": 0.0}] + [
-                {"step": s, "diff": summary[f"{reward}/{name}@{s}"][reward]["diff"], "diff_se": summary[f"{reward}/{name}@{s}"][reward]["diff_se"]}
-                for s in checkpoints
-            ]
-            final = summary[f"{reward}/{name}@{args.steps}"]
-            out[reward][name] = {"curve": curve, "final": {m: final[m] for m in (reward, *GUARDS)}, "steps_to_3se": first_step_above(curve[1:])}
+                {"step": s, "diff": at(s, reward)["diff"], "diff_se": at(s, reward)["diff_se"]} for s in checkpoints]
+            final = {m: at(args.steps, m) for m in (reward, *GUARDS)}
+            out[reward][name] = {"curve": curve, "final": final, "steps_to_3se": first_step_above(curve[1:])}
     return out
 
 
@@ -173,7 +217,9 @@ def _diff(entry: dict) -> str:
 
 def markdown(results: dict, args) -> str:
     lines = [f"Reward response: {args.steps} optimizer steps of batch {COMMON['train_batch_size']} per run, model {Path(args.model).name}, training-pair prompts "
-             f"({args.eval_prompts} x {args.images_per_prompt} seeds); Δ = paired difference vs base ± paired SE over prompts.", ""]
+             f"({args.eval_prompts} x {args.images_per_prompt} seeds); Δ = paired difference vs base ± paired SE over prompts"
+             + (f"; mean of {args.train_seeds} training runs per variant (seeds s, s+1, ...), SE = sqrt(SE_eval^2 + SD_runs^2 / "
+                f"{args.train_seeds}), each run's Δ of the trained reward in brackets." if args.train_seeds > 1 else "."), ""]
     names = list(args.runs)
     lines += ["Δ of the trained reward, in standard errors (final checkpoint; ✓ = more than +3 SE):", "",
               "| variant | " + " | ".join(args.rewards) + " |", "|---|" + "---|" * len(args.rewards)]
@@ -193,7 +239,8 @@ def markdown(results: dict, args) -> str:
             r = results[reward][name]
             f = r["final"]
             steps = r["steps_to_3se"] if r["steps_to_3se"] is not None else f"> {args.steps}"
-            lines.append(f"| {name} | {_diff(f[reward])} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
+            runs = " [" + ", ".join(f"{d:+.3f}" for d in f[reward]["run_diffs"]) + "]" if "run_diffs" in f[reward] else ""
+            lines.append(f"| {name} | {_diff(f[reward])}{runs} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
                          f"{f['toy/clean']['mean']:.3f} |")
     return "\n".join(lines)
 
@@ -231,9 +278,9 @@ def main(args: argparse.Namespace) -> dict:
 
     checkpoints = range(args.eval_every, args.steps + 1, args.eval_every)
     models = [f"base={args.model}"] + [
-        f"{reward}/{name}@{s}={args.model},"
-        + checkpoint_spec(run_flags(args, work, reward, name, data, prompt_file), work / reward / name / f"checkpoint-{s}", args.model)
-        for reward in args.rewards for name in args.runs for s in checkpoints
+        f"{run_label(reward, name, j)}@{s}={args.model},"
+        + checkpoint_spec(run_flags(args, work, reward, name, data, prompt_file, j), work / run_label(reward, name, j) / f"checkpoint-{s}", args.model)
+        for reward in args.rewards for name in args.runs for j in range(args.train_seeds) for s in checkpoints
     ]
     torch.set_num_threads(args.threads or cpu_threads())
     record = evaluate.main(evaluate.parse_args(
@@ -249,6 +296,7 @@ def main(args: argparse.Namespace) -> dict:
     (work / "reward_response.json").write_text(json.dumps({
         "results": results, "train_seconds": seconds, "steps": args.steps, "eval_every": args.eval_every,
         "runs": {k: {"script": SCRIPTS[v[0]], "flags": v[1]} for k, v in args.runs.items()}, "overrides": args.overrides,
+        "train_seeds": args.train_seeds,
         "recipe": COMMON, "minutes": round((time.time() - started) / 60, 1)}, indent=2))
     plot(results, args, work / "reward_response.png")
     print("\n" + text + f"\n\n[reward_response] wrote {work / 'reward_response.md'}, .json, .png; "
