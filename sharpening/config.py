@@ -53,6 +53,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_start_timestep", type=float, default=None,
                    help="Start trajectories only at grid timesteps <= this (default: anywhere on the grid). Later starts give "
                         "cleaner previews, whose reward predicts the finished image's better, but train only low-noise states.")
+    g.add_argument("--min_start_timestep", type=float, default=None,
+                   help="Start trajectories only at grid timesteps >= this (default: anywhere on the grid): train only the "
+                        "high-noise states, where the layout is decided and where any end image is still reachable (best "
+                        "with --path_reward final, whose scores do not rest on blurry high-noise previews).")
     g.add_argument("--path_reward", default="sum", choices=["sum", "mean", "final"],
                    help="How a candidate path is scored. sum (Eq. 8) or mean of the rewards of its m x0 previews; final: continue "
                         "each path without grad to the end of the grid and score the image it finishes at (one reward call per "

@@ -34,7 +34,7 @@ from .losses import masked_sum, per_sample_mse
 from .policy import Policy
 from .sampler import sample
 from .targets import Rows
-from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, path_reward,
+from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, last_start_index, path_reward,
                          score_exploration, select)
 
 logger = logging.getLogger("sharpening")
@@ -151,9 +151,12 @@ class Trainer:
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))
         self.first_start = first_start_index(self.sampler, args.max_start_timestep)
-        if self.first_start > len(self.sampler.grid) - self.num_steps:
-            raise ValueError(f"--max_start_timestep {args.max_start_timestep} leaves no start on the grid "
-                             f"({[round(float(t), 1) for t in self.sampler.grid]}) with room for {self.num_steps} steps: raise it or lower --trajectory_nums.")
+        self.last_start = last_start_index(self.sampler, args.min_start_timestep)
+        room = len(self.sampler.grid) - self.num_steps  # the last start that leaves room for m states
+        if self.first_start > (room if self.last_start is None else min(room, self.last_start)):
+            raise ValueError(f"--max_start_timestep {args.max_start_timestep} / --min_start_timestep {args.min_start_timestep} leave no start "
+                             f"on the grid ({[round(float(t), 1) for t in self.sampler.grid]}) with room for {self.num_steps} steps: widen "
+                             "the range or lower --trajectory_nums.")
         parts.vae.requires_grad_(False).to(self.device, dtype=family.vae_dtype(parts.vae, self.weight_dtype))
         if args.vae_tiling:
             parts.vae.enable_tiling()
@@ -260,7 +263,7 @@ class Trainer:
         """Shared exploration: n fresh noises at a per-prompt position on the sampling grid, m no-grad sampler steps,
         every x0 preview scored against the real caption in one reward call, path reward (Eq. 8), per-prompt ranking."""
         n, batch = self.args.num_noisy_latents, x0.shape[0]
-        start = draw_start_indices(self.sampler, batch, self.num_steps, generator, self.first_start).repeat(n)
+        start = draw_start_indices(self.sampler, batch, self.num_steps, generator, self.first_start, self.last_start).repeat(n)
         noise = self.randn((n * batch, *x0.shape[1:]), generator)
         x_t = self.sampler.add_noise(x0.repeat(n, 1, 1, 1), noise, self.sampler.grid[start])
         cond_n = cond.repeat(n)

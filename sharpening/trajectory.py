@@ -13,13 +13,14 @@ import torch
 from .sampler import ModelFn, Sampler
 
 
-def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator, first: int = 0) -> torch.Tensor:
-    """Per-prompt start positions drawn uniformly from the grid indices >= `first` that leave room for `num_steps`
-    states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening train_sft_diffusion_sharpen_sdxl.py L1050,
-    shares one t across ranks, their maximum: biased toward high noise)."""
-    last_start = len(sampler.grid) - num_steps
+def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator, first: int = 0,
+                       last: int | None = None) -> torch.Tensor:
+    """Per-prompt start positions drawn uniformly from the grid indices in [first, last] that leave room for
+    `num_steps` states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening
+    train_sft_diffusion_sharpen_sdxl.py L1050, shares one t across ranks, their maximum: biased toward high noise)."""
+    last_start = len(sampler.grid) - num_steps if last is None else min(last, len(sampler.grid) - num_steps)
     if first > last_start:
-        raise ValueError(f"no start position from grid index {first} leaves room for {num_steps} steps on a grid of {len(sampler.grid)}")
+        raise ValueError(f"no start position in grid indices [{first}, {last}] leaves room for {num_steps} steps on a grid of {len(sampler.grid)}")
     return torch.randint(first, last_start + 1, (batch_size,), generator=generator)
 
 
@@ -29,6 +30,14 @@ def first_start_index(sampler: Sampler, max_start_timestep: float | None) -> int
         return 0
     later = (sampler.grid.double() <= max_start_timestep).nonzero()
     return int(later[0]) if len(later) else len(sampler.grid)
+
+
+def last_start_index(sampler: Sampler, min_start_timestep: float | None) -> int | None:
+    """The last grid index whose timestep is >= min_start_timestep (None when None: no limit; -1 when no index is)."""
+    if min_start_timestep is None:
+        return None
+    earlier = (sampler.grid.double() >= min_start_timestep).nonzero()
+    return int(earlier[-1]) if len(earlier) else -1
 
 
 def effective_steps(sampler: Sampler, trajectory_nums: int) -> int:

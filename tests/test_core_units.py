@@ -316,6 +316,22 @@ def test_max_start_timestep_limits_starts_to_the_later_grid():
         trajectory.draw_start_indices(ddim, 1, 3, torch.Generator(), trajectory.first_start_index(ddim, 50))
 
 
+def test_min_start_timestep_limits_starts_to_the_earlier_grid():
+    """--min_start_timestep: starts only at grid timesteps >= it (alone, or with --max_start_timestep as a window)."""
+    ddim = DDIM(sdxl_config(), 25)
+    last = trajectory.last_start_index(ddim, 600)
+    assert last == 9 and int(ddim.grid[last]) == 601 and trajectory.last_start_index(ddim, None) is None
+    g = torch.Generator().manual_seed(0)
+    drawn = ddim.grid[trajectory.draw_start_indices(ddim, 4000, 3, g, 0, last)]
+    assert set(drawn.tolist()) == set(range(961, 600, -40))
+    window = ddim.grid[trajectory.draw_start_indices(ddim, 4000, 3, g, trajectory.first_start_index(ddim, 800), last)]
+    assert set(window.tolist()) == set(range(761, 600, -40))
+    # A bound below every start that leaves room for m states changes nothing; one above the grid leaves none.
+    assert set(ddim.grid[trajectory.draw_start_indices(ddim, 4000, 3, g, 0, trajectory.last_start_index(ddim, 0))].tolist()) == set(range(961, 80, -40))
+    with pytest.raises(ValueError, match="no start position"):
+        trajectory.draw_start_indices(ddim, 1, 3, g, 0, trajectory.last_start_index(ddim, 990))
+
+
 def test_draw_start_indices_is_reproducible_from_the_generator():
     ddim = DDIM(sdxl_config(), 25)
     a = trajectory.draw_start_indices(ddim, 8, 3, torch.Generator().manual_seed(7))

@@ -123,6 +123,26 @@ def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_
     assert any((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))  # the one-column trajectory grid was drawn
 
 
+def test_start_window_flags_reach_exploration_and_an_empty_window_is_refused(tiny_sdxl, tmp_path):
+    # The 4-step grid is 751, 501, 251, 1; with m = 2, starts at 751 and 501 are the ones at or above 500.
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=3, min_start_timestep=500, train_batch_size=4)
+    starts = []
+    original_explore = trainer.explore_candidates
+
+    def keep_starts(*a, **k):
+        candidates = original_explore(*a, **k)
+        starts.extend(candidates.exploration.timesteps[0].tolist())
+        return candidates
+
+    trainer.explore_candidates = keep_starts
+    trainer.train(sft.sft_step)
+    assert len(starts) == 3 * 3 * 4 and set(starts) == {751, 501}
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match="leave no start on the grid"):
+        sft_trainer(tiny_sdxl, tmp_path / "empty", min_start_timestep=600, max_start_timestep=400)
+    reset_accelerate_state()
+
+
 def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path):
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=5, max_nonfinite_steps=3)
     before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
