@@ -204,8 +204,9 @@ def summarise(record: dict, args) -> dict:
             def at(step, metric):
                 return pooled_entry(record, [f"{run_label(reward, name, j)}@{step}" for j in range(args.train_seeds)], metric)
 
+            trained = {s: at(s, reward) for s in checkpoints}
             curve = [{"step": 0, "diff": 0.0, "diff_se": 0.0}] + [
-                {"step": s, "diff": at(s, reward)["diff"], "diff_se": at(s, reward)["diff_se"]} for s in checkpoints]
+                {"step": s, "diff": trained[s]["diff"], "diff_se": trained[s]["diff_se"]} for s in checkpoints]
             final = {m: at(args.steps, m) for m in (reward, *GUARDS)}
             out[reward][name] = {"curve": curve, "final": final, "steps_to_3se": first_step_above(curve[1:])}
     return out
