@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`make demo`: watch Diffusion-Sharpening raise a reward, on a CPU, in about 11 minutes.
+"""`make demo`: watch Diffusion-Sharpening raise a reward, on a CPU, in 7-11 minutes.
 
 1. Writes the toy world's training data (an imagefolder of compositions for SFT, a prompt file for RLHF).
 2. Fine-tunes the shipped toy SDXL (models/toy-sdxl) with SFT-sharpening and RLHF-sharpening, each through
