@@ -9,6 +9,8 @@ model with the same seeds on training-pair prompts and report, paired against ba
   - Δ of the TRAINED reward ± paired SE, and the first checkpoint where it exceeds +3 SE (reward efficiency);
   - Δ of guard metrics that show reward hacking: the toy reward's objects, relation and clean components
     (a brightness reward that erases the objects raises brightness and sinks toy/objects).
+  - with `standard-ft` among the variants, every other variant's Δ of the trained reward against it, paired on
+    the same seeds: the bar beyond the base (does it beat ordinary fine-tuning on the same data?).
 
 Rewards the base model does not already maximise: brightness, saturation, JPEG compressibility and
 incompressibility (as DDPO defines them, in rewards/pixel.py) and the toy compositional reward.
@@ -51,6 +53,7 @@ from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDAR
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
 GUARDS = ("toy/objects", "toy/relation", "toy/clean")
+CONTROL = "standard-ft"  # ordinary fine-tuning: every reward-seeking variant is also compared with it
 VARIANTS = {
     "standard-ft": ("sft", STANDARD_FT),
     "sft-paper": ("sft", {**SFT, "sft_target": "noise"}),
@@ -170,27 +173,34 @@ def first_step_above(curve: list[dict], sigmas: float = 3.0) -> int | None:
     return None
 
 
-def pooled_entry(record: dict, labels: list[str], metric: str) -> dict:
-    """One metric of K training runs of a variant (evaluation labels `labels`), paired with the base on the same
-    seeds: Δ is the mean over runs, and its SE adds the runs' spread (SD of their Δs / sqrt K) to the evaluation's
-    (SE over prompts of the run-averaged per-prompt Δ)."""
+def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str] | None = None) -> dict:
+    """One metric of K training runs of a variant (evaluation labels `labels`), paired on the same seeds with the base
+    or, given `against`, with the runs of another variant: Δ is the difference of the run means, and its SE adds each
+    side's spread between runs (SD of its runs' Δs / sqrt K, where K > 1) to the evaluation's (SE over prompts of the
+    per-prompt difference of the run averages). One run against the base: the evaluation's own paired entry."""
     from evaluate import mean_se, per_prompt
 
-    if len(labels) == 1:
+    if len(labels) == 1 and against is None:
         return record["summary"][labels[0]][metric]
     k = record["images_per_prompt"]
 
-    def prompt_means(model):
-        return per_prompt(np.array(record["scores"][model][metric], dtype=float), k)
+    def runs(models):  # (runs, prompts) of prompt means
+        return np.stack([per_prompt(np.array(record["scores"][m][metric], dtype=float), k) for m in models])
 
-    base = prompt_means(record["baseline"])
-    runs = np.stack([prompt_means(label) - base for label in labels])  # (K, prompts)
-    run_diffs = np.nanmean(runs, axis=1)
-    diff, eval_se, _ = mean_se(np.nanmean(runs, axis=0))
-    run_sd = float(np.std(run_diffs, ddof=1))
-    return {"mean": float(np.mean([record["summary"][label][metric]["mean"] for label in labels])), "diff": diff,
-            "diff_se": math.sqrt(eval_se ** 2 + run_sd ** 2 / len(labels)), "eval_se": eval_se, "run_sd": run_sd,
-            "run_diffs": [float(d) for d in run_diffs]}
+    base = runs([record["baseline"]])[0]
+    ours, theirs = runs(labels), runs(against) if against else None
+    run_diffs = np.nanmean(ours - base, axis=1)
+    diff, eval_se, _ = mean_se(np.nanmean(ours, axis=0) - (base if theirs is None else np.nanmean(theirs, axis=0)))
+
+    def spread_term(group):
+        return 0.0 if len(group) < 2 else float(np.std(np.nanmean(group - base, axis=1), ddof=1)) ** 2 / len(group)
+
+    spread = spread_term(ours) + (0.0 if theirs is None else spread_term(theirs))
+    entry = {"diff": diff, "diff_se": math.sqrt(eval_se ** 2 + spread), "eval_se": eval_se}
+    if against is None:
+        entry |= {"mean": float(np.mean([record["summary"][label][metric]["mean"] for label in labels])),
+                  "run_diffs": [float(d) for d in run_diffs], "run_sd": float(np.std(run_diffs, ddof=1))}
+    return entry
 
 
 def summarise(record: dict, args) -> dict:
@@ -201,14 +211,20 @@ def summarise(record: dict, args) -> dict:
     for reward in args.rewards:
         out[reward] = {"base": {m: summary["base"][m] for m in (reward, *GUARDS)}}
         for name in args.runs:
+            def labels(variant, step):
+                return [f"{run_label(reward, variant, j)}@{step}" for j in range(args.train_seeds)]
+
             def at(step, metric):
-                return pooled_entry(record, [f"{run_label(reward, name, j)}@{step}" for j in range(args.train_seeds)], metric)
+                return pooled_entry(record, labels(name, step), metric)
 
             trained = {s: at(s, reward) for s in checkpoints}
             curve = [{"step": 0, "diff": 0.0, "diff_se": 0.0}] + [
                 {"step": s, "diff": trained[s]["diff"], "diff_se": trained[s]["diff_se"]} for s in checkpoints]
             final = {m: at(args.steps, m) for m in (reward, *GUARDS)}
             out[reward][name] = {"curve": curve, "final": final, "steps_to_3se": first_step_above(curve[1:])}
+            if CONTROL in args.runs and name != CONTROL:
+                # The bar beyond the base: does it beat ordinary fine-tuning on the same data, at the same step?
+                out[reward][name]["vs_control"] = pooled_entry(record, labels(name, args.steps), reward, labels(CONTROL, args.steps))
     return out
 
 
@@ -231,18 +247,21 @@ def markdown(results: dict, args) -> str:
             z = e["diff"] / e["diff_se"] if e.get("diff_se") else float("nan")
             cells.append(f"{z:+.1f}{' ✓' if z > 3 else ''}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    versus = CONTROL in args.runs and len(args.runs) > 1  # a column for the comparison with ordinary fine-tuning
     for reward in args.rewards:
         base = results[reward]["base"]
         lines += ["", f"**{reward}** (base {base[reward]['mean']:.3f}; toy/objects {base['toy/objects']['mean']:.3f}, "
                       f"relation {base['toy/relation']['mean']:.3f}, clean {base['toy/clean']['mean']:.3f})", "",
-                  f"| variant | Δ {reward} | steps to +3 SE | Δ toy/objects | Δ toy/relation | toy/clean |", "|---|---|---|---|---|---|"]
+                  f"| variant | Δ {reward} | steps to +3 SE | Δ toy/objects | Δ toy/relation | toy/clean |"
+                  + (f" Δ {reward} vs {CONTROL} |" if versus else ""), "|---|---|---|---|---|---|" + "---|" * versus]
         for name in names:
             r = results[reward][name]
             f = r["final"]
             steps = r["steps_to_3se"] if r["steps_to_3se"] is not None else f"> {args.steps}"
             runs = " [" + ", ".join(f"{d:+.3f}" for d in f[reward]["run_diffs"]) + "]" if "run_diffs" in f[reward] else ""
+            control = (f" {_diff(r['vs_control'])} |" if "vs_control" in r else " — |") if versus else ""
             lines.append(f"| {name} | {_diff(f[reward])}{runs} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
-                         f"{f['toy/clean']['mean']:.3f} |")
+                         f"{f['toy/clean']['mean']:.3f} |{control}")
     return "\n".join(lines)
 
 

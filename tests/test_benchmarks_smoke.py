@@ -141,11 +141,12 @@ def test_reward_response_variant_flags():
 
 
 def test_reward_response_train_seeds_end_to_end(tiny_sdxl, tmp_path):
-    """Two training runs of one variant: both are trained with their own seeds, evaluated, and pooled into the table."""
+    """Two training runs of each variant: all are trained with their own seeds, evaluated, pooled into the table, and
+    SFT is compared with ordinary fine-tuning (standard-ft) on the same seeds."""
     bench = load_benchmark("reward_response")
     work = tmp_path / "rr"
     results = bench.main(bench.parse_args([
-        "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "--variants", "sft", "--train_seeds", "2",
+        "--model", str(tiny_sdxl), "--work_dir", str(work), "--rewards", "brightness", "--variants", "standard-ft", "sft", "--train_seeds", "2",
         "--steps", "1", "--eval_every", "1", "--train_images", "4", "--eval_prompts", "2", "--images_per_prompt", "2",
         "--eval_steps", "2", "--threads", "1", "--set", "train_batch_size=2", "--set", "infer_steps=4"]))
     assert "--seed 0" in (work / "brightness" / "sft.log").read_text().splitlines()[0]
@@ -154,7 +155,11 @@ def test_reward_response_train_seeds_end_to_end(tiny_sdxl, tmp_path):
     assert {"brightness/sft@1", "brightness/sft.run1@1"} <= set(evaluated)
     final = results["brightness"]["sft"]["final"]["brightness"]
     assert len(final["run_diffs"]) == 2 and final["diff"] == pytest.approx(sum(final["run_diffs"]) / 2)
-    assert "mean of 2 training runs" in (work / "reward_response.md").read_text()
+    versus = results["brightness"]["sft"]["vs_control"]
+    assert versus["diff"] == pytest.approx(final["diff"] - results["brightness"]["standard-ft"]["final"]["brightness"]["diff"], abs=1e-9)
+    assert "vs_control" not in results["brightness"]["standard-ft"]
+    text = (work / "reward_response.md").read_text()
+    assert "mean of 2 training runs" in text and "| Δ brightness vs standard-ft |" in text
 
 
 def test_reward_response_pools_training_seeds(tmp_path):
@@ -178,6 +183,10 @@ def test_reward_response_pools_training_seeds(tmp_path):
     assert entry["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
     # One run: the evaluation's own paired entry, unchanged.
     assert bench.pooled_entry(record, ["toy/sft@1"], "toy") == {"mean": 2.0}
+    # Against one run of another variant (all 1): per-prompt 0.5, 1, 3; only our side has a spread to add.
+    record["scores"]["toy/standard-ft@1"] = {"toy": [1.0] * 6}
+    versus = bench.pooled_entry(record, ["toy/sft@1", "toy/sft.run1@1"], "toy", ["toy/standard-ft@1"])
+    assert versus["diff"] == pytest.approx(1.5) and versus["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):
