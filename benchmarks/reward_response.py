@@ -192,10 +192,10 @@ def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str
     run_diffs = np.nanmean(ours - base, axis=1)
     diff, eval_se, _ = mean_se(np.nanmean(ours, axis=0) - (base if theirs is None else np.nanmean(theirs, axis=0)))
 
-    def spread_term(group):
-        return 0.0 if len(group) < 2 else float(np.std(np.nanmean(group - base, axis=1), ddof=1)) ** 2 / len(group)
+    def spread_term(diffs):  # variance of the mean of K runs' Δs (nothing to estimate from one run)
+        return 0.0 if len(diffs) < 2 else float(np.var(diffs, ddof=1)) / len(diffs)
 
-    spread = spread_term(ours) + (0.0 if theirs is None else spread_term(theirs))
+    spread = spread_term(run_diffs) + (0.0 if theirs is None else spread_term(np.nanmean(theirs - base, axis=1)))
     entry = {"diff": diff, "diff_se": math.sqrt(eval_se ** 2 + spread), "eval_se": eval_se}
     if against is None:
         entry |= {"mean": float(np.mean([record["summary"][label][metric]["mean"] for label in labels])),

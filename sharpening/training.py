@@ -34,8 +34,8 @@ from .losses import masked_sum, per_sample_mse
 from .policy import Policy
 from .sampler import sample
 from .targets import Rows
-from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, last_start_index, path_reward,
-                         score_exploration, select)
+from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, last_legal_start,
+                         last_start_index, path_reward, score_exploration, select)
 
 logger = logging.getLogger("sharpening")
 
@@ -152,8 +152,7 @@ class Trainer:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))
         self.first_start = first_start_index(self.sampler, args.max_start_timestep)
         self.last_start = last_start_index(self.sampler, args.min_start_timestep)
-        room = len(self.sampler.grid) - self.num_steps  # the last start that leaves room for m states
-        if self.first_start > (room if self.last_start is None else min(room, self.last_start)):
+        if self.first_start > last_legal_start(self.sampler, self.num_steps, self.last_start):
             raise ValueError(f"--max_start_timestep {args.max_start_timestep} / --min_start_timestep {args.min_start_timestep} leave no start "
                              f"on the grid ({[round(float(t), 1) for t in self.sampler.grid]}) with room for {self.num_steps} steps: widen "
                              "the range or lower --trajectory_nums.")

@@ -18,10 +18,16 @@ def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, genera
     """Per-prompt start positions drawn uniformly from the grid indices in [first, last] that leave room for
     `num_steps` states on the grid (the upstream release, Gen-Verse/Diffusion-Sharpening
     train_sft_diffusion_sharpen_sdxl.py L1050, shares one t across ranks, their maximum: biased toward high noise)."""
-    last_start = len(sampler.grid) - num_steps if last is None else min(last, len(sampler.grid) - num_steps)
+    last_start = last_legal_start(sampler, num_steps, last)
     if first > last_start:
         raise ValueError(f"no start position in grid indices [{first}, {last}] leaves room for {num_steps} steps on a grid of {len(sampler.grid)}")
     return torch.randint(first, last_start + 1, (batch_size,), generator=generator)
+
+
+def last_legal_start(sampler: Sampler, num_steps: int, last: int | None = None) -> int:
+    """The last grid index a path of `num_steps` states can start at and stay on the grid, capped at `last`."""
+    room = len(sampler.grid) - num_steps
+    return room if last is None else min(last, room)
 
 
 def first_start_index(sampler: Sampler, max_start_timestep: float | None) -> int:

@@ -55,11 +55,13 @@ class RiggedReward:
 
 
 def keep_explorations(trainer) -> dict:
-    """Wrap trainer.explore_candidates so that the returned dict holds the last step's candidates under "c"."""
-    explored, original_explore = {}, trainer.explore_candidates
+    """Wrap trainer.explore_candidates so that the returned dict holds the last step's candidates under "c" and
+    every step's, in order, under "all"."""
+    explored, original_explore = {"all": []}, trainer.explore_candidates
 
     def keep(*a, **k):
         explored["c"] = original_explore(*a, **k)
+        explored["all"].append(explored["c"])
         return explored["c"]
 
     trainer.explore_candidates = keep
@@ -126,16 +128,9 @@ def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_
 def test_start_window_flags_reach_exploration_and_an_empty_window_is_refused(tiny_sdxl, tmp_path):
     # The 4-step grid is 751, 501, 251, 1; with m = 2, starts at 751 and 501 are the ones at or above 500.
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=3, min_start_timestep=500, train_batch_size=4)
-    starts = []
-    original_explore = trainer.explore_candidates
-
-    def keep_starts(*a, **k):
-        candidates = original_explore(*a, **k)
-        starts.extend(candidates.exploration.timesteps[0].tolist())
-        return candidates
-
-    trainer.explore_candidates = keep_starts
+    explored = keep_explorations(trainer)
     trainer.train(sft.sft_step)
+    starts = [t for c in explored["all"] for t in c.exploration.timesteps[0].tolist()]
     assert len(starts) == 3 * 3 * 4 and set(starts) == {751, 501}
     reset_accelerate_state()
     with pytest.raises(ValueError, match="leave no start on the grid"):
