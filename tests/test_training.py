@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -450,8 +451,15 @@ def test_trajectory_grids_reach_wandb_offline(tiny_sdxl, tmp_path, monkeypatch):
     trainer.train(sft.sft_step)
     media = list(tmp_path.rglob("media/images/trajectories_*.png"))
     assert len(media) == 2, sorted(p.name for p in tmp_path.rglob("*"))[:50]
-    # the offline run's record (.wandb) holds the logged histograms
-    assert any(b"reward_histogram/path" in f.read_bytes() for f in tmp_path.rglob("*.wandb"))
+    # the offline run's record (.wandb) holds the logged histograms. wandb's service process writes that record
+    # asynchronously: shut the service down (it closes its files) and give a loaded machine a moment before reading.
+    import wandb
+
+    wandb.teardown()
+    deadline = time.monotonic() + 60
+    while not any(b"reward_histogram/path" in f.read_bytes() for f in tmp_path.rglob("*.wandb")):
+        assert time.monotonic() < deadline, sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*.wandb"))
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("flags, cudnn_calls", [([], [False]), (["--cudnn_attention"], [])])
