@@ -111,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "that show reward hacking); repeatable.")
     g.add_argument("--output_dir", default="evaluation")
     g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids.")
-    g.add_argument("--save_images", action="store_true", help="Also save every image as PNG.")
+    g.add_argument("--save_images", action="store_true",
+                   help="Also save every image as PNG, under OUTPUT_DIR/images/MODEL/ with a metadata.jsonl of their prompts "
+                        "(an imagefolder: --train_data_dir of the SFT script).")
     args = p.parse_args(argv)
 
     models = [parse_model_spec(m) for m in args.model]
@@ -395,7 +397,10 @@ def main(args: argparse.Namespace) -> dict:
         if args.save_images:
             from sharpening.sdxl import save_images
 
-            save_images(images[spec.name], out / "images" / spec.name, "img")
+            paths = save_images(images[spec.name], out / "images" / spec.name, "img")
+            # Each image's prompt beside it makes the folder an imagefolder: a model's own samples as training data.
+            rows = [json.dumps({"file_name": path.name, "text": prompt}) for path, prompt in zip(paths, flat_prompts)]
+            (out / "images" / spec.name / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
     sampler = " / ".join(dict.fromkeys(base.family.SAMPLER for base in bases.values()))
     summary = summarise(scores, args.baseline, args.images_per_prompt)

@@ -136,15 +136,17 @@ def run_label(reward: str, name: str, replica: int) -> str:
 
 
 def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file: Path, replica: int = 0) -> dict:
-    """The training flags of one (reward, variant) run: the toy recipe, the variant's settings, then --set; the
-    J-th repeat (`--train_seeds`) trains with the seed plus J."""
+    """The training flags of one (reward, variant) run: the toy recipe and its data, the variant's settings, then
+    --set (so `--set train_data_dir=DIR` trains the SFT variants on your own imagefolder); the J-th repeat
+    (`--train_seeds`) trains with the seed plus J."""
     kind, settings = args.runs[name]
     flags = {**COMMON, **settings, "reward_model": reward, "pretrained_model_name_or_path": args.model,
              "output_dir": str(work / run_label(reward, name, replica)), "max_train_steps": args.steps,
              "checkpointing_steps": args.eval_every}
+    flags |= {"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)}
     flags |= overrides_for(name, args.overrides)
     flags["seed"] = int(flags["seed"]) + replica
-    return flags | ({"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)})
+    return flags
 
 
 def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:

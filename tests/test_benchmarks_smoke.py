@@ -170,6 +170,10 @@ def test_reward_response_pools_training_seeds(tmp_path):
     first, second = (bench.run_flags(args, tmp_path, "toy", "sft", tmp_path, tmp_path, j) for j in (0, 1))
     assert (first["seed"], second["seed"]) == (5, 6)
     assert first["output_dir"] == str(tmp_path / "toy" / "sft") and second["output_dir"] == str(tmp_path / "toy" / "sft.run1")
+    assert first["train_data_dir"] == str(tmp_path)  # the toy world's compositions unless --set names other data
+    own = bench.parse_args(["--variants", "sft", "rlhf", "--set", "sft:train_data_dir=/data/own"])
+    assert bench.run_flags(own, tmp_path, "toy", "sft", tmp_path, tmp_path)["train_data_dir"] == "/data/own"
+    assert bench.run_flags(own, tmp_path, "toy", "rlhf", tmp_path, tmp_path)["prompt_file"] == str(tmp_path)
     with pytest.raises(SystemExit):
         bench.parse_args(["--train_seeds", "0"])
 

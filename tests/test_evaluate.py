@@ -69,6 +69,14 @@ def test_a_different_model_changes_images_and_the_difference(tiny_sdxl, tmp_path
     a = np.asarray(Image.open(tmp_path / "eval" / "images" / "base" / "img_00.png"), dtype=float)
     b = np.asarray(Image.open(tmp_path / "eval" / "images" / "other" / "img_00.png"), dtype=float)
     assert np.abs(a - b).mean() > 1.0
+    # the saved images with their prompts form an imagefolder the SFT script can train on
+    from datasets import load_dataset
+
+    record = json.loads((tmp_path / "eval" / "results.json").read_text())
+    folder = load_dataset("imagefolder", data_dir=str(tmp_path / "eval" / "images" / "other"), split="train")
+    per_prompt = record["images_per_prompt"]
+    assert folder["text"] == [p for p in record["prompts"] for _ in range(per_prompt)]
+    assert np.abs(np.asarray(folder[0]["image"], dtype=float) - b).max() == 0
 
 
 def test_bad_specs_fail_before_loading(tmp_path):
