@@ -26,6 +26,9 @@ FINISHED images, as RAFT does; it tells a weak objective from a reward the budge
     python benchmarks/reward_response.py                          # every reward and variant (about 85 min on 2 cores)
     python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
     python benchmarks/reward_response.py --rewards toy --variants --variant "sft-lora=sft:use_lora=true,lora_rank=8,learning_rate=1e-4"
+    # SFT variants trained on the base's own samples (data that do not maximise the reward) instead of the toy world's
+    python evaluate.py --model base=models/toy-sdxl --toy_split train_pairs --seed 1000 --save_images --output_dir own
+    python benchmarks/reward_response.py --rewards toy --variants standard-ft sft --set train_data_dir=own/images/base
 
 Training itself varies from run to run (seed, thread count): the paired SE covers the evaluation's seeds only.
 `--train_seeds K` trains every (reward, variant) K times with training seeds s, s+1, ... and reports the mean Δ over
