@@ -407,10 +407,11 @@ class Trainer:
         """Every rank waits until the main process has written its files, then all tear the process group down
         together. A rank that destroyed its gloo group and exited while rank 0 was still writing the final pipeline
         was once killed by SIGABRT ("terminate called without an active exception") in a 2-process CPU run, and the
-        launcher then reported the whole run as failed. It happened again with that wait in place: the DDP wrapper's
-        reducer still held the gloo group after destroy_process_group, so the group's worker threads were torn down
-        during interpreter shutdown (the SIGABRT described in pytorch/pytorch#179291). Dropping every reference to the
-        wrapper first (ours and the accelerator's) lets the group be destroyed while the interpreter is alive."""
+        launcher then reported the whole run as failed. It happened again with that wait in place (rarely; not
+        reproduced on demand). The likely cause: the DDP wrapper's reducer still holds the gloo group after
+        destroy_process_group, so the group's worker threads are torn down during interpreter shutdown (the SIGABRT
+        described in pytorch/pytorch#179291). Dropping every reference to the wrapper first (ours and the
+        accelerator's) lets the group go while the interpreter is alive."""
         self.accelerator.wait_for_everyone()
         self.model.unet = self.model.raw_unet
         self.accelerator.free_memory()
