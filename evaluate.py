@@ -396,11 +396,12 @@ def main(args: argparse.Namespace) -> dict:
         print(f"[evaluate] {spec.name}: {args.reward_model} = {np.nanmean(metrics[args.reward_model]):.4f} ({seconds[spec.name]} s)", flush=True)
         if args.save_images:
             from sharpening.sdxl import save_images
+            from toyworld.world import write_captions
 
-            paths = save_images(images[spec.name], out / "images" / spec.name, "img")
+            folder = out / "images" / spec.name
+            paths = save_images(images[spec.name], folder, "img")
             # Each image's prompt beside it makes the folder an imagefolder: a model's own samples as training data.
-            rows = [json.dumps({"file_name": path.name, "text": prompt}) for path, prompt in zip(paths, flat_prompts)]
-            (out / "images" / spec.name / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+            write_captions(folder, [path.name for path in paths], flat_prompts)
 
     sampler = " / ".join(dict.fromkeys(base.family.SAMPLER for base in bases.values()))
     summary = summarise(scores, args.baseline, args.images_per_prompt)

@@ -209,13 +209,19 @@ def write_imagefolder(folder: str | Path, prompts: list[str], count: int, seed: 
     """An imagefolder with metadata.jsonl (file_name, text), as the SFT script's --train_data_dir reads it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    names, captions = [], []
     for i, (image, caption) in enumerate(generate(prompts, count, seed)):
-        name = f"{i:05d}.png"
-        image.save(folder / name)
-        rows.append(json.dumps({"file_name": name, "text": caption}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+        names.append(f"{i:05d}.png")
+        captions.append(caption)
+        image.save(folder / names[-1])
+    write_captions(folder, names, captions)
     return folder
+
+
+def write_captions(folder: Path, file_names: list[str], captions: list[str]) -> None:
+    """The metadata.jsonl that makes a folder of images an imagefolder: one (file_name, text) row per image."""
+    rows = [json.dumps({"file_name": name, "text": caption}) for name, caption in zip(file_names, captions, strict=True)]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def write_prompt_file(path: str | Path, prompts: list[str]) -> Path:
