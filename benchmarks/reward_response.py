@@ -18,7 +18,8 @@ incompressibility (as DDPO defines them, in rewards/pixel.py) and the toy compos
 Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward),
 `sft` and `rlhf` (each script's DEFAULTS), `sft-paper` / `rlhf-paper` (the paper-literal targets, Eq. 9 and Eq. 11
 toward the starting noise), and `best-of-n-control` (benchmarks/best_of_n_control.py: fine-tune on the best of n
-FINISHED images, as RAFT does; it tells a weak objective from a reward the budget cannot move).
+FINISHED images, as RAFT does; it tells a weak objective from a reward the budget cannot move; its
+`objective=dpo` and `objective=ddpo` are online Diffusion-DPO and the DDPO / Flow-GRPO policy gradient).
 `--variant NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]` adds your own (`FLAG=true` switches an on/off flag on; a
 `use_lora=true` run is evaluated through its LoRA adapters, a `use_ema=true` run on its averaged weights).
 
@@ -26,6 +27,7 @@ FINISHED images, as RAFT does; it tells a weak objective from a reward the budge
     python benchmarks/reward_response.py                          # every reward and variant (about 85 min on 2 cores)
     python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
     python benchmarks/reward_response.py --rewards toy --variants --variant "sft-lora=sft:use_lora=true,lora_rank=8,learning_rate=1e-4"
+    python benchmarks/reward_response.py --rewards brightness toy --variants sft rlhf --variant "ddpo=best_of_n:objective=ddpo"
     # SFT variants trained on the base's own samples (data that do not maximise the reward) instead of the toy world's
     python evaluate.py --model base=models/toy-sdxl --toy_split train_pairs --seed 1000 --save_images --output_dir own
     python benchmarks/reward_response.py --rewards toy --variants standard-ft sft --set train_data_dir=own/images/base
