@@ -96,6 +96,14 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     return StepResult(reward_dpo_loss(logits, sel.has_pair), sel.has_pair.to(logits.device), logs)
 
 
+def flow_diffusion_squared(sampler, index: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """(N,) float64 g^2 = a^2 s / (1 - s) of the flow SDE at per-row grid `index` (Flow-GRPO's; at s = 1, where it is
+    infinite, the next sigma's)."""
+    s = sampler.sigmas[index.long().cpu()]
+    s_g = torch.where(s >= 1, sampler.sigmas[1], s)
+    return noise_level**2 * s_g / (1 - s_g)
+
+
 def sde_variance(sampler, index: torch.Tensor, noise_level: float) -> torch.Tensor:
     """(N,) float64 variance of sde_step's step from per-row grid `index` (it does not depend on the model). 0 on a
     deterministic step: DDIM's last one when its final alpha-bar is 1 (set_alpha_to_one)."""
@@ -105,9 +113,7 @@ def sde_variance(sampler, index: torch.Tensor, noise_level: float) -> torch.Tens
         abar, abar_prev = sampler.alpha_bar(t), sampler.alpha_bar(t - sampler.stride)
         return noise_level**2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
     if isinstance(sampler, FlowMatchEuler):
-        s, s_next = sampler.sigmas[index], sampler.sigmas[index + 1]
-        s_g = torch.where(s >= 1, sampler.sigmas[1], s)
-        return noise_level**2 * s_g / (1 - s_g) * (s - s_next)
+        return flow_diffusion_squared(sampler, index, noise_level) * (sampler.sigmas[index] - sampler.sigmas[index + 1])
     raise TypeError(f"--objective ddpo has no stochastic step for {type(sampler).__name__}")
 
 
@@ -130,7 +136,7 @@ def sde_step(sampler, model_output: torch.Tensor, index: torch.Tensor, sample: t
         mean = _per_sample(abar_prev.sqrt(), sample) * x0 + _per_sample((1 - abar_prev - var).clamp(min=0).sqrt(), sample) * eps
     else:
         s, s_next = sampler.sigmas[index], sampler.sigmas[index + 1]
-        g2 = var / (s - s_next)
+        g2 = flow_diffusion_squared(sampler, index, noise_level)
         x, v = sample, model_output
         mean = x + (v + _per_sample(g2 / (2 * s), x) * (x + _per_sample(1 - s, x) * v)) * _per_sample(s_next - s, x)
     return mean, _per_sample(var.sqrt(), sample)
