@@ -138,6 +138,9 @@ def test_reward_response_variant_flags():
         bench.parse_args(["--variant", "x=sft:use_lora=true,use_ema=true"])
     with pytest.raises(SystemExit, match="use_ema"):
         bench.parse_args(["--variant", "x=sft:use_lora=true", "--set", "use_ema=true"])
+    assert bench.parse_args(["--train_prompts", "112"]).train_prompts == 112
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train_prompts", "321"])
 
 
 def test_reward_response_train_seeds_end_to_end(tiny_sdxl, tmp_path):

@@ -55,6 +55,24 @@ def test_write_imagefolder(tmp_path):
     assert len(rows) == 5 and all((folder / r["file_name"]).is_file() for r in rows)
 
 
+def test_recipe_data_can_be_limited_to_the_first_training_pair_captions(tmp_path):
+    """write_data(prompts=N) trains on exactly the captions `evaluate.py --toy_split train_pairs --num_prompts N`
+    scores: the first N training-pair captions, every image's caption among them."""
+    import json
+
+    from toyworld.recipe import write_data
+
+    images, prompt_file = write_data(tmp_path / "data", images=40, prompts=3)
+    first = world.train_prompts("pairs")[:3]
+    assert prompt_file.read_text().splitlines() == first
+    captions = [json.loads(line)["text"] for line in (images / "metadata.jsonl").read_text().splitlines()]
+    assert len(captions) == 40 and set(captions) == set(first)
+    images, prompt_file = write_data(tmp_path / "all", images=4)
+    assert prompt_file.read_text().splitlines() == world.train_prompts("pairs")
+    with pytest.raises(ValueError, match="1..320"):
+        write_data(tmp_path / "bad", images=4, prompts=0)
+
+
 def _mismatches(caption: str) -> dict[str, str]:
     """Wrong captions for a composition: swapped colours, swapped shapes, the opposite relation, other colours."""
     scene = world.parse_caption(caption)
