@@ -28,6 +28,8 @@ FINISHED images, as RAFT does; it tells a weak objective from a reward the budge
     python benchmarks/reward_response.py --rewards brightness --variant "sft-lr3e-5=sft:learning_rate=3e-5"
     python benchmarks/reward_response.py --rewards toy --variants --variant "sft-lora=sft:use_lora=true,lora_rank=8,learning_rate=1e-4"
     python benchmarks/reward_response.py --rewards brightness toy --variants sft rlhf --variant "ddpo=best_of_n:objective=ddpo"
+    # train on the evaluated captions only (the first 56 training-pair captions) instead of all 320
+    python benchmarks/reward_response.py --rewards toy --variants standard-ft sft --train_prompts 56
     # SFT variants trained on the base's own samples (data that do not maximise the reward) instead of the toy world's
     python evaluate.py --model base=models/toy-sdxl --toy_split train_pairs --seed 1000 --save_images --output_dir own
     python benchmarks/reward_response.py --rewards toy --variants standard-ft sft --set train_data_dir=own/images/base
