@@ -55,7 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, overrides_for, training_captions, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -133,11 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
     for name in args.runs:
         check_evaluable(args.runs[name][1] | overrides_for(name, args.overrides))
-    from toyworld import world
-
-    captions = len(world.train_prompts("pairs"))
-    if args.train_prompts is not None and not 1 <= args.train_prompts <= captions:
-        p.error(f"--train_prompts must be in 1..{captions} (the training-pair captions).")
+    try:
+        training_captions(args.train_prompts)
+    except ValueError as error:
+        p.error(f"--train_prompts: {error}")
     if args.train_seeds < 1:
         p.error("--train_seeds must be >= 1.")
     if args.steps % args.eval_every:

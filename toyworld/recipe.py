@@ -151,17 +151,23 @@ def launch(script: str, settings: dict, log: Path, threads: int | None = None) -
     return time.time() - started
 
 
-def write_data(folder: Path, images: int, seed: int = 1, prompts: int | None = None) -> tuple[Path, Path]:
-    """An imagefolder (SFT) and a prompt file (RLHF) of compositions of the TRAIN object pairs only:
-    held-out pairs stay unseen until evaluation. `prompts`: only the first N training-pair captions (the ones
-    `evaluate.py --toy_split train_pairs --num_prompts N` scores), so that each is trained on more often."""
+def training_captions(prompts: int | None = None) -> list[str]:
+    """Compositions of the TRAIN object pairs only (held-out pairs stay unseen until evaluation); `prompts`: only the
+    first N of them, the ones `evaluate.py --toy_split train_pairs --num_prompts N` scores."""
     from toyworld import world
 
     pairs = world.train_prompts("pairs")
-    if prompts is not None:
-        if not 1 <= prompts <= len(pairs):
-            raise ValueError(f"prompts must be in 1..{len(pairs)} (the training-pair captions), got {prompts}")
-        pairs = pairs[:prompts]
-    images_dir = world.write_imagefolder(folder / "images", pairs, images, seed)
-    prompts = world.write_prompt_file(folder / "train_prompts.txt", pairs)
-    return images_dir, prompts
+    if prompts is not None and not 1 <= prompts <= len(pairs):
+        raise ValueError(f"prompts must be in 1..{len(pairs)} (the training-pair captions), got {prompts}")
+    return pairs[:prompts]
+
+
+def write_data(folder: Path, images: int, seed: int = 1, prompts: int | None = None) -> tuple[Path, Path]:
+    """An imagefolder (SFT) and a prompt file (RLHF) of `training_captions(prompts)`: with `prompts` = N only the
+    first N training-pair captions, so that each is trained on more often."""
+    from toyworld import world
+
+    captions = training_captions(prompts)
+    images_dir = world.write_imagefolder(folder / "images", captions, images, seed)
+    prompt_file = world.write_prompt_file(folder / "train_prompts.txt", captions)
+    return images_dir, prompt_file
