@@ -2,6 +2,7 @@
 matching from mismatching captions (with the numbers asserted)."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -260,6 +261,23 @@ def test_train_base_continues_a_saved_model_with_init_from(tmp_path):
     assert all(torch.equal(changed[k], start[k]) for k in start if k.startswith("vae/"))
     scale = json.loads((base / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((moved / "vae" / "config.json").read_text())["scaling_factor"] == scale
+
+    # The card of a continued model lists every stage's command in order, and running them again gives the same weights.
+    card = (moved / "README.md").read_text()
+    commands = card.split("```bash\n")[1].split("```")[0].splitlines()
+    assert len(commands) == 2 and "--init_from" not in commands[0] and f"--init_from {base}" in commands[1]
+    assert "2 stages" in card and f"--output_dir {moved}" in commands[1]
+    again = tmp_path / "again"
+    try:
+        for command in commands:
+            argv = shlex.split(command.replace(str(tmp_path), str(again)))
+            assert argv[:3] == ["python", "-m", "toyworld.train_base"]
+            repeated = train_base.main(train_base.parse_args(argv[3:]))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert repeated == again / "moved"
+    repeated_weights = _weights(repeated)
+    assert all(torch.equal(repeated_weights[k], changed[k]) for k in changed)
 
 
 def test_train_base_unet_levels_3_adds_sdxl_third_level_and_2_is_the_shipped_toy(tmp_path):

@@ -413,35 +413,81 @@ CARDS = {
             "SD3's architecture (SD3Transformer2DModel with RMS qk-norm and a dual-attention block, rectified-flow\n"
             "objective, FlowMatchEulerDiscreteScheduler, two CLIPTextModelWithProjection with the real CLIP BPE tokenizer and\n"
             "a small T5 encoder; the VAE of the SDXL toy with SD3's shift and scale)",
-            "`benchmarks/reward_response.py --model models/toy-sd3` can show reward fine-tuning of a flow model on a CPU"),
+            "`benchmarks/reward_response.py --model {path}` can show reward fine-tuning of a flow model on a CPU"),
 }
+_RUN_FLAGS = ("output_dir", "seed", "device", "num_threads")  # written last (or from the folder), in a fixed order
+
+
+def repo_path(folder) -> str:
+    """A folder as a command should name it: relative to the repository when inside it."""
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+
+
+def stage_command(flags: dict, output_dir: str) -> str:
+    """The train_base command that repeats one recorded run (its non-default flags) into `output_dir`."""
+    defaults = vars(parse_args([]))
+    changed = []
+    for name, value in flags.items():
+        if name in _RUN_FLAGS or name not in defaults or value == defaults[name]:
+            continue
+        if isinstance(value, bool):  # BooleanOptionalAction flags
+            changed.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            changed.append(f"--{name} {value}")
+    return " ".join(["python -m toyworld.train_base", f"--output_dir {output_dir}", *changed,
+                     f"--seed {flags['seed']} --device {flags['device']} --num_threads {flags['num_threads']}"])
+
+
+def training_stages(out: Path, summary: dict) -> list[tuple[dict, str]]:
+    """(summary, output folder) of every run that made the model at `out`, first to last: it and the runs it continued
+    (`--init_from`, read from their training_summary.json), back to a model that ships in models/ (whose own card
+    reproduces it) or to a folder whose summary is gone (its stage's --init_from then names what is missing)."""
+    stages = [(summary, repo_path(out))]
+    while (init := stages[0][0]["flags"].get("init_from")) and not Path(init).resolve().is_relative_to(ROOT / "models"):
+        summary_file = Path(init) / "training_summary.json"
+        if not summary_file.is_file():
+            break
+        stages.insert(0, (json.loads(summary_file.read_text()), repo_path(init)))
+    return stages
 
 
 def write_model_card(out: Path, summary: dict, family: str) -> None:
     tag, what, pipeline, architecture, purpose = CARDS[family]
+    path = repo_path(out)
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     params = ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in summary["parameters"].items())
-    defaults = vars(parse_args([]))
-    changed = [f"--{k} {v}" for k, v in summary["flags"].items() if k not in ("output_dir", "seed", "device", "num_threads") and v != defaults[k]]
-    command = ["python -m toyworld.train_base", f"--output_dir models/toy-{family}", *changed,
-               f"--seed {summary['seed']} --device {summary['device']} --num_threads {summary['flags']['num_threads']}"]
+    stages = training_stages(out, summary)
+    commands = "\n".join(stage_command(s["flags"], folder) for s, folder in stages)
+    if summary["flags"].get("init_from"):
+        origin = stages[0][0]["flags"].get("init_from")
+        history = (f"It was trained in {len(stages)} stages{f', starting from `{origin}`' if origin else ''}: the commands "
+                   "below, in order, each continuing the one before with `--init_from`. What it reads from its captions: "
+                   f"`python benchmarks/caption_sensitivity.py --model {path}`.")
+    else:
+        history = "It draws single objects reasonably and binds colours, shapes and relations in compositions only partly."
+    seconds = sum(s["seconds"] for s, _ in stages)
     (out / "README.md").write_text(f"""---
 library_name: diffusers
 tags: [{tag}, toy, diffusion-sharpening]
 ---
-# toy-{family}: {what} of the toy shapes world
+# {out.name}: {what} of the toy shapes world
 
-A small model with {architecture} trained from scratch on `toyworld.world` images
+A small model with {architecture} trained on `toyworld.world` images
 (32x32 px: coloured circles, squares and triangles, single or in pairs with a spatial relation). It exists so
-that {purpose}. It draws single objects reasonably and binds colours, shapes and relations in compositions only partly.
+that {purpose.format(path=path)}. {history}
 
 - Parameters: {params}; {size_mb:.1f} MB on disk.
-- Trained in {summary['seconds']:.0f} s on {summary['device']} (seed {summary['seed']}); final denoiser loss {summary['unet_loss'][-1]['loss']:.4f}.
-- Reproduce: `{' '.join(command)}` (see its docstring for the recipe and `training_summary.json` for every flag).
+- Trained in {seconds:.0f} s on {summary['device']} ({f"{len(stages)} stages, seeds" if len(stages) > 1 else "seed"} {', '.join(str(s['seed']) for s, _ in stages)}); final denoiser loss {summary['unet_loss'][-1]['loss']:.4f}.
+- Reproduce (see train_base's docstring for the recipe and `training_summary.json` for every flag):
+
+```bash
+{commands}
+```
 
 ```python
 from diffusers import {pipeline}
-pipe = {pipeline}.from_pretrained("models/toy-{family}")
+pipe = {pipeline}.from_pretrained("{path}")
 image = pipe("a red circle to the left of a blue square", height=32, width=32, guidance_scale=5.0).images[0]
 ```
 """)
