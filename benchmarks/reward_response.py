@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_prompts", type=int, default=None,
                    help="Train on the first N training-pair captions only (default: all of them, 320). With N = --eval_prompts every "
                         "evaluated caption is trained on about 60 x 8 / N times instead of 1.5 times in 60 steps.")
-    p.add_argument("--model", default=str(MODEL), help="The toy model to fine-tune (models/toy-sdxl or models/toy-sd3).")
+    p.add_argument("--model", default=str(MODEL), help="The toy model to fine-tune (models/toy-sdxl, models/toy-sd3 or models/toy-sd3-relations).")
     p.add_argument("--work_dir", default=str(ROOT / "output" / "reward_response"))
     p.add_argument("--jobs", type=int, default=1, help="Trainings run at once (threads are split between them).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: the idle cores).")
