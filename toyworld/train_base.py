@@ -2,7 +2,7 @@
 """Train a toy world base model from scratch and save it in diffusers layout: SDXL's architecture (default) or SD3's.
 
     python -m toyworld.train_base --output_dir models/toy-sdxl --seed 0 [--device cuda]
-    python -m toyworld.train_base --family sd3 --output_dir models/toy-sd3 --vae_from models/toy-sdxl --unet_steps 4000
+    python -m toyworld.train_base --family sd3 --output_dir models/toy-sd3 --vae_from models/toy-sdxl --unet_steps 3000
 
 models/toy-sd3-relations is models/toy-sd3 continued in two stages with `--relation_skew` (1.0, then 0.8) so that it
 reads the relation words; its model card lists the commands (every continued model's card does).
