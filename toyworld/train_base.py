@@ -428,11 +428,13 @@ def repo_path(folder) -> str:
 
 
 def stage_command(flags: dict, output_dir: str) -> str:
-    """The train_base command that repeats one recorded run (its non-default flags) into `output_dir`."""
+    """The train_base command that repeats one recorded run (its non-default flags) into `output_dir`. A recorded flag
+    that train_base no longer has is written all the same, so that rerunning the command fails instead of silently
+    training something else."""
     defaults = vars(parse_args([]))
     changed = []
     for name, value in flags.items():
-        if name in _RUN_FLAGS or name not in defaults or value == defaults[name]:
+        if name in _RUN_FLAGS or (name in defaults and value == defaults[name]):
             continue
         if isinstance(value, bool):  # BooleanOptionalAction flags
             changed.append(f"--{name}" if value else f"--no-{name}")
