@@ -135,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--baseline {args.baseline!r} is not one of the models {names}.")
     if args.images_per_prompt < 1:
         p.error("--images_per_prompt must be >= 1.")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        p.error("--num_prompts must be >= 1 (leave it out to use every prompt).")
     for m in models:
         for label, path in (("unet", m.unet), ("lora", m.lora)):
             if path and not Path(path).exists():
@@ -147,7 +149,9 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         from sharpening.data import read_prompt_file
 
-        prompts, _ = read_prompt_file(args.prompt_file)
+        prompts, stats = read_prompt_file(args.prompt_file)
+        print(f"[evaluate] {args.prompt_file}: {stats['prompts']} prompts (blank or missing skipped: {stats['blank_skipped']}, "
+              f"duplicates kept: {stats['duplicates']})", flush=True)
     else:
         from toyworld import world
 
@@ -157,7 +161,7 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
             "train_pairs": lambda: world.train_prompts("pairs"),
             "single": world.single_prompts,
         }[args.toy_split]()
-    return prompts[: args.num_prompts] if args.num_prompts else prompts
+    return prompts[: args.num_prompts] if args.num_prompts is not None else prompts
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -264,7 +268,8 @@ def per_prompt(scores: np.ndarray, per_prompt_count: int) -> np.ndarray:
 
 
 def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_prompt_count: int) -> dict:
-    """scores[model][metric] = (P*K,) -> {model: {metric: {mean, se, n, [diff, diff_se]}}}."""
+    """scores[model][metric] = (P*K,) -> {model: {metric: {mean, se, prompts, unscored_images, [diff, diff_se,
+    diff_prompts]}}}: statistics over prompt means; diff is paired with the baseline on the same prompts and seeds."""
     summary = {}
     for model, metrics in scores.items():
         summary[model] = {}
@@ -273,8 +278,13 @@ def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_promp
             mean, se, n = mean_se(prompt_means)
             entry = {"mean": mean, "se": se, "prompts": n, "unscored_images": int((~np.isfinite(values)).sum())}
             if model != baseline and metric in scores[baseline]:
-                diff, diff_se, _ = mean_se(prompt_means - per_prompt(scores[baseline][metric], per_prompt_count))
-                entry |= {"diff": diff, "diff_se": diff_se}
+                # Paired on the images BOTH models scored: a NaN on one side drops that seed from both prompt means,
+                # so an unscored image does not bring back the seed-to-seed variance that pairing removes.
+                reference = scores[baseline][metric]
+                both = np.isfinite(values) & np.isfinite(reference)
+                paired = per_prompt(np.where(both, values, np.nan), per_prompt_count) - per_prompt(np.where(both, reference, np.nan), per_prompt_count)
+                diff, diff_se, paired_prompts = mean_se(paired)
+                entry |= {"diff": diff, "diff_se": diff_se, "diff_prompts": paired_prompts}
             summary[model][metric] = entry
     return summary
 
@@ -375,8 +385,11 @@ def main(args: argparse.Namespace) -> dict:
         family = base.family
         config = family.denoiser_class().load_config(spec.base, subfolder=family.DENOISER, revision=args.revision)
         if args.resolution is None:
-            args.resolution = int(config["sample_size"]) * base.scale
-        shape = (int(config["in_channels"]), args.resolution // base.scale, args.resolution // base.scale)
+            # FLUX's transformer config has no sample_size: FluxPipeline's default is 128 latent pixels (1024 px).
+            args.resolution = int(config.get("sample_size", 128)) * base.scale
+        # The VAE's latent channels, not the denoiser's in_channels: FLUX's transformer takes packed 2x2 patches (4x wider).
+        channels = int(base.parts.vae.config.latent_channels)
+        shape = (channels, args.resolution // base.scale, args.resolution // base.scale)
         if noise is None:
             noise = initial_noise(len(prompts), args.images_per_prompt, shape, args.seed)
         elif tuple(noise.shape[2:]) != shape:
