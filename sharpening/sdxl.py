@@ -216,8 +216,9 @@ def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    digits = max(2, len(str(len(images) - 1)))  # zero-padded to the count, so sorted names keep generation order
     for i, image in enumerate(images):
-        paths.append(folder / f"{prefix}_{i:02d}.png")
+        paths.append(folder / f"{prefix}_{i:0{digits}d}.png")
         image.save(paths[-1])
     return paths
 

@@ -88,6 +88,8 @@ def test_bad_specs_fail_before_loading(tmp_path):
         evaluate.parse_args(["--model", "a=base,unet=/does/not/exist"])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "a=x", "--model", "a=y"])
+    with pytest.raises(SystemExit):  # 0 used to mean "all" and -1 "all but the last"
+        evaluate.parse_args(["--model", "a=x", "--num_prompts", "0"])
 
 
 def test_statistics_are_over_prompts():
@@ -97,6 +99,25 @@ def test_statistics_are_over_prompts():
     assert summary["base"]["r"]["se"] == pytest.approx(0.25)
     assert summary["new"]["r"]["unscored_images"] == 1
     assert summary["new"]["r"]["diff"] == pytest.approx(0.25)  # paired: (1 - 0.5) and (1 - 1)
+
+
+def test_the_paired_difference_uses_only_seeds_both_models_scored():
+    """3 prompts x 2 seeds; the new model is the baseline + 0.1 except one unscored image. Paired over the images
+    both scored the difference is exactly +0.1; averaging each side over its own images gave 0.433 +- 0.333."""
+    base = np.array([1.0, -1.0, 2.0, 0.0, 3.0, 1.0])
+    new = base + 0.1
+    new[1] = np.nan
+    entry = evaluate.summarise({"base": {"r": base}, "new": {"r": new}}, "base", per_prompt_count=2)["new"]["r"]
+    assert entry["diff"] == pytest.approx(0.1) and entry["diff_se"] == pytest.approx(0.0, abs=1e-12)
+    assert entry["diff_prompts"] == 3 and entry["unscored_images"] == 1
+
+
+def test_saved_image_names_sort_in_generation_order(tmp_path):
+    """reward.py --prompts pairs prompts with files in sorted name order: names past 99 must not sort img_10 < img_100."""
+    from sharpening.sdxl import save_images
+
+    paths = save_images([Image.new("RGB", (1, 1))] * 101, tmp_path, "img")
+    assert sorted(p.name for p in paths) == [p.name for p in paths] and paths[-1].name == "img_100.png"
 
 
 def test_an_image_that_decoded_to_nan_is_scored_nan_not_black(tiny_sdxl, tmp_path, monkeypatch):
