@@ -140,10 +140,12 @@ def _items_from_metadata(images_dir: Path, metadata: Path) -> list[tuple[Path, s
         missing = [column for column in ("file_name", "text") if not isinstance(row, dict) or column not in row]
         if missing:
             raise ValueError(f"{metadata}:{number}: missing column(s) {missing}; each line needs file_name and text.")
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{metadata}:{number}: text is {row['text']!r}; give each image its prompt as a string.")
         path = images_dir / str(row["file_name"])
         if not path.is_file():
             raise FileNotFoundError(f"{metadata}:{number}: image {row['file_name']!r} not found in {images_dir}.")
-        items.append((path, str(row["text"])))
+        items.append((path, row["text"]))
     if not items:
         raise ValueError(f"{metadata} lists no images.")
     return items

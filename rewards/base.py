@@ -154,6 +154,9 @@ class WeightedSumReward(Reward):
         for reward, weight in self.parts:
             out = outputs[reward.name]
             total = total + weight * out.total.to(device="cpu", dtype=torch.float32)
+            # Each part's own score, unweighted, beside its sub-scores: a reward that reports only sub-scores
+            # (toy: objects, relation, clean) would otherwise vanish from a mix's logs and evaluation tables.
+            components[reward.name] = out.total
             components.update(out.components)
         return RewardOutput(total=total, components=components)
 

@@ -29,7 +29,8 @@ def trajectory_grid(candidates: Candidates, prompt: int, cell: int = 96) -> Imag
     for i in range(n):
         row = i * candidates.selection.winner.shape[0] + prompt
         top = label_h + i * (cell + label_h)
-        mark = " (winner)" if i == winner else " (loser)" if i == loser and candidates.selection.has_pair[prompt] else ""
+        sel = candidates.selection  # no winner is marked when no candidate of the prompt was scored
+        mark = " (winner)" if i == winner and sel.has_winner[prompt] else " (loser)" if i == loser and sel.has_pair[prompt] else ""
         draw.text((2, top + 2), f"candidate {i}{mark}\npath {float(candidates.path_rewards[row]):.4g}\nt = {int(exploration.timesteps[0, row])}", fill="black")
         for k in range(m):
             image = exploration.images[k * rows + row].convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)

@@ -315,6 +315,19 @@ def test_weighted_mix_propagates_nan_and_merges_counters(monkeypatch, batch):
     assert mix.counters() == {"fixed_a/calls": 1, "fixed_b/calls": 1}
 
 
+def test_weighted_mix_keeps_the_toy_score_beside_its_sub_scores(batch):
+    """The toy reward reports objects / relation / clean as components; in a mix its own score must not vanish."""
+    from toyworld import world
+
+    images, prompts = batch[0][:2], world.train_prompts("pairs")[:2]
+    toy = build_reward("toy", None).evaluate(images, prompts)
+    assert torch.isfinite(toy.total).all()
+    out = build_reward("toy:1,brightness:1", None).evaluate(images, prompts)
+    assert {"toy", "toy/objects", "toy/relation", "toy/clean", "brightness"} <= set(out.components)
+    torch.testing.assert_close(out.components["toy"], toy.total)
+    torch.testing.assert_close(out.total, toy.total + out.components["brightness"])
+
+
 def test_weighted_mix_overlaps_remote_graders_with_local_models(batch):
     remote = _Fixed("remote", [1.0, 1.0], sleep=0.4, io_bound=True)
     local = _Fixed("local", [2.0, 2.0], sleep=0.4)
@@ -390,6 +403,7 @@ def test_command_with_prompts_file(clip_twin, tmp_path, capsys):
     ("missing_column", ValueError, r"metadata.jsonl:2: missing column\(s\) \['text'\]"),
     ("missing_image", FileNotFoundError, "metadata.jsonl:1: image 'nope.png' not found"),
     ("bad_json", ValueError, "metadata.jsonl:1: not valid JSON"),
+    ("null_text", ValueError, "metadata.jsonl:1: text is None; give each image its prompt as a string"),
     ("line_count", ValueError, "has 2 lines but .* has 3 images"),
 ])
 def test_command_input_errors(tmp_path, setup, error, match):
@@ -399,6 +413,8 @@ def test_command_input_errors(tmp_path, setup, error, match):
         (folder / "metadata.jsonl").write_text('{"file_name": "img_0.png", "text": "a"}\n{"file_name": "img_1.png"}\n')
     elif setup == "missing_image":
         (folder / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "a"}\n')
+    elif setup == "null_text":
+        (folder / "metadata.jsonl").write_text('{"file_name": "img_0.png", "text": null}\n')
     elif setup == "bad_json":
         (folder / "metadata.jsonl").write_text('{"file_name": \n')
     elif setup == "line_count":
