@@ -102,7 +102,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=1e-6)
     g.add_argument("--scale_lr", action="store_true", help="Multiply the LR by accumulation x batch size x processes.")
-    g.add_argument("--lr_scheduler", default="constant", help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"')
+    g.add_argument("--lr_scheduler", default="constant", help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                   '"constant_with_warmup". It advances on applied updates only: a skipped update (no reward ranking, '
+                   'non-finite, fp16 overflow, which diffusers skips too) counts toward --max_train_steps, not the schedule.')
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
     # Paper A.3: AdamW with betas (0, 0.99) and no weight decay.
@@ -148,8 +150,11 @@ def validate_training_args(args: argparse.Namespace) -> None:
     validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)
     if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
-    if args.infer_steps < 1 or 1000 % args.infer_steps and args.infer_steps > 1000:
+    if not 1 <= args.infer_steps <= 1000:
         raise ValueError("--infer_steps must be between 1 and 1000.")
+    for flag in ("checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError("--snr_gamma must be > 0 (5 is the Min-SNR paper's choice); leave it out for no capping.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:

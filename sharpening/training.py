@@ -39,6 +39,13 @@ from .trajectory import (Candidates, draw_start_indices, effective_steps, explor
 
 logger = logging.getLogger("sharpening")
 
+# Counts a step logs per micro-batch that are totals, not rates: summed over the window's micro-batches and the
+# processes (as trained_prompts is), where every other logged value is averaged.
+SUMMED_LOGS = ("skipped_prompts", "reward/unscored_candidates")
+# Consecutive fp16 overflow skips before a run is stopped: from GradScaler's initial scale 2^16, 40 halvings reach
+# 2^-24, fp16's smallest subnormal, where no gradient is representable any more (a few in a row are normal early on).
+FP16_OVERFLOW_LIMIT = 40
+
 
 def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
@@ -315,7 +322,7 @@ class Trainer:
                  "counters": self.reward.counters()}
         parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
         keys = dict.fromkeys(k for part in parts for k in part["logs"])
-        logs = {k: finite_mean([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
+        logs = {k: (sum if k in SUMMED_LOGS else finite_mean)([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
         trained = sum(p["num_trained"] for p in parts)
         logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
         logs["trained_prompts"] = float(trained)
@@ -330,7 +337,7 @@ class Trainer:
         args, acc = self.args, self.accelerator
         global_step, first_epoch, skip_batches = self._maybe_resume()
         self.checkpoints.mark_preempted(None)  # this run takes over from a preempted one
-        nonfinite_in_a_row = skipped_in_a_row = 0
+        nonfinite_in_a_row = skipped_in_a_row = overflow_in_a_row = 0
         progress = _progress_bar(args.max_train_steps, global_step, not acc.is_local_main_process)
         logger.info(
             "Training %s: %d steps, %d processes x batch %d x accumulation %d, n=%d, m=%d, grid of %d steps %g..%g.",
@@ -339,6 +346,8 @@ class Trainer:
         )
         window = UpdateWindow()
         for epoch in range(first_epoch, args.num_train_epochs):
+            if global_step >= args.max_train_steps:  # resumed from the last step's checkpoint: nothing left to train
+                break
             loader = self.loader
             if epoch == first_epoch and skip_batches:
                 loader = acc.skip_first_batches(self.loader, skip_batches)
@@ -362,8 +371,17 @@ class Trainer:
                             f"{nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient; stopping. "
                             "Lower --learning_rate, use bf16 or the fp16-fix VAE, or resume from the last checkpoint."
                         )
+                elif outcome == "overflow":
+                    overflow_in_a_row += 1
+                    if overflow_in_a_row >= FP16_OVERFLOW_LIMIT:
+                        raise RuntimeError(
+                            f"{overflow_in_a_row} consecutive fp16 updates overflowed: the gradient is non-finite at any loss scale. "
+                            "Use bf16, lower --learning_rate, or resume from the last checkpoint."
+                        )
+                    if overflow_in_a_row % 10 == 0:
+                        logger.warning("%d consecutive fp16 updates overflowed and were skipped.", overflow_in_a_row)
                 elif outcome == "updated":
-                    nonfinite_in_a_row = skipped_in_a_row = 0
+                    nonfinite_in_a_row = skipped_in_a_row = overflow_in_a_row = 0
                 if outcome == "skipped":
                     skipped_in_a_row += 1
                     if skipped_in_a_row % 10 == 0:
@@ -569,5 +587,5 @@ class UpdateWindow:
     def logs(self) -> dict[str, float]:
         loss = self.loss_sum / self.num_trained if self.num_trained else float("nan")
         out = {"loss": loss, "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
-        out |= {k: finite_mean(v) for k, v in self.extra.items()}
+        out |= {k: float(sum(v)) if k in SUMMED_LOGS else finite_mean(v) for k, v in self.extra.items()}
         return out

@@ -130,6 +130,19 @@ def test_resume_with_ema_continues_exactly(run, tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=0)
 
 
+def test_resuming_a_finished_run_trains_no_further_step(run, tmp_path):
+    """Resuming from the checkpoint of the last step (a preempted last step, or a rerun with `latest`) exports the
+    same model; it used to train one more window when the last step was not at an epoch's end (4 updates per epoch)."""
+    out = tmp_path / "out"
+    run(out, max_train_steps=3, checkpointing_steps=3)
+    first = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    run(out, max_train_steps=3, checkpointing_steps=3, resume_from_checkpoint="latest")
+    again = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert checkpoints(out) == {3}
+    for k in first:
+        assert torch.equal(again[k], first[k]), k
+
+
 def test_resume_refuses_another_batch_or_accumulation(run, tmp_path):
     """The same global step is another data position under another layout: refuse, and say what to do."""
     out = tmp_path / "out"

@@ -154,6 +154,32 @@ def test_nonfinite_loss_leaves_weights_unchanged_then_aborts(tiny_sdxl, tmp_path
         assert torch.equal(v, before[k]), k
 
 
+def test_endless_fp16_overflow_stops_the_run(tiny_sdxl, tmp_path, monkeypatch):
+    """GradScaler skips an overflowing step and halves its scale; a gradient that is non-finite at every scale must
+    not run on for the whole budget with frozen weights."""
+    monkeypatch.setattr(training, "FP16_OVERFLOW_LIMIT", 3)
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=6)
+    monkeypatch.setattr(trainer, "_finish_update", lambda window: "overflow")
+    with pytest.raises(RuntimeError, match="3 consecutive fp16 updates overflowed"):
+        trainer.train(sft.sft_step)
+
+
+def test_counts_are_summed_over_the_window_and_rates_averaged():
+    window = training.UpdateWindow()
+    for skipped, unscored, accuracy in ((1.0, 0.0, 0.5), (2.0, 3.0, 1.0)):
+        window.add(training.StepResult(torch.ones(2), torch.tensor([True, False]),
+                                       {"skipped_prompts": skipped, "reward/unscored_candidates": unscored, "implicit_accuracy": accuracy}))
+    logs = window.logs()
+    assert logs["skipped_prompts"] == 3.0 and logs["reward/unscored_candidates"] == 3.0 and logs["trained_prompts"] == 2.0
+    assert logs["implicit_accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps"])
+def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag):
+    with pytest.raises(ValueError, match=f"--{flag} must be >= 1"):
+        sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **{flag: 0}))
+
+
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_sdxl, tmp_path):
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=3)
     seen = []
