@@ -94,10 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3 and FLUX).")
-    g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 only: T5 tokens per prompt (as in training).")
+    g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 and FLUX.1: T5 tokens per prompt (as in training).")
     g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (FLUX.1: the embedded guidance, e.g. 3.5).")
     g.add_argument("--true_cfg_scale", type=float, default=1.0, help="FLUX.1 only: true CFG against the empty prompt (1 = off), as in training.")
-    g.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample size times the VAE's downsampling.")
+    g.add_argument("--resolution", type=int, default=None, help="Default: the denoiser's sample size times the VAE's downsampling (FLUX.1: FluxPipeline's 1024 px).")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
     g.add_argument("--decode_batch_size", type=int, default=None, help="VAE decodes per chunk (default: 8 at 512 px, 2 at 1024 px).")
     g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
