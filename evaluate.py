@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=25, help="Sampling steps (DDIM for SDXL, flow-matching Euler for SD3 and FLUX).")
-    g.add_argument("--max_sequence_length", type=int, default=77, help="SD3 and FLUX.1: T5 tokens per prompt (as in training).")
-    g.add_argument("--guidance_scale", type=float, default=5.0, help="CFG scale (FLUX.1: the embedded guidance, e.g. 3.5).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3 and FLUX.1: T5 tokens per prompt, as in training (default: 77 for SD3, 512 for FLUX.1).")
+    g.add_argument("--guidance_scale", type=float, default=None, help="CFG scale, default 5 (FLUX.1: the embedded guidance, default 3.5).")
     g.add_argument("--true_cfg_scale", type=float, default=1.0, help="FLUX.1 only: true CFG against the empty prompt (1 = off), as in training.")
     g.add_argument("--resolution", type=int, default=None, help="Default: the denoiser's sample size times the VAE's downsampling (FLUX.1: FluxPipeline's 1024 px).")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
@@ -362,6 +363,7 @@ def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prom
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     from reward import build_reward, parse_reward_spec
+    from sharpening.families import check_resolution
 
     started = time.time()
     # --reward_plugin files were imported by add_reward_args, before parsing: their rewards are registered.
@@ -384,7 +386,9 @@ def main(args: argparse.Namespace) -> dict:
         base = bases[spec.base]
         family = base.family
         config = family.denoiser_class().load_config(spec.base, subfolder=family.DENOISER, revision=args.revision)
-        if args.resolution is None:
+        if args.resolution is not None:
+            check_resolution(family, spec.base, args.resolution, args.revision)
+        else:
             # FLUX's transformer config has no sample_size: FluxPipeline's default is 128 latent pixels (1024 px).
             args.resolution = int(config.get("sample_size", 128)) * base.scale
         # The VAE's latent channels, not the denoiser's in_channels: FLUX's transformer takes packed 2x2 patches (4x wider).

@@ -26,7 +26,7 @@ from reward import add_reward_args
 from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
-from sharpening.config import add_training_args, validate_training_args
+from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
 from sharpening.trajectory import Selection, reward_spread
 
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
     if args.num_noisy_latents < 2:
         parser.error("--num_noisy_latents must be >= 2 in RLHF: the loss compares the best and the worst trajectory")
+    if args.dpo_target != "fresh":
+        refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
+                            f"they shape freshly drawn noise levels (--dpo_target fresh); --dpo_target {args.dpo_target} trains on the states its paths visit")
     validate_training_args(args)
     for flag in ("center_crop", "random_flip"):
         if getattr(args, flag):

@@ -20,7 +20,7 @@ import torch
 from reward import add_reward_args
 from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
-from sharpening.config import add_training_args, validate_training_args
+from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
 
 
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "reward-seeking target from drifting away from the data; 0 = off).",
     )
     args = parser.parse_args(argv)
+    refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
+                        "they shape freshly drawn noise levels (RLHF's --dpo_target fresh); SFT trains on the states its paths visit")
     validate_training_args(args)
     return args
 

@@ -38,7 +38,7 @@ from sharpening.families import cfg_scale, with_guidance  # noqa: E402
 from sharpening.sampler import DDIM, FlowMatchEuler, _per_sample  # noqa: E402
 from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
 from sharpening.trajectory import select  # noqa: E402
-from sharpening.config import add_training_args, validate_training_args  # noqa: E402
+from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args  # noqa: E402
 from sharpening.training import StepResult, Trainer  # noqa: E402
 from train_rlhf_diffusion_sharpening_sdxl import load_prompts, pair_errors, preference_logs  # noqa: E402
 
@@ -61,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--objective ddpo trains --trajectory_nums of each image's --infer_steps sampling steps: give --trajectory_nums <= --infer_steps")
     if args.objective == "ddpo" and args.noise_level <= 0:
         parser.error("--objective ddpo needs a stochastic sampler (a likelihood per step): give --noise_level > 0")
+    refuse_unused_flags(parser, args, ["path_reward", "explore_guidance_scale", "min_start_timestep", "max_start_timestep"],
+                        "they shape the trainers' short-path exploration, which this control does not run (it samples whole images)")
+    if args.objective == "ddpo":
+        refuse_unused_flags(parser, args, ["snr_gamma", "loss_weighting", "weighting_scheme", "logit_mean", "logit_std"],
+                            "they weight or draw diffusion-loss rows; --objective ddpo trains a policy gradient on its own sampling steps")
     validate_training_args(args)
     return args
 

@@ -27,9 +27,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
     g.add_argument("--lora_rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
-    g.add_argument("--max_sequence_length", type=int, default=77,
-                   help="SD3/SD3.5 and FLUX: T5 tokens of each prompt (diffusers' SD3 training default 77; the pipelines' 256/512). "
-                        "SDXL ignores it.")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3/SD3.5 and FLUX: T5 tokens of each prompt. Default: 77 for SD3 (diffusers' SD3 training scripts), "
+                        "512 for FLUX.1 (FluxPipeline's and diffusers' FLUX scripts'); evaluate with the same. SDXL ignores it.")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder, or an imagefolder.")
@@ -64,9 +64,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "finished image instead of the last preview. Early previews are blurry, so their reward can say little "
                         "about the image a path leads to.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
-    g.add_argument("--guidance_scale", type=float, default=5.0,
-                   help="CFG of rollouts (RLHF) and validation images. FLUX.1-dev: the embedded guidance everywhere "
-                        "(FluxPipeline's guidance_scale, typically 3.5); see --true_cfg_scale.")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="CFG of rollouts (RLHF) and validation images; default 5. FLUX.1-dev: the embedded guidance everywhere "
+                        "(FluxPipeline's guidance_scale; default 3.5); see --true_cfg_scale.")
     g.add_argument("--true_cfg_scale", type=float, default=1.0,
                    help="FLUX.1 only: true classifier-free guidance of rollouts and validation images against the empty prompt "
                         "(FluxPipeline's true_cfg_scale with negative_prompt \"\"; 1 = off, one pass per step). Exploration's CFG "
@@ -140,6 +140,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
                         "winner and loser marked) and reward histograms to the trackers; 0 = off.")
     g.add_argument("--log_trajectories_prompts", type=int, default=2, help="Prompts of the micro-batch shown in each trajectory log.")
+
+
+def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: list[str], why: str) -> None:
+    """parser.error naming every flag of `flags` set to other than its default: here it would do nothing."""
+    changed = [f"--{flag}" for flag in flags if getattr(args, flag) != parser.get_default(flag)]
+    if changed:
+        parser.error(f"{', '.join(changed)}: {why}; drop {'them' if len(changed) > 1 else 'it'}.")
 
 
 def validate_training_args(args: argparse.Namespace) -> None:

@@ -23,11 +23,40 @@ def family_of(pretrained: str) -> ModuleType:
     return importlib.import_module(f"sharpening.{FAMILIES[name]}")
 
 
+def resolution_multiple(family: ModuleType, pretrained: str, revision: str | None = None) -> int:
+    """Image sides must be a multiple of this: the VAE's downsampling times the latent patch (SD3.5's transformer
+    patches 2x2; FLUX packs 2x2 latents outside its transformer). From the configs only, before any weights load."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
+    denoiser = family.denoiser_class().load_config(pretrained, subfolder=family.DENOISER, revision=revision)
+    return 2 ** (len(vae["block_out_channels"]) - 1) * int(denoiser.get("patch_size", 1)) * family.LATENT_PACKING
+
+
+def check_resolution(family: ModuleType, pretrained: str, resolution: int, revision: str | None = None) -> None:
+    multiple = resolution_multiple(family, pretrained, revision)
+    if resolution % multiple:
+        lower = resolution // multiple * multiple
+        raise ValueError(f"--resolution {resolution}: {pretrained} needs a multiple of {multiple} (the VAE's downsampling times "
+                         f"the denoiser's latent patch); use {lower or multiple} or {lower + multiple}.")
+
+
+# Classifier-free guidance scale of SDXL and SD3 when --guidance_scale is not given (our recipes and diffusers' examples).
+DEFAULT_CFG_SCALE = 5.0
+
+
 def apply_text_settings(parts, args) -> None:
     """The flags that shape a family's conditioning: T5 tokens (SD3, FLUX) and FLUX.1-dev's embedded guidance
-    (`--guidance_scale`). Families without them (SDXL) have no such fields and are left as they are."""
+    (`--guidance_scale`). Families without them (SDXL) have no such fields and are left as they are. A flag left
+    out (None) takes the family's default, written back to `args` so that model cards and trackers record what ran:
+    T5 tokens 77 for SD3 (diffusers' SD3 training scripts) and 512 for FLUX.1 (FluxPipeline and diffusers' FLUX
+    scripts); guidance 3.5 for FLUX.1 (embedded, as FluxPipeline) and CFG 5 otherwise."""
     if hasattr(parts, "max_sequence_length"):
+        if args.max_sequence_length is None:
+            args.max_sequence_length = parts.max_sequence_length
         parts.max_sequence_length = args.max_sequence_length
+    if args.guidance_scale is None:
+        args.guidance_scale = parts.guidance if hasattr(parts, "guidance") else DEFAULT_CFG_SCALE
     if hasattr(parts, "guidance"):
         parts.guidance = args.guidance_scale
     elif args.true_cfg_scale != 1.0:

@@ -26,12 +26,13 @@ from .sd3 import decode, encode_images, lora_state  # noqa: F401  (SD3's latent 
 from .sdxl import save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
 DENOISER = "transformer"
+LATENT_PACKING = 2  # FluxPipeline packs 2x2 latent patches before the transformer (whose patch_size is 1)
 PIPELINE_CLASS = "FluxPipeline"
 SAMPLER = "flow-matching Euler"  # how evaluate.py names the sampling in its reports
 # diffusers' train_dreambooth_lora_flux.py targets: joint attention and the feed-forward projections.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out",
                        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-DEFAULT_MAX_SEQUENCE_LENGTH = 77
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as FluxPipeline and diffusers' FLUX training scripts default
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .sampler import FlowMatchEuler
 from .sdxl import decode_pixels, save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
 DENOISER = "transformer"
+LATENT_PACKING = 1  # the transformer patchifies itself (its config's patch_size)
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 SAMPLER = "flow-matching Euler"  # how evaluate.py names the sampling in its reports
 # diffusers' train_dreambooth_lora_sd3.py targets; SD3.5's second attention (attn2) has the same projection names.

@@ -227,6 +227,7 @@ def save_images(images: list[Image.Image], folder: str | os.PathLike, prefix: st
 # LoRA on the attention projections of the UNet, as diffusers' train_text_to_image_lora_sdxl.py does.
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 DENOISER = "unet"  # the denoiser's subfolder in the pipeline layout
+LATENT_PACKING = 1  # latent pixels per side the pipeline packs into one token outside the denoiser (FLUX: 2)
 PIPELINE_CLASS = "StableDiffusionXLPipeline"  # what a full fine-tune is saved as (named in the model card)
 SAMPLER = "DDIM (eta 0)"  # how evaluate.py names the sampling in its reports
 

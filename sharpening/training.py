@@ -29,7 +29,7 @@ import torch
 from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
 from .config import public_config
-from .families import apply_text_settings, cfg_scale, family_of, with_guidance
+from .families import apply_text_settings, cfg_scale, check_resolution, family_of, with_guidance
 from .losses import masked_sum, per_sample_mse
 from .policy import Policy
 from .sampler import sample
@@ -106,6 +106,7 @@ class Trainer:
         # The model family module (sharpening/sdxl.py, sharpening/sd3.py): loading, conditioning, the denoiser call,
         # the sampler, the VAE and saving all go through it.
         self.family = family_of(args.pretrained_model_name_or_path)
+        check_resolution(self.family, args.pretrained_model_name_or_path, args.resolution, args.revision)  # before loading
         log_with = None if args.report_to in (None, "none", "") else args.report_to
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -147,6 +148,9 @@ class Trainer:
             parts.scheduler_config["prediction_type"] = args.prediction_type
         self.parts = parts
         self.sampler = family.make_sampler(parts, args.infer_steps, args.resolution)
+        if args.prediction_type and not hasattr(self.sampler, "v_loss_weight"):
+            raise ValueError("--prediction_type chooses between epsilon and v prediction (SDXL); flow families (SD3, FLUX) always "
+                             "predict the velocity: drop the flag.")
         if args.weighting_scheme != "none":
             if not hasattr(self.sampler, "set_train_density"):
                 raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")

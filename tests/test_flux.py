@@ -96,6 +96,29 @@ def test_true_cfg_scale_is_refused_for_families_without_embedded_guidance(tiny_s
         families.apply_text_settings(parts, Namespace(max_sequence_length=32, guidance_scale=5.0, true_cfg_scale=3.0))
 
 
+def test_flags_left_out_take_each_familys_default(tiny_flux, tiny_sd3):
+    """FLUX.1: 512 T5 tokens and embedded guidance 3.5 (FluxPipeline's defaults); SD3: 77 tokens and CFG 5. The value
+    used is written back to the arguments, so model cards and trackers record it."""
+    from argparse import Namespace
+
+    from sharpening import families, flux, sd3
+
+    for family, model, tokens, guidance in ((flux, tiny_flux, 512, 3.5), (sd3, tiny_sd3, 77, 5.0)):
+        parts, args = family.load(str(model)), Namespace(max_sequence_length=None, guidance_scale=None, true_cfg_scale=1.0)
+        families.apply_text_settings(parts, args)
+        assert parts.max_sequence_length == args.max_sequence_length == tokens and args.guidance_scale == guidance
+        assert getattr(parts, "guidance", guidance) == guidance
+
+
+def test_a_resolution_that_does_not_tile_into_packed_latents_fails_before_loading(tiny_flux):
+    from sharpening import families, flux
+
+    assert families.resolution_multiple(flux, str(tiny_flux)) == 4  # the twin's VAE halves the size; FLUX packs 2x2
+    families.check_resolution(flux, str(tiny_flux), 32)
+    with pytest.raises(ValueError, match="--resolution 34: .* needs a multiple of 4 .* use 32 or 36"):
+        families.check_resolution(flux, str(tiny_flux), 34)
+
+
 def flux_image(model_dir, lora_dir=None):
     from diffusers import FluxPipeline
 

@@ -251,8 +251,11 @@ def test_corrupt_image_is_skipped_counted_and_named(tiny_sdxl, tmp_path, caplog)
 
 def test_flow_only_flags_are_refused_for_sdxl_with_what_to_do(tiny_sdxl, tmp_path):
     data = write_image_folder(tmp_path / "data", count=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "w", prompt_file=prompts, dpo_target="fresh", weighting_scheme="logit_normal"))
     with pytest.raises(ValueError, match="--weighting_scheme is for flow-matching families"):
-        run_sft(tiny_sdxl, data, tmp_path / "w", max_train_steps=1, weighting_scheme="logit_normal")
+        rlhf.main(args)
     reset_accelerate_state()
     with pytest.raises(ValueError, match="--true_cfg_scale is FLUX.1's"):
         run_sft(tiny_sdxl, data, tmp_path / "t", max_train_steps=1, true_cfg_scale=3.0)
@@ -263,6 +266,31 @@ def test_loss_weighting_v_is_refused_for_flow_models_which_already_train_the_vel
     data = write_image_folder(tmp_path / "data", count=2)
     with pytest.raises(ValueError, match="--loss_weighting v is for epsilon-prediction families"):
         run_sft(tiny_sd3, data, tmp_path / "v", max_train_steps=1, loss_weighting="v", max_sequence_length=32)
+    reset_accelerate_state()
+    with pytest.raises(ValueError, match="--prediction_type chooses between epsilon and v prediction"):
+        run_sft(tiny_sd3, data, tmp_path / "p", max_train_steps=1, prediction_type="v_prediction", max_sequence_length=32)
+    reset_accelerate_state()
+
+
+def test_flags_that_would_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path):
+    """--weighting_scheme only draws fresh noise levels (RLHF --dpo_target fresh, the best-of-n control); the control
+    runs no short-path exploration, and its policy gradient weighs no diffusion-loss rows."""
+    from conftest import load_benchmark
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    data = write_image_folder(tmp_path / "data", count=2)
+    with pytest.raises(SystemExit):
+        sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", train_data_dir=data, weighting_scheme="logit_normal"))
+    with pytest.raises(SystemExit):
+        rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, logit_std=2.0))
+    rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, dpo_target="fresh", logit_std=2.0))
+    control = load_benchmark("best_of_n_control")
+    with pytest.raises(SystemExit):
+        control.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, path_reward="final"))
+    with pytest.raises(SystemExit):
+        control.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, objective="ddpo", snr_gamma=5.0))
+    control.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, objective="raft", snr_gamma=5.0))
 
 
 def test_missing_column_fails_before_any_model_loads(tmp_path):
