@@ -96,8 +96,8 @@ def main(args: argparse.Namespace) -> dict:
                  "max_train_steps": args.steps, "checkpointing_steps": args.eval_every}
         if args.learning_rate:
             flags["learning_rate"] = args.learning_rate
-        flags |= overrides_for(name, args.overrides)
-        run_flags[name] = flags | ({"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)})
+        flags |= {"train_data_dir": str(data)} if script == SFT_SCRIPT else {"prompt_file": str(prompt_file)}
+        run_flags[name] = flags | overrides_for(name, args.overrides)  # --set last: it may name other data
         check_evaluable(run_flags[name])
     seconds = {}
     for name, (script, _) in ({} if args.skip_training else runs).items():

@@ -116,10 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="Evaluation device; training uses what accelerate finds.")
     p.add_argument("--skip_training", action="store_true", help="Re-evaluate the runs already in --work_dir.")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if p.get_default(key) == getattr(args, key):
-                setattr(args, key, value)
+    if args.quick:  # the quick values become the defaults: what the command line gives still wins
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
     args.rewards = args.rewards or list(BENCHMARK_REWARDS)
     names = args.variants if args.variants is not None else list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
@@ -199,9 +198,12 @@ def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str
     if len(labels) == 1 and against is None:
         return record["summary"][labels[0]][metric]
     k = record["images_per_prompt"]
+    models = [record["baseline"], *labels, *(against or [])]
+    # Paired on the images that every compared model scored (as evaluate.summarise pairs two models).
+    scored = np.logical_and.reduce([np.isfinite(np.array(record["scores"][m][metric], dtype=float)) for m in models])
 
     def runs(models):  # (runs, prompts) of prompt means
-        return np.stack([per_prompt(np.array(record["scores"][m][metric], dtype=float), k) for m in models])
+        return np.stack([per_prompt(np.where(scored, np.array(record["scores"][m][metric], dtype=float), np.nan), k) for m in models])
 
     base = runs([record["baseline"]])[0]
     ours, theirs = runs(labels), runs(against) if against else None

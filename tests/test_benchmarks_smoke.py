@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_benchmark
+from conftest import ROOT, load_benchmark, write_image_folder
 from toyworld import world
 
 
@@ -56,15 +56,19 @@ def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path)
     common = ["--model", str(tiny_sdxl), "--work_dir", str(work), "--steps", "2", "--eval_every", "1", "--train_images", "4",
               "--eval_prompts", "2", "--images_per_prompt", "1", "--eval_steps", "2", "--threads", "1",
               "--only", "standard-ft", "rlhf-sharpening", "--set", "rlhf-sharpening:use_lora=true"]
-    quality.main(quality.parse_args(common + ["--set", "train_batch_size=2", "--set", "rlhf-sharpening:dpo_target=endpoint"]))
+    own = write_image_folder(tmp_path / "own", count=4)
+    quality.main(quality.parse_args(common + ["--set", "train_batch_size=2", "--set", "rlhf-sharpening:dpo_target=endpoint",
+                                              "--set", f"standard-ft:train_data_dir={own}"]))
     sft_cmd = (work / "standard-ft.log").read_text().splitlines()[0]
     rlhf_cmd = (work / "rlhf-sharpening.log").read_text().splitlines()[0]
     assert "--train_batch_size 2" in sft_cmd and "--train_batch_size 2" in rlhf_cmd
+    assert f"--train_data_dir {own}" in sft_cmd  # --set may name other data (it was overwritten by the toy data)
     assert "--dpo_target endpoint" in rlhf_cmd and "dpo_target" not in sft_cmd
     assert "--use_lora" in rlhf_cmd and "--use_lora" not in sft_cmd
     record = json.loads((work / "quality.json").read_text())
     assert set(record["summary"]) == {"base", "standard-ft@1", "standard-ft@2", "rlhf-sharpening@1", "rlhf-sharpening@2"}
-    assert record["overrides"] == ["rlhf-sharpening:use_lora=true", "train_batch_size=2", "rlhf-sharpening:dpo_target=endpoint"]
+    assert record["overrides"] == ["rlhf-sharpening:use_lora=true", "train_batch_size=2", "rlhf-sharpening:dpo_target=endpoint",
+                                   f"standard-ft:train_data_dir={own}"]
     assert "| standard-ft |" in (work / "quality.md").read_text()
 
     # The diagnostic split re-evaluates the same checkpoints on training prompts, beside the held-out files.
@@ -139,6 +143,8 @@ def test_reward_response_variant_flags():
     with pytest.raises(SystemExit, match="use_ema"):
         bench.parse_args(["--variant", "x=sft:use_lora=true", "--set", "use_ema=true"])
     assert bench.parse_args(["--train_prompts", "112"]).train_prompts == 112
+    quick = bench.parse_args(["--quick", "--steps", "60", "--eval_every", "20"])  # what is typed wins over --quick's values
+    assert (quick.steps, quick.eval_every, quick.eval_prompts) == (60, 20, bench.QUICK["eval_prompts"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--train_prompts", "321"])
 
@@ -194,6 +200,12 @@ def test_reward_response_pools_training_seeds(tmp_path):
     record["scores"]["toy/standard-ft@1"] = {"toy": [1.0] * 6}
     versus = bench.pooled_entry(record, ["toy/sft@1", "toy/sft.run1@1"], "toy", ["toy/standard-ft@1"])
     assert versus["diff"] == pytest.approx(1.5) and versus["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
+    # Paired on the images every compared model scored: an unscored image leaves the base's mean of that prompt too
+    # (averaging each side over its own images gave (0.4 + 0.1) / 2 here).
+    masked = {"baseline": "base", "images_per_prompt": 2,
+              "scores": {"base": {"r": [0.2, 0.8, 0.0, 0.0]}, "a": {"r": [None, 0.9, 0.1, 0.1]}, "b": {"r": [None, 0.9, 0.1, 0.1]}},
+              "summary": {"a": {"r": {"mean": 0.5}}, "b": {"r": {"mean": 0.5}}}}
+    assert bench.pooled_entry(masked, ["a", "b"], "r")["diff"] == pytest.approx(0.1)
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):
