@@ -197,6 +197,9 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
                 f'pipe.load_lora_weights("{out}")')
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{out}", torch_dtype=torch.float16)'
+    # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).
+    tokens = getattr(args, "max_sequence_length", None)
+    t5_row = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if tokens is not None and pipeline_class != "StableDiffusionXLPipeline" else ""
     text = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
@@ -217,6 +220,7 @@ This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 250
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 | batch | {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation |
 | resolution | {args.resolution} |
+| guidance scale (rollouts, validation) | {args.guidance_scale} |{t5_row}
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 
