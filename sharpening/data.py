@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def _open_image(value) -> Image.Image:
     else:
         raise ValueError(f"unsupported image value of type {type(value).__name__}")
     image.load()  # decode now, so a truncated file fails here and not in the middle of a batch
-    return image.convert("RGB")
+    # Upright as the camera meant it (an EXIF Orientation tag), as datasets' own Image decoder does.
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def _row_name(value, index: int) -> str:

@@ -118,6 +118,11 @@ def load(pretrained: str, vae_path: str | None = None, revision: str | None = No
         vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
     else:
         vae = AutoencoderKL.from_pretrained(**sub("vae"), variant=variant)
+    if vae.config.get("latents_mean") is not None or vae.config.get("latents_std") is not None:
+        # StableDiffusionXLPipeline then decodes latents * std / scaling_factor + mean (Playground v2.5): our previews,
+        # rewards and targets use the scaling factor alone and would disagree with the pipeline's images.
+        raise ValueError(f"{vae_path or pretrained}: its VAE normalises latents with latents_mean / latents_std, which these "
+                         "trainers do not apply; use a checkpoint whose VAE has only a scaling_factor (SDXL base, the fp16-fix VAE).")
     unet = UNet2DConditionModel.from_pretrained(**sub("unet"), variant=variant)
     scheduler_config = dict(DDIMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
     index = model_index(pretrained)

@@ -701,6 +701,16 @@ def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
     assert list(plain) == [0, 1, 2, 3, 4] and len(plain) == 5
 
 
+def test_a_photo_with_an_exif_orientation_is_read_upright(tmp_path):
+    """As datasets' own Image decoder reads it: an 80 x 40 JPEG tagged "rotate 90 CW" (Orientation 6) is 40 wide."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.new("RGB", (80, 40), "red").save(tmp_path / "phone.jpg", exif=exif)
+    assert sdata._open_image(str(tmp_path / "phone.jpg")).size == (40, 80)
+
+
 @pytest.fixture(scope="module")
 def corrupt_folder_dataset(tmp_path_factory):
     folder = write_image_folder(tmp_path_factory.mktemp("imgs") / "data", count=6, corrupt=(2,))

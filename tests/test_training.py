@@ -272,6 +272,19 @@ def test_loss_weighting_v_is_refused_for_flow_models_which_already_train_the_vel
     reset_accelerate_state()
 
 
+def test_a_vae_with_latent_mean_and_std_is_refused(tiny_sdxl, tmp_path):
+    """StableDiffusionXLPipeline decodes such a VAE's latents with latents_mean / latents_std (Playground v2.5); we do not."""
+    import shutil
+
+    from sharpening import sdxl
+
+    model = shutil.copytree(tiny_sdxl, tmp_path / "model")
+    config = json.loads((model / "vae" / "config.json").read_text())
+    (model / "vae" / "config.json").write_text(json.dumps(config | {"latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    with pytest.raises(ValueError, match="latents_mean / latents_std"):
+        sdxl.load(str(model))
+
+
 def test_flags_that_would_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path):
     """--weighting_scheme only draws fresh noise levels (RLHF --dpo_target fresh, the best-of-n control); the control
     runs no short-path exploration, and its policy gradient weighs no diffusion-loss rows."""
