@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> None:
     total = time.time() - started
     print("\n[demo] wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total / 60:.1f} min")
     print(f"[demo] results: {work / 'eval' / 'gains.md'} (the gains above), {work / 'eval' / 'results.md'} (every metric), {work / 'eval' / 'results.json'} (every score),")
-    print(f"[demo]          {work / 'eval' / 'compare.png'} (before/after: held-out prompts x models), grid_<model>.png;")
+    print(f"[demo]          {work / 'eval' / 'compare.png'} (before/after: {'held-out' if args.eval_split == 'heldout' else 'training-pair'} prompts x models), grid_<model>.png;")
     print(f"[demo]          fine-tuned pipelines in {work}/{{sft,rlhf}}-{{toy,{args.pixel_reward}}}; training logs {work}/*.log")
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -539,6 +540,8 @@ def main(args: argparse.Namespace) -> Path:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    if device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace (set before its first call)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
