@@ -7,8 +7,9 @@ toy world's TRAINING compositions (checkpoints every `--eval_every`), then sampl
 model with the same seeds on training-pair prompts and report, paired against base:
 
   - Δ of the TRAINED reward ± paired SE, and the first checkpoint where it exceeds +3 SE (reward efficiency);
-  - Δ of guard metrics that show reward hacking: the toy reward's objects, relation and clean components
-    (a brightness reward that erases the objects raises brightness and sinks toy/objects).
+  - Δ of guard metrics that show reward hacking: the toy reward's objects, relation, clean and size components
+    (a brightness reward that erases the objects raises brightness and sinks toy/objects; flooding the canvas with
+    the caption's colours raises the toy reward itself and sinks toy/size).
   - with `standard-ft` among the variants, every other variant's Δ of the trained reward against it, paired on
     the same seeds: the bar beyond the base (does it beat ordinary fine-tuning on the same data?).
 
@@ -59,7 +60,7 @@ from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDAR
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
-GUARDS = ("toy/objects", "toy/relation", "toy/clean")
+GUARDS = ("toy/objects", "toy/relation", "toy/clean", "toy/size")
 CONTROL = "standard-ft"  # ordinary fine-tuning: every reward-seeking variant is also compared with it
 VARIANTS = {
     "standard-ft": ("sft", STANDARD_FT),
@@ -270,9 +271,9 @@ def markdown(results: dict, args) -> str:
     for reward in args.rewards:
         base = results[reward]["base"]
         lines += ["", f"**{reward}** (base {base[reward]['mean']:.3f}; toy/objects {base['toy/objects']['mean']:.3f}, "
-                      f"relation {base['toy/relation']['mean']:.3f}, clean {base['toy/clean']['mean']:.3f})", "",
-                  f"| variant | Δ {reward} | steps to +3 SE | Δ toy/objects | Δ toy/relation | toy/clean |"
-                  + (f" Δ {reward} vs {CONTROL} |" if versus else ""), "|---|---|---|---|---|---|" + "---|" * versus]
+                      f"relation {base['toy/relation']['mean']:.3f}, clean {base['toy/clean']['mean']:.3f}, size {base['toy/size']['mean']:.3f})", "",
+                  f"| variant | Δ {reward} | steps to +3 SE | Δ toy/objects | Δ toy/relation | toy/clean | toy/size |"
+                  + (f" Δ {reward} vs {CONTROL} |" if versus else ""), "|---|---|---|---|---|---|---|" + "---|" * versus]
         for name in names:
             r = results[reward][name]
             f = r["final"]
@@ -280,7 +281,7 @@ def markdown(results: dict, args) -> str:
             runs = " [" + ", ".join(f"{d:+.3f}" for d in f[reward]["run_diffs"]) + "]" if "run_diffs" in f[reward] else ""
             control = (f" {_diff(r['vs_control'])} |" if "vs_control" in r else " — |") if versus else ""
             lines.append(f"| {name} | {_diff(f[reward])}{runs} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
-                         f"{f['toy/clean']['mean']:.3f} |{control}")
+                         f"{f['toy/clean']['mean']:.3f} | {f['toy/size']['mean']:.3f} |{control}")
     return "\n".join(lines)
 
 

@@ -56,13 +56,13 @@ def gains_table(summary: dict, runs: dict[str, str]) -> str:
     def diff(entry):
         return f"{entry['diff']:+.3f} ± {entry['diff_se']:.3f}"
 
-    lines = ["| fine-tune | trained on | base | Δ trained reward (paired) | in SE | Δ toy/objects | Δ toy/relation | toy/clean |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| fine-tune | trained on | base | Δ trained reward (paired) | in SE | Δ toy/objects | Δ toy/relation | toy/clean | toy/size |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, reward in runs.items():
         row = summary[name]
         z = row[reward]["diff"] / row[reward]["diff_se"] if row[reward].get("diff_se") else float("nan")
         lines.append(f"| {name} | {reward} | {summary['base'][reward]['mean']:.3f} | {diff(row[reward])} | {z:+.1f} | "
-                     f"{diff(row['toy/objects'])} | {diff(row['toy/relation'])} | {row['toy/clean']['mean']:.3f} |")
+                     f"{diff(row['toy/objects'])} | {diff(row['toy/relation'])} | {row['toy/clean']['mean']:.3f} | {row['toy/size']['mean']:.3f} |")
     return "\n".join(lines)
 
 

@@ -109,7 +109,7 @@ def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):
         for name in ("sft-paper", "rlhf-fresh"):
             run = results[reward][name]
             assert [p["step"] for p in run["curve"]] == [0, 1, 2]
-            assert set(run["final"]) == {reward, "toy/objects", "toy/relation", "toy/clean"}
+            assert set(run["final"]) == {reward, "toy/objects", "toy/relation", "toy/clean", "toy/size"}
             assert all(isinstance(p["diff"], float) for p in run["curve"])
     record = json.loads((work / "reward_response.json").read_text())
     assert record["runs"]["rlhf-fresh"]["flags"]["dpo_target"] == "fresh"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from toyworld import world
 from toyworld.reward import score_image
@@ -187,6 +188,21 @@ def test_reward_on_blank_and_unparseable():
     assert np.isnan(score_image(blank, "a photo of a cat")["total"])  # unavailable, never guessed
 
 
+def test_size_guard_flags_a_canvas_flooded_with_the_named_colours():
+    """The total does not check extents (a flood of red is "a red square"); toy/size shows it. Rendered objects pass."""
+    red, blue = (tuple(int(c) for c in world.COLOURS[name]) for name in ("red", "blue"))
+    flood = np.zeros((32, 32, 3), np.uint8)
+    flood[:, :16], flood[:, 16:] = red, blue
+    scored = score_image(Image.fromarray(flood), "a red square to the left of a blue square")
+    assert scored["total"] > 0.99 and scored["size"] < 1e-6
+    bar = np.full((32, 32, 3), world.BACKGROUND, np.uint8)
+    bar[14:18, 2:30] = red
+    assert score_image(Image.fromarray(bar), "a red square")["size"] < 1e-6
+    sizes = [score_image(image, caption)["size"] for image, caption in world.generate(world.train_prompts("pairs"), 200, seed=3)]
+    assert min(sizes) > 0.9 and np.mean(sizes) > 0.99
+    assert np.isnan(score_image(Image.new("RGB", (32, 32), tuple(int(c) for c in world.BACKGROUND)), "a red circle")["size"])
+
+
 def test_toy_reward_through_the_registry():
     import reward
 
@@ -194,7 +210,7 @@ def test_toy_reward_through_the_registry():
     images, captions = zip(*world.generate(world.heldout_prompts(), 3, seed=0))
     out = model.evaluate(list(images), list(captions) + [])
     assert out.total.shape == (3,) and out.total.dtype.is_floating_point and (out.total > 0.9).all()
-    assert set(out.components) == {"toy/objects", "toy/relation", "toy/clean"}
+    assert set(out.components) == {"toy/objects", "toy/relation", "toy/clean", "toy/size"}
     assert model.counters()["toy/images_scored"] == 3
     with pytest.raises(ValueError):
         model.evaluate(list(images), ["a red circle"])

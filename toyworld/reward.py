@@ -13,9 +13,13 @@ How an image is read:
 3. A composition also scores its relation from the two regions' centroids along the relation's axis; a placed
    single ("a red circle on the left") scores its place as that relation to the canvas centre.
 4. Colours the caption does not name scale everything down ("clean").
+5. "size" (a guard, not in the total): whether each object found is as big as the world draws objects, both
+   sides of its bounding box within about 7..16 px (the world draws 9..14; blurred edges read 7..14). The total
+   does not check extents (size words aside), so a canvas flooded with the named colours scores high on it;
+   this component shows that.
 
 total = clean * mean(object scores [, relation]). Components are reported separately (relation is NaN for
-single objects without a place). A caption outside the world's grammar gets NaN: the reward is unavailable, never guessed.
+single objects without a place; size is NaN when no object was found). A caption outside the world's grammar gets NaN: the reward is unavailable, never guessed.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ _SHAPE_PROTOTYPES = {"square": (1.0, 0.5, 1.0), "circle": (math.pi / 4, 0.5, 0.0
 _FEATURE_WEIGHTS = (1.0, 1.0, 0.25)  # corners are single pixels: noisier than the area features
 _SHAPE_TEMPERATURE = 0.01
 _SIZE_SPLIT, _SIZE_SOFTNESS = 11.0, 0.5  # px: small objects measure 8..10 px wide, large 12..14
-COMPONENTS = ("objects", "relation", "clean")
+_EXTENT_RANGE, _EXTENT_SOFTNESS = (5.5, 17.5), 0.5  # px: "size" is ~1 for bounding-box sides of 7..16 px (renders: 7..14)
+COMPONENTS = ("objects", "relation", "clean", "size")
 
 
 def label_pixels(image) -> np.ndarray:
@@ -129,12 +134,12 @@ def relation_by_chance(samples: int = 100_000, seed: int = 0) -> float:
 
 
 def score_image(image, caption: str) -> dict[str, float]:
-    """{"total", "objects", "relation", "clean"} for one image; NaN total when the caption is not parseable."""
+    """{"total", "objects", "relation", "clean", "size"} for one image; NaN total when the caption is not parseable."""
     scene = world.parse_caption(caption)
     if scene is None:
-        return {"total": float("nan"), "objects": float("nan"), "relation": float("nan"), "clean": float("nan")}
+        return {"total": float("nan"), "objects": float("nan"), "relation": float("nan"), "clean": float("nan"), "size": float("nan")}
     labels = label_pixels(image)
-    regions, object_scores = [], []
+    regions, object_scores, extents = [], [], []
     for obj in scene.objects:
         region = largest_region(labels == _NAMES.index(obj.colour))
         area = int(region.sum())
@@ -143,6 +148,8 @@ def score_image(image, caption: str) -> dict[str, float]:
             xs = np.nonzero(region)[1]
             width = xs.max() - xs.min() + 1
             score *= _sigmoid(((_SIZE_SPLIT - width) if obj.size == "small" else (width - _SIZE_SPLIT)) / _SIZE_SOFTNESS)
+        if area >= _MIN_AREA:
+            extents.append(plausible_extent(region))
         regions.append(region)
         object_scores.append(score)
     parts = list(object_scores)
@@ -165,7 +172,18 @@ def score_image(image, caption: str) -> dict[str, float]:
     # A few stray pixels of another colour (blur, edges) cost nothing; a whole extra object does.
     clean = 1.0 - min(1.0, max(0, extra - 4) / max(named_area, _MIN_AREA))
     total = clean * float(np.mean(parts))
-    return {"total": total, "objects": float(np.mean(object_scores)), "relation": float(relation), "clean": clean}
+    size = float(np.mean(extents)) if extents else float("nan")
+    return {"total": total, "objects": float(np.mean(object_scores)), "relation": float(relation), "clean": clean, "size": size}
+
+
+def plausible_extent(region: np.ndarray) -> float:
+    """~1 when both sides of the region's bounding box lie in the world's range of object extents, ~0 far outside."""
+    ys, xs = np.nonzero(region)
+    low, high = _EXTENT_RANGE
+    score = 1.0
+    for side in (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1):
+        score *= _sigmoid((side - low) / _EXTENT_SOFTNESS) * _sigmoid((high - side) / _EXTENT_SOFTNESS)
+    return score
 
 
 class ToyReward(Reward):
