@@ -326,7 +326,8 @@ class Trainer:
                  "counters": self.reward.counters()}
         parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
         keys = dict.fromkeys(k for part in parts for k in part["logs"])
-        logs = {k: (sum if k in SUMMED_LOGS else finite_mean)([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
+        logs = {k: float(sum(p["logs"].get(k, 0.0) for p in parts)) if k in SUMMED_LOGS
+                else finite_mean([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
         trained = sum(p["num_trained"] for p in parts)
         logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
         logs["trained_prompts"] = float(trained)
