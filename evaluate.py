@@ -268,6 +268,13 @@ def per_prompt(scores: np.ndarray, per_prompt_count: int) -> np.ndarray:
         return np.nanmean(grid, axis=1)
 
 
+def scored_by_all(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The (P*K,) score arrays with NaN wherever ANY of them is NaN: a paired comparison uses only the images every
+    compared model scored, so an unscored image does not bring back the seed-to-seed variance that pairing removes."""
+    scored = np.logical_and.reduce([np.isfinite(a) for a in arrays])
+    return [np.where(scored, a, np.nan) for a in arrays]
+
+
 def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_prompt_count: int) -> dict:
     """scores[model][metric] = (P*K,) -> {model: {metric: {mean, se, prompts, unscored_images, [diff, diff_se,
     diff_prompts]}}}: statistics over prompt means; diff is paired with the baseline on the same prompts and seeds."""
@@ -279,12 +286,8 @@ def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_promp
             mean, se, n = mean_se(prompt_means)
             entry = {"mean": mean, "se": se, "prompts": n, "unscored_images": int((~np.isfinite(values)).sum())}
             if model != baseline and metric in scores[baseline]:
-                # Paired on the images BOTH models scored: a NaN on one side drops that seed from both prompt means,
-                # so an unscored image does not bring back the seed-to-seed variance that pairing removes.
-                reference = scores[baseline][metric]
-                both = np.isfinite(values) & np.isfinite(reference)
-                paired = per_prompt(np.where(both, values, np.nan), per_prompt_count) - per_prompt(np.where(both, reference, np.nan), per_prompt_count)
-                diff, diff_se, paired_prompts = mean_se(paired)
+                ours, reference = scored_by_all([values, scores[baseline][metric]])
+                diff, diff_se, paired_prompts = mean_se(per_prompt(ours, per_prompt_count) - per_prompt(reference, per_prompt_count))
                 entry |= {"diff": diff, "diff_se": diff_se, "diff_prompts": paired_prompts}
             summary[model][metric] = entry
     return summary

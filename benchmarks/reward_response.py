@@ -194,17 +194,16 @@ def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str
     or, given `against`, with the runs of another variant: Δ is the difference of the run means, and its SE adds each
     side's spread between runs (SD of its runs' Δs / sqrt K, where K > 1) to the evaluation's (SE over prompts of the
     per-prompt difference of the run averages). One run against the base: the evaluation's own paired entry."""
-    from evaluate import mean_se, per_prompt
+    from evaluate import mean_se, per_prompt, scored_by_all
 
     if len(labels) == 1 and against is None:
         return record["summary"][labels[0]][metric]
     k = record["images_per_prompt"]
-    models = [record["baseline"], *labels, *(against or [])]
-    # Paired on the images that every compared model scored (as evaluate.summarise pairs two models).
-    scored = np.logical_and.reduce([np.isfinite(np.array(record["scores"][m][metric], dtype=float)) for m in models])
+    compared = [record["baseline"], *labels, *(against or [])]
+    paired = dict(zip(compared, scored_by_all([np.array(record["scores"][m][metric], dtype=float) for m in compared])))
 
     def runs(models):  # (runs, prompts) of prompt means
-        return np.stack([per_prompt(np.where(scored, np.array(record["scores"][m][metric], dtype=float), np.nan), k) for m in models])
+        return np.stack([per_prompt(paired[m], k) for m in models])
 
     base = runs([record["baseline"]])[0]
     ours, theirs = runs(labels), runs(against) if against else None
