@@ -68,7 +68,7 @@ def pair_errors(trainer: Trainer, model, rows_w: Rows, rows_l: Rows, cond) -> tu
     """(B,) errors of `model` on the winner's and the loser's rows, each averaged over its prompt's rows. One model
     call: on both sets of rows, or once when the two sides share their states and differ only in the target."""
     shared = rows_l.states is rows_w.states
-    prediction = trainer.predict_trained(model, rows_w if shared else Rows.cat([rows_w, rows_l]), cond)
+    prediction = trainer.predict(model, rows_w if shared else Rows.cat([rows_w, rows_l]), cond)
     prediction_w, prediction_l = (prediction, prediction) if shared else prediction.split([len(rows_w.prompt), len(rows_l.prompt)])
     batch = len(cond)
     return tuple(

@@ -57,7 +57,7 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
 
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
     rows = sft_rows(args.sft_target, trainer.sampler, candidates)
-    prediction = trainer.predict_trained(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
+    prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
     mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:
         mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]))

@@ -64,10 +64,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "finished image instead of the last preview. Early previews are blurry, so their reward can say little "
                         "about the image a path leads to.")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
-    g.add_argument("--train_guided", action="store_true",
-                   help="Regress the GUIDED prediction, uncond + s (cond - uncond) at s = --explore_guidance_scale, the sampler "
-                        "that produced the paths, instead of the conditional one (gradients through both branches, as DDPO "
-                        "trains its guided policy; about twice the loss's compute). Needs --explore_guidance_scale > 1.")
     g.add_argument("--guidance_scale", type=float, default=None,
                    help="CFG of rollouts (RLHF) and validation images; default 5. FLUX.1-dev: the embedded guidance everywhere "
                         "(FluxPipeline's guidance_scale; default 3.5); see --true_cfg_scale.")
@@ -168,8 +164,6 @@ def validate_training_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 1.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError("--snr_gamma must be > 0 (5 is the Min-SNR paper's choice); leave it out for no capping.")
-    if args.train_guided and args.explore_guidance_scale <= 1.0:
-        raise ValueError("--train_guided trains the guided prediction at --explore_guidance_scale; give a scale > 1 (e.g. 5).")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:

@@ -289,15 +289,6 @@ class Trainer:
         """`model`'s output on the rows' states, each with its prompt's conditioning (one batched call)."""
         return model(rows.states, rows.timesteps, cond.select(rows.prompt))
 
-    def predict_trained(self, model, rows: Rows, cond) -> torch.Tensor:
-        """The prediction a loss regresses: the conditional output, or with --train_guided the guided output at
-        --explore_guidance_scale (the sampler the paths were explored with)."""
-        if not self.args.train_guided:
-            return self.predict(model, rows, cond)
-        row_cond = cond.select(rows.prompt)
-        guided = with_guidance(self.family, self.parts, model, row_cond, self.args.explore_guidance_scale, self.device)
-        return guided(rows.states, rows.timesteps, row_cond)
-
     def row_errors(self, prediction: torch.Tensor, rows: Rows) -> torch.Tensor:
         """(R,) per-row squared error of `prediction` against the rows' targets, weighted as --loss_weighting and
         --snr_gamma say."""
