@@ -397,6 +397,21 @@ def test_prompt_file_csv_with_drawbench_columns(tmp_path):
         read_prompt_file(tmp_path / "p.json")
 
 
+def test_the_paper_readme_script_names_run_the_same_scripts():
+    """The seed's commands launch train_{sft,rlhf}_diffusion_sharpen_sdxl.py: those names run our scripts, flags and all."""
+    import subprocess
+    import sys
+
+    import train_rlhf_diffusion_sharpen_sdxl as rlhf_alias
+    import train_sft_diffusion_sharpen_sdxl as sft_alias
+
+    assert (sft_alias.main, sft_alias.parse_args) == (sft.main, sft.parse_args)
+    assert (rlhf_alias.main, rlhf_alias.parse_args) == (rlhf.main, rlhf.parse_args)
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, "train_rlhf_diffusion_sharpen_sdxl.py", "--help"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "--dpo_target" in shown.stdout, shown.stderr[-2000:]
+
+
 def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
