@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# RLHF Diffusion-Sharpening on real SDXL: prompts only, no images needed.
+# RLHF Diffusion-Sharpening on real SDXL: prompts only, no images needed. The seed's command also passes --center_crop
+# --random_flip, which act on training images; RLHF generates its own, so they are left out here.
 # Usage: PROMPT_FILE=prompts.txt REWARD=image_reward bash scripts/rlhf.sh [extra flags...]
 #    or: DATASET_NAME=lambdalabs/naruto-blip-captions bash scripts/rlhf.sh   (its caption column gives the prompts)
 # REWARD: clip | image_reward | pickscore | hpsv2 | aesthetic | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
@@ -22,7 +23,7 @@ accelerate launch --main_process_port "${PORT:-10950}" train_rlhf_diffusion_shar
   --pretrained_vae_model_name_or_path="$VAE_NAME" \
   "${PROMPTS[@]}" \
   "${XFORMERS[@]}" \
-  --resolution=512 --center_crop --random_flip \
+  --resolution=512 \
   --proportion_empty_prompts=0.2 \
   --train_batch_size=1 \
   --gradient_accumulation_steps=4 --gradient_checkpointing \
