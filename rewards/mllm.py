@@ -105,7 +105,7 @@ def _extract_json_object(text: str) -> dict:
         for start in [i for i, ch in enumerate(candidate) if ch == "{"]:
             try:
                 obj, _ = decoder.raw_decode(candidate, start)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, an integer past Python's digit limit, deep nesting
                 continue
             if isinstance(obj, dict):
                 return obj
@@ -126,10 +126,11 @@ def _score_value(value: Any, name: str) -> float:
         raise GradeParseError(f"{name!r} is a boolean")
     if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d+)?\s*", value):
         value = float(value)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or value != value:  # NaN
         raise GradeParseError(f"{name!r} is not a number: {value!r}")
+    # Compared before any float(): an integer of 309+ digits is valid JSON and overflows float().
     if not 0.0 <= value <= MLLM_SCORE_MAX:
-        raise GradeParseError(f"{name!r} = {value} is outside 0-{MLLM_SCORE_MAX:g}")
+        raise GradeParseError(f"{name!r} = {str(value)[:20]} is outside 0-{MLLM_SCORE_MAX:g}")
     return float(value)
 
 
@@ -319,14 +320,17 @@ def retry_after_seconds(headers: Any) -> float | None:
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
-            return max(float(value) / 1000.0, 0.0)
+            seconds = float(value) / 1000.0
+            if math.isfinite(seconds):  # "NaN" and "inf" parse as floats, and time.sleep refuses NaN
+                return max(seconds, 0.0)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     except ValueError:
         pass
     try:

@@ -163,6 +163,9 @@ def test_retry_after_header_forms():
     assert 1.5 < retry_after_seconds({"retry-after": in_three}) <= 3.0
     assert retry_after_seconds({"retry-after": "soon"}) is None
     assert retry_after_seconds({}) is None and retry_after_seconds(None) is None
+    # "nan"/"inf" parse as floats; time.sleep(nan) raises, which used to end the run: fall back to our backoff.
+    assert retry_after_seconds({"retry-after": "nan"}) is None and retry_after_seconds({"retry-after": "inf"}) is None
+    assert retry_after_seconds({"retry-after-ms": "NaN", "retry-after": "3"}) == 3.0
 
 
 @pytest.mark.parametrize("reply, kind", [
@@ -202,6 +205,8 @@ def test_parse_grade_accepts(text, expected):
 @pytest.mark.parametrize("text", [
     "", "8", "Score: 85/100", '{"overall": -1}', '{"overall": 101}', '{"overall": true}', '{"overall": NaN}',
     '["overall", 80]', '{"accuracy_to_prompt": 80}', '{"overall": "eighty"}', '{"overall": {"value": 3}}',
+    '{"overall": Infinity}', '{"overall": 1' + '0' * 400 + '}',  # 10^400 overflowed float() and ended the run
+    '{"overall": 1' + '0' * 5000 + '}',  # past Python's int digit limit: a plain ValueError from the JSON decoder
 ])
 def test_parse_grade_rejects(text):
     with pytest.raises(GradeParseError):
