@@ -205,6 +205,34 @@ def _resolve_seed(args: argparse.Namespace) -> int:
     return args.seed
 
 
+def redacted_argv(argv: list[str]) -> list[str]:
+    """The command line with secret values replaced by ***: wandb records sys.argv in its run metadata (the run's
+    "Command"), beside the config public_config cleans. argparse also accepts a flag's unique prefix (--api_k)."""
+    secret_flags = [f"--{name}" for name in SECRET_ARGS]
+
+    def is_secret(flag: str) -> bool:
+        return len(flag) > 2 and any(secret.startswith(flag) for secret in secret_flags)
+
+    from reward import strip_userinfo
+
+    out, next_value = [], None  # next_value: how to clean the value that follows a bare --api_key or --base_url
+    for arg in argv:
+        if next_value is not None:
+            out.append(next_value(arg))
+            next_value = None
+            continue
+        flag, eq, value = arg.partition("=")
+        clean = (lambda _: "***") if is_secret(flag) else strip_userinfo if flag == "--base_url" else None
+        if clean is None:
+            out.append(arg)
+        elif eq:
+            out.append(f"{flag}={clean(value)}")
+        else:
+            out.append(arg)
+            next_value = clean
+    return out
+
+
 def public_config(args: argparse.Namespace) -> dict:
     """Flags as tracker config / model card data: secrets removed, values made JSON-friendly."""
     out = {}

@@ -28,7 +28,7 @@ import torch
 
 from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
-from .config import public_config
+from .config import public_config, redacted_argv
 from .families import apply_text_settings, cfg_scale, check_resolution, family_of, with_guidance
 from .losses import masked_sum, per_sample_mse
 from .policy import Policy
@@ -137,6 +137,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.counters = {"bad_rows": 0, "rows_read": 0, "nonfinite_skips": 0, "no_preference_skips": 0, "fp16_overflow_skips": 0}
         if acc.is_main_process and log_with:
+            sys.argv[1:] = redacted_argv(sys.argv[1:])  # wandb saves the command line itself
             acc.init_trackers(args.tracker_project_name, config=public_config(args))
 
     # ----------------------------------------------------------------------------------------- setup

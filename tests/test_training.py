@@ -412,6 +412,23 @@ def test_the_paper_readme_script_names_run_the_same_scripts():
     assert shown.returncode == 0 and "--dpo_target" in shown.stdout, shown.stderr[-2000:]
 
 
+def test_a_tracked_run_leaves_no_secret_on_the_command_line(tiny_sdxl, tmp_path, monkeypatch):
+    """wandb saves sys.argv in its run metadata: a tracked run masks --api_key (also as a prefix argparse accepts)
+    and a base URL's user:password before the trackers start."""
+    import sys
+
+    from sharpening.config import redacted_argv
+
+    argv = ["train.py", "--api_key", "sk-a", "--api_key=sk-b", "--api_k", "sk-c", "--base_url", "http://u:pw@host/v1",
+            "--base_url=http://u:pw@host/v2", "--learning_rate", "1e-5"]
+    masked = ["train.py", "--api_key", "***", "--api_key=***", "--api_k", "***", "--base_url", "http://***@host/v1",
+              "--base_url=http://***@host/v2", "--learning_rate", "1e-5"]
+    assert redacted_argv(argv) == masked
+    monkeypatch.setattr(sys, "argv", list(argv))
+    sft_trainer(tiny_sdxl, tmp_path, report_to="tensorboard")
+    assert sys.argv == masked
+
+
 def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
