@@ -195,6 +195,8 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
     if args.use_lora:
         load = (f'pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)\n'
                 f'pipe.load_lora_weights("{out}")')
+        if getattr(args, "prediction_type", None):  # the adapters were trained for it; the base's scheduler may say otherwise
+            load += f'\npipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{args.prediction_type}")'
     else:
         load = f'pipe = {pipeline_class}.from_pretrained("{out}", torch_dtype=torch.float16)'
     # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).

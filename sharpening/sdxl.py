@@ -268,7 +268,8 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None) -> None:
     """A complete StableDiffusionXLPipeline with the trained UNet (and the loaded VAE and text encoders) in `out`;
-    the scheduler and anything else come from the base checkpoint."""
+    the scheduler and anything else come from the base checkpoint, the scheduler with the prediction type the UNet
+    was trained for (--prediction_type), as diffusers' train_text_to_image_sdxl.py saves it."""
     from diffusers import StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(
@@ -276,4 +277,7 @@ def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: 
         unet=unet, vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
         tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
     )
+    trained_type = parts.scheduler_config["prediction_type"]
+    if pipeline.scheduler.config.prediction_type != trained_type:
+        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type=trained_type)
     pipeline.save_pretrained(out, safe_serialization=True)

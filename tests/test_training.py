@@ -429,6 +429,28 @@ def test_a_tracked_run_leaves_no_secret_on_the_command_line(tiny_sdxl, tmp_path,
     assert sys.argv == masked
 
 
+def test_a_prediction_type_override_is_exported_with_the_model(tiny_sdxl, tmp_path):
+    """--prediction_type v_prediction on an epsilon base: the exported pipeline's scheduler (and a LoRA card's load
+    snippet) must sample the UNet as it was trained, or its outputs are read as the wrong quantity."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sharpening import sdxl
+    from sharpening.checkpoint import write_model_card
+
+    parts = sdxl.load(str(tiny_sdxl), None, None, None)
+    assert parts.scheduler_config["prediction_type"] == "epsilon"
+    parts.scheduler_config["prediction_type"] = "v_prediction"  # what Trainer does with the flag
+    sdxl.save_pipeline(parts, parts.unet, str(tiny_sdxl), tmp_path / "full")
+    exported = StableDiffusionXLPipeline.from_pretrained(tmp_path / "full").scheduler
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).scheduler
+    assert exported.config.prediction_type == "v_prediction" and type(exported) is type(base)
+    args = sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=write_image_folder(tmp_path / "data"),
+                                    use_lora=True, prediction_type="v_prediction"))
+    (tmp_path / "card").mkdir()
+    write_model_card(args, tmp_path / "card", "SFT", 3, "StableDiffusionXLPipeline")
+    assert 'from_config(pipe.scheduler.config, prediction_type="v_prediction")' in (tmp_path / "card" / "README.md").read_text()
+
+
 def test_rlhf_needs_two_candidates(tiny_sdxl, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n")
