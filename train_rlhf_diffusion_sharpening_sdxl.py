@@ -90,7 +90,7 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     sel = candidates.selection
 
     # Policy and reference errors on the winner's and the loser's rows: one grad call, one no-grad call.
-    rows_w, rows_l = dpo_rows(args.dpo_target, trainer.sampler, candidates, generator)
+    rows_w, rows_l = (rows.finite_where_untrained(sel.has_pair) for rows in dpo_rows(args.dpo_target, trainer.sampler, candidates, generator))
     train_cond = trainer.caption_dropout(cond, generator)
     policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():

@@ -56,7 +56,7 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     selection = candidates.selection
 
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
-    rows = sft_rows(args.sft_target, trainer.sampler, candidates)
+    rows = sft_rows(args.sft_target, trainer.sampler, candidates).finite_where_untrained(selection.has_winner)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
     mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:

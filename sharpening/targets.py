@@ -63,6 +63,20 @@ class Rows:
         """The same states regressed toward other clean latents (exact noise)."""
         return Rows(self.states, self.timesteps, clean, sampler.exact_noise(clean, self.states, self.timesteps), self.prompt)
 
+    def finite_where_untrained(self, trained: torch.Tensor) -> "Rows":
+        """These rows with every non-finite value of a prompt that does not train (trained[prompt] False: no winner,
+        no pair) set to 0. Their loss is masked out, but a NaN input (a rollout or a path that overflowed in fp16)
+        would still turn every gradient NaN in backward: the mask's zero times a NaN activation is NaN."""
+        untrained = ~trained.to(self.prompt.device)[self.prompt]
+
+        def clean(values: torch.Tensor) -> torch.Tensor:
+            bad = untrained.to(values.device).view(-1, *[1] * (values.dim() - 1)) & ~torch.isfinite(values)
+            return values.masked_fill(bad, 0.0)
+
+        if not untrained.any() or all(torch.isfinite(t).all() for t in (self.states, self.clean, self.noise)):
+            return self  # the same tensors: RLHF's shared rows stay one model call
+        return Rows(clean(self.states), self.timesteps, clean(self.clean), clean(self.noise), self.prompt)
+
     def renoised(self, sampler: Sampler, clean: torch.Tensor) -> "Rows":
         """Other clean latents under the same noises and timesteps (new states): Diffusion-DPO's loser rows."""
         return Rows(sampler.add_noise(clean, self.noise, self.timesteps), self.timesteps, clean, self.noise, self.prompt)

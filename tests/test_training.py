@@ -210,6 +210,42 @@ def test_unscored_candidates_never_train(tiny_sdxl, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("variant", ["sft", "rlhf"])
+def test_a_prompt_whose_paths_overflowed_does_not_poison_the_update(tiny_sdxl, tmp_path, variant):
+    """Prompt 1's paths are NaN (an fp16 overflow) and unscored; prompt 0 trains. The masked loss was finite, but
+    backward through the NaN rows made every gradient NaN, so the whole update was skipped."""
+    nan = float("nan")
+    if variant == "sft":
+        trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, train_batch_size=2, max_nonfinite_steps=1)
+        step = sft.sft_step
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red square\na blue circle\n")
+        args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=1, train_batch_size=2,
+                                         max_nonfinite_steps=1))
+        trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
+        step = rlhf.rlhf_step
+    trainer.reward = RiggedReward(torch.tensor([[0.1, nan], [0.9, nan], [0.5, nan]]))
+    original_explore = trainer.explore_candidates
+
+    def overflowed(*a, **k):
+        candidates = original_explore(*a, **k)
+        for i in range(3):  # candidate i of prompt 1 is row i * B + 1
+            for tensor in (candidates.exploration.states, candidates.exploration.x0_preds):
+                tensor[:, i * 2 + 1] = nan
+        candidates.x0[1] = nan
+        assert candidates.selection.has_winner.tolist() == [True, False]
+        return candidates
+
+    trainer.explore_candidates = overflowed
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
+    trainer.train(step)
+    assert trainer.counters["nonfinite_skips"] == 0
+    after = dict(trainer.model.raw_unet.named_parameters())
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
 def run_sft(tiny_sdxl, data, out, **overrides):
     args = sft.parse_args(tiny_args(tiny_sdxl, out, train_data_dir=data, **overrides))
     sft.main(args)
