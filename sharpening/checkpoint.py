@@ -151,11 +151,27 @@ class Checkpoints:
             return None
         state = json.loads((path / "training_state.json").read_text())
         self.check_layout(state.get("layout"), path)
+        self._set_aside_newer_checkpoints(int(state["global_step"]))
         self.accelerator.load_state(str(path))
         if self.policy.ema is not None:
             self.policy.ema.to(self.accelerator.device)  # accelerate restores custom state on the CPU
         logger.info("Resumed from %s at step %d.", path, int(state["global_step"]))
         return int(state["global_step"]), state.get("counters", {})
+
+    def _set_aside_newer_checkpoints(self, step: int) -> None:
+        """Resuming from an older checkpoint (a rollback) abandons the newer ones: left in place, `latest` (and the
+        preemption marker's requeue) would resume them instead of this run, and --checkpoints_total_limit would prune
+        this run's own checkpoints first. They are renamed abandoned-after-<step>-checkpoint-<N>, not deleted."""
+        newer = [p for p in list_checkpoints(Path(self.args.output_dir)) if int(p.name.split("-")[-1]) > step]
+        if newer and self.accelerator.is_main_process:
+            for old in newer:
+                aside = old.with_name(f"abandoned-after-{step}-{old.name}")
+                if aside.exists():
+                    shutil.rmtree(aside)
+                old.rename(aside)
+            logger.warning("Resuming at step %d: set aside the newer %s (renamed abandoned-after-%d-...), so that "
+                           "`latest` and checkpoint pruning follow this run.", step, ", ".join(p.name for p in newer), step)
+        self.accelerator.wait_for_everyone()
 
     def mark_preempted(self, global_step: int | None) -> None:
         """Write (or, with None, remove) OUTPUT_DIR/PREEMPTED.json. A single process exits 143 after SIGTERM, but

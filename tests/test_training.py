@@ -420,6 +420,19 @@ def test_resume_accepts_a_checkpoint_name_inside_output_dir(tiny_sdxl, tmp_path,
     assert "at step 1" in caplog.text
 
 
+def test_rolling_back_sets_the_newer_checkpoints_aside(tiny_sdxl, tmp_path):
+    """Resuming from checkpoint-1 while checkpoint-2 and -3 exist: left in place, `latest` (the preemption marker's
+    requeue) would jump back to the abandoned step 3, and pruning would delete this run's own checkpoints first."""
+    from sharpening.checkpoint import list_checkpoints
+
+    data, out = write_image_folder(tmp_path / "data", count=4), tmp_path / "out"
+    run_sft(tiny_sdxl, data, out, max_train_steps=3, checkpointing_steps=1)
+    run_sft(tiny_sdxl, data, out, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=2, resume_from_checkpoint="checkpoint-1")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in out.glob("abandoned-*")) == ["abandoned-after-1-checkpoint-2", "abandoned-after-1-checkpoint-3"]
+    assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+
+
 def test_prompt_file_csv_with_drawbench_columns(tmp_path):
     from sharpening.data import read_prompt_file
 
