@@ -156,6 +156,8 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     else:
         from toyworld import world
 
+        print(f"[evaluate] no --prompt_file: the toy world's {args.toy_split} prompts (scored by --reward_model "
+              f"{args.reward_model}); give --prompt_file for a real model", flush=True)
         prompts = {
             "heldout": world.heldout_prompts,
             "train": world.train_prompts,
