@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The name the paper's README commands use (`accelerate launch train_sft_diffusion_sharpen_sdxl.py ...`), so they run
-as printed: the script itself is train_sft_diffusion_sharpening_sdxl.py, with the same flags."""
+"""The name the paper's README commands launch (`accelerate launch train_sft_diffusion_sharpen_sdxl.py ...`), so that
+they find the script: train_sft_diffusion_sharpening_sdxl.py, with the same flags."""
 import sys
 
 from train_sft_diffusion_sharpening_sdxl import main, parse_args
