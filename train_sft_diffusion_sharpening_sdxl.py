@@ -60,7 +60,8 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
     mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:
-        mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, rows.with_clean(trainer.sampler, x0[rows.prompt]))
+        anchor = rows.with_clean(trainer.sampler, x0[rows.prompt]).finite_where_untrained(selection.has_winner)
+        mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, anchor)
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
     return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.has_winner, logs)

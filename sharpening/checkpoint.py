@@ -151,8 +151,8 @@ class Checkpoints:
             return None
         state = json.loads((path / "training_state.json").read_text())
         self.check_layout(state.get("layout"), path)
-        self._set_aside_newer_checkpoints(int(state["global_step"]))
         self.accelerator.load_state(str(path))
+        self._set_aside_newer_checkpoints(int(state["global_step"]))  # only once the older state has loaded
         if self.policy.ema is not None:
             self.policy.ema.to(self.accelerator.device)  # accelerate restores custom state on the CPU
         logger.info("Resumed from %s at step %d.", path, int(state["global_step"]))
@@ -165,9 +165,10 @@ class Checkpoints:
         newer = [p for p in list_checkpoints(Path(self.args.output_dir)) if int(p.name.split("-")[-1]) > step]
         if newer and self.accelerator.is_main_process:
             for old in newer:
-                aside = old.with_name(f"abandoned-after-{step}-{old.name}")
-                if aside.exists():
-                    shutil.rmtree(aside)
+                aside, again = old.with_name(f"abandoned-after-{step}-{old.name}"), 1
+                while aside.exists():  # an earlier rollback to the same step set its own branch aside
+                    again += 1
+                    aside = old.with_name(f"abandoned-after-{step}-{old.name}-{again}")
                 old.rename(aside)
             logger.warning("Resuming at step %d: set aside the newer %s (renamed abandoned-after-%d-...), so that "
                            "`latest` and checkpoint pruning follow this run.", step, ", ".join(p.name for p in newer), step)

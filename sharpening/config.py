@@ -210,8 +210,11 @@ def redacted_argv(argv: list[str]) -> list[str]:
     "Command"), beside the config public_config cleans. argparse also accepts a flag's unique prefix (--api_k)."""
     secret_flags = [f"--{name}" for name in SECRET_ARGS]
 
+    def abbreviates(flag: str, full: str) -> bool:
+        return len(flag) > 2 and full.startswith(flag)
+
     def is_secret(flag: str) -> bool:
-        return len(flag) > 2 and any(secret.startswith(flag) for secret in secret_flags)
+        return any(abbreviates(flag, secret) for secret in secret_flags)
 
     from reward import strip_userinfo
 
@@ -222,7 +225,7 @@ def redacted_argv(argv: list[str]) -> list[str]:
             next_value = None
             continue
         flag, eq, value = arg.partition("=")
-        clean = (lambda _: "***") if is_secret(flag) else strip_userinfo if flag == "--base_url" else None
+        clean = (lambda _: "***") if is_secret(flag) else strip_userinfo if abbreviates(flag, "--base_url") else None
         if clean is None:
             out.append(arg)
         elif eq:

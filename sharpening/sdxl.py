@@ -277,7 +277,7 @@ def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: 
         unet=unet, vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
         tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
     )
-    trained_type = parts.scheduler_config["prediction_type"]
+    trained_type = parts.scheduler_config.get("prediction_type", "epsilon")  # diffusers' default when unset
     if pipeline.scheduler.config.prediction_type != trained_type:
         pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type=trained_type)
     pipeline.save_pretrained(out, safe_serialization=True)

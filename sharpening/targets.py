@@ -63,6 +63,10 @@ class Rows:
         """The same states regressed toward other clean latents (exact noise)."""
         return Rows(self.states, self.timesteps, clean, sampler.exact_noise(clean, self.states, self.timesteps), self.prompt)
 
+    def subset(self, keep: torch.Tensor) -> "Rows":
+        """The rows where `keep` (R,) is true."""
+        return Rows(*(field[keep.to(field.device)] for field in (self.states, self.timesteps, self.clean, self.noise, self.prompt)))
+
     def finite_where_untrained(self, trained: torch.Tensor) -> "Rows":
         """These rows with every non-finite value of a prompt that does not train (trained[prompt] False: no winner,
         no pair) set to 0. Their loss is masked out, but a NaN input (a rollout or a path that overflowed in fp16)
@@ -97,9 +101,26 @@ def path_rows(sampler: Sampler, candidates: Candidates, which: torch.Tensor, cle
 
 
 def all_paths_rows(sampler: Sampler, candidates: Candidates, clean: torch.Tensor) -> Rows:
-    """The m states of ALL n candidates of every prompt, each regressed toward its prompt's `clean` (B, C, H, W)."""
-    n = candidates.exploration.timesteps.shape[1] // len(clean)
-    return Rows.cat([path_rows(sampler, candidates, torch.full((len(clean),), i), clean) for i in range(n)])
+    """The m states of ALL n candidates of every prompt, each regressed toward its prompt's `clean` (B, C, H, W).
+    A candidate whose path could not be scored (a NaN reward: e.g. a path that overflowed in fp16) is left out of a
+    prompt that trains: its states would make that prompt's loss, and so the whole update, non-finite."""
+    batch = len(clean)
+    n = candidates.exploration.timesteps.shape[1] // batch
+    scored = torch.isfinite(candidates.path_rewards).view(n, batch).cpu()
+    untrained = ~candidates.selection.has_winner.cpu()  # kept, and masked out of the loss, as every untrained prompt
+    parts = []
+    for i in range(n):
+        rows = path_rows(sampler, candidates, torch.full((batch,), i), clean)
+        parts.append(rows.subset((scored[i] | untrained)[rows.prompt]))
+    return Rows.cat(parts)
+
+
+def finite_pair_where_untrained(rows_w: Rows, rows_l: Rows, trained: torch.Tensor) -> tuple[Rows, Rows]:
+    """Rows.finite_where_untrained for a DPO pair; rows that shared their states still do (one model call)."""
+    clean_w, clean_l = rows_w.finite_where_untrained(trained), rows_l.finite_where_untrained(trained)
+    if rows_l.states is rows_w.states and clean_l.states is not clean_w.states:
+        clean_l = Rows(clean_w.states, clean_l.timesteps, clean_l.clean, clean_l.noise, clean_l.prompt)
+    return clean_w, clean_l
 
 
 def fresh_rows(sampler: Sampler, clean: torch.Tensor, per_prompt: int, generator: torch.Generator) -> Rows:

@@ -802,3 +802,23 @@ def test_default_decode_chunk_keeps_decoded_pixels_per_chunk_constant():
     assert sdxl.default_decode_chunk(512) == 8 and sdxl.default_decode_chunk(1024) == 2
     assert sdxl.default_decode_chunk(768) == 3 and sdxl.default_decode_chunk(2048) == 1
     assert sdxl.default_decode_chunk(32) >= 8
+
+
+def test_cleaning_a_shared_dpo_pair_keeps_one_set_of_states():
+    """RLHF's shared rows are detected by identity (one model call for both sides); cleaning an untrained prompt's
+    NaN inputs must keep the two sides on one states tensor, and leave a trained prompt's rows as they were."""
+    from sharpening.targets import Rows, finite_pair_where_untrained
+
+    states = torch.randn(4, 1, 2, 2)
+    states[1] = float("nan")  # rows 1 and 3 belong to prompt 1, which has no pair
+    prompt = torch.tensor([0, 1, 0, 1])
+    rows_w = Rows(states, torch.tensor([900, 900, 500, 500]), torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), prompt)
+    rows_l = Rows(states, rows_w.timesteps, torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), prompt)
+    rows_l.noise[3] = float("nan")
+    clean_w, clean_l = finite_pair_where_untrained(rows_w, rows_l, torch.tensor([True, False]))
+    assert clean_l.states is clean_w.states
+    for rows in (clean_w, clean_l):
+        assert all(torch.isfinite(t).all() for t in (rows.states, rows.clean, rows.noise))
+    assert torch.equal(clean_w.states[[0, 2]], states[[0, 2]]) and torch.equal(clean_l.noise[[0, 2]], rows_l.noise[[0, 2]])
+    untouched_w, untouched_l = finite_pair_where_untrained(rows_w, rows_l, torch.tensor([True, True]))
+    assert untouched_w is rows_w and untouched_l is rows_l  # nothing untrained: the same rows, no copies

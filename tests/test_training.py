@@ -212,8 +212,9 @@ def test_unscored_candidates_never_train(tiny_sdxl, tmp_path):
 
 @pytest.mark.parametrize("variant", ["sft", "rlhf"])
 def test_a_prompt_whose_paths_overflowed_does_not_poison_the_update(tiny_sdxl, tmp_path, variant):
-    """Prompt 1's paths are NaN (an fp16 overflow) and unscored; prompt 0 trains. The masked loss was finite, but
-    backward through the NaN rows made every gradient NaN, so the whole update was skipped."""
+    """Prompt 1's paths are NaN (an fp16 overflow) and unscored; prompt 0 trains, though its candidate 1 overflowed
+    too. The masked loss was finite, but backward through prompt 1's NaN rows made every gradient NaN, and candidate
+    1's rows (the default targets train every candidate's states) made prompt 0's loss NaN: the update was skipped."""
     nan = float("nan")
     if variant == "sft":
         trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, train_batch_size=2, max_nonfinite_steps=1)
@@ -225,16 +226,16 @@ def test_a_prompt_whose_paths_overflowed_does_not_poison_the_update(tiny_sdxl, t
                                          max_nonfinite_steps=1))
         trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
         step = rlhf.rlhf_step
-    trainer.reward = RiggedReward(torch.tensor([[0.1, nan], [0.9, nan], [0.5, nan]]))
+    trainer.reward = RiggedReward(torch.tensor([[0.1, nan], [nan, nan], [0.5, nan]]))
     original_explore = trainer.explore_candidates
 
     def overflowed(*a, **k):
         candidates = original_explore(*a, **k)
-        for i in range(3):  # candidate i of prompt 1 is row i * B + 1
+        for row in (0 * 2 + 1, 1 * 2 + 1, 2 * 2 + 1, 1 * 2 + 0):  # candidate i of prompt b is row i * B + b
             for tensor in (candidates.exploration.states, candidates.exploration.x0_preds):
-                tensor[:, i * 2 + 1] = nan
+                tensor[:, row] = nan
         candidates.x0[1] = nan
-        assert candidates.selection.has_winner.tolist() == [True, False]
+        assert candidates.selection.has_winner.tolist() == [True, False] and candidates.selection.winner[0] == 2
         return candidates
 
     trainer.explore_candidates = overflowed
@@ -431,6 +432,10 @@ def test_rolling_back_sets_the_newer_checkpoints_aside(tiny_sdxl, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert sorted(p.name for p in out.glob("abandoned-*")) == ["abandoned-after-1-checkpoint-2", "abandoned-after-1-checkpoint-3"]
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+    # a second rollback to the same step keeps the first abandoned branch too
+    run_sft(tiny_sdxl, data, out, max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint="checkpoint-1")
+    assert sorted(p.name for p in out.glob("abandoned-*")) == [
+        "abandoned-after-1-checkpoint-2", "abandoned-after-1-checkpoint-2-2", "abandoned-after-1-checkpoint-3"]
 
 
 def test_prompt_file_csv_with_drawbench_columns(tmp_path):
@@ -469,9 +474,9 @@ def test_a_tracked_run_leaves_no_secret_on_the_command_line(tiny_sdxl, tmp_path,
     from sharpening.config import redacted_argv
 
     argv = ["train.py", "--api_key", "sk-a", "--api_key=sk-b", "--api_k", "sk-c", "--base_url", "http://u:pw@host/v1",
-            "--base_url=http://u:pw@host/v2", "--learning_rate", "1e-5"]
+            "--base_url=http://u:pw@host/v2", "--base_u", "http://u:pw@host/v3", "--learning_rate", "1e-5"]
     masked = ["train.py", "--api_key", "***", "--api_key=***", "--api_k", "***", "--base_url", "http://***@host/v1",
-              "--base_url=http://***@host/v2", "--learning_rate", "1e-5"]
+              "--base_url=http://***@host/v2", "--base_u", "http://***@host/v3", "--learning_rate", "1e-5"]
     assert redacted_argv(argv) == masked
     monkeypatch.setattr(sys, "argv", list(argv))
     sft_trainer(tiny_sdxl, tmp_path, report_to="tensorboard")
