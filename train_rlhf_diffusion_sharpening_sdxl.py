@@ -25,7 +25,7 @@ import torch
 from reward import add_reward_args
 from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
-from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, finite_pair_where_untrained, per_prompt_mean
+from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
 from sharpening.trajectory import Selection, reward_spread
@@ -90,7 +90,7 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     sel = candidates.selection
 
     # Policy and reference errors on the winner's and the loser's rows: one grad call, one no-grad call.
-    rows_w, rows_l = finite_pair_where_untrained(*dpo_rows(args.dpo_target, trainer.sampler, candidates, generator), sel.has_pair)
+    rows_w, rows_l = dpo_rows(args.dpo_target, trainer.sampler, candidates, generator)
     train_cond = trainer.caption_dropout(cond, generator)
     policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():

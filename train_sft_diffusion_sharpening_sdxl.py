@@ -56,10 +56,11 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     selection = candidates.selection
 
     # Eq. 9 on the selected states, recomputed with grad; caption dropout applies to this conditioning only.
-    rows = sft_rows(args.sft_target, trainer.sampler, candidates).finite_where_untrained(selection.has_winner)
+    rows = sft_rows(args.sft_target, trainer.sampler, candidates)
     prediction = trainer.predict(trainer.policy(grad=True), rows, trainer.caption_dropout(cond, generator))
     mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:
+        # x0 is NaN where encoding overflowed (then no path is scored): zeroed like the rows, as that prompt does not train
         anchor = rows.with_clean(trainer.sampler, x0[rows.prompt]).finite_where_untrained(selection.has_winner)
         mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, anchor)
 

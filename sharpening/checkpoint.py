@@ -22,10 +22,15 @@ SIGTERM_EXIT_CODE = 143
 PREEMPTED_MARKER = "PREEMPTED.json"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint-<step> folder."""
+    return int(path.name.split("-")[-1])
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """checkpoint-<step> folders of `folder`, oldest first."""
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def resume_path(args: argparse.Namespace) -> Path | None:
@@ -162,7 +167,7 @@ class Checkpoints:
         """Resuming from an older checkpoint (a rollback) abandons the newer ones: left in place, `latest` (and the
         preemption marker's requeue) would resume them instead of this run, and --checkpoints_total_limit would prune
         this run's own checkpoints first. They are renamed abandoned-after-<step>-checkpoint-<N>, not deleted."""
-        newer = [p for p in list_checkpoints(Path(self.args.output_dir)) if int(p.name.split("-")[-1]) > step]
+        newer = [p for p in list_checkpoints(Path(self.args.output_dir)) if checkpoint_step(p) > step]
         if newer and self.accelerator.is_main_process:
             for old in newer:
                 aside, again = old.with_name(f"abandoned-after-{step}-{old.name}"), 1

@@ -134,37 +134,43 @@ def fresh_rows(sampler: Sampler, clean: torch.Tensor, per_prompt: int, generator
 
 
 def sft_rows(name: str, sampler: Sampler, candidates: Candidates) -> Rows:
-    """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS)."""
+    """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS). A prompt without a winner keeps its
+    rows (its loss is masked out) with their non-finite inputs zeroed (Rows.finite_where_untrained)."""
     winner = candidates.selection.winner
     if name == "noise":
-        return path_rows(sampler, candidates, winner, None)
-    if name == "exact":
-        return path_rows(sampler, candidates, winner, candidates.x0)
-    if name == "endpoint":
-        return path_rows(sampler, candidates, winner, candidates.endpoints_of(winner))
-    if name == "best_endpoint":
-        return all_paths_rows(sampler, candidates, candidates.endpoints_of(winner))
-    raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
+        rows = path_rows(sampler, candidates, winner, None)
+    elif name == "exact":
+        rows = path_rows(sampler, candidates, winner, candidates.x0)
+    elif name == "endpoint":
+        rows = path_rows(sampler, candidates, winner, candidates.endpoints_of(winner))
+    elif name == "best_endpoint":
+        rows = all_paths_rows(sampler, candidates, candidates.endpoints_of(winner))
+    else:
+        raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
+    return rows.finite_where_untrained(candidates.selection.has_winner)
 
 
 def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:
     """(winner rows, loser rows) of the DPO loss (Eq. 11) for target `name` (DPO_TARGETS); the two sides have
-    the same number of rows per prompt."""
+    the same number of rows per prompt. A prompt without a pair keeps its rows (its loss is masked out) with their
+    non-finite inputs zeroed."""
     sel = candidates.selection
     if name in ("noise", "exact", "endpoint"):
         def side(which):
             clean = {"noise": None, "exact": candidates.x0, "endpoint": candidates.endpoints_of(which)}[name]
             return path_rows(sampler, candidates, which, clean)
 
-        return side(sel.winner), side(sel.loser)
-    if name == "shared":
+        rows_w, rows_l = side(sel.winner), side(sel.loser)
+    elif name == "shared":
         rows_w = all_paths_rows(sampler, candidates, candidates.endpoints_of(sel.winner))
-        return rows_w, rows_w.with_clean(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
-    if name == "fresh":
+        rows_l = rows_w.with_clean(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
+    elif name == "fresh":
         m = candidates.exploration.timesteps.shape[0]
         rows_w = fresh_rows(sampler, candidates.endpoints_of(sel.winner), m, generator)
-        return rows_w, rows_w.renoised(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
-    raise ValueError(f"unknown DPO target {name!r}; choose from {sorted(DPO_TARGETS)}")
+        rows_l = rows_w.renoised(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
+    else:
+        raise ValueError(f"unknown DPO target {name!r}; choose from {sorted(DPO_TARGETS)}")
+    return finite_pair_where_untrained(rows_w, rows_l, sel.has_pair)
 
 
 def per_prompt_mean(values: torch.Tensor, prompt: torch.Tensor, num_prompts: int) -> torch.Tensor:
