@@ -78,18 +78,25 @@ def headroom(scores: np.ndarray, per_prompt: int) -> dict:
 OBJECTS_FOUND = 0.9  # toy/objects at or above this: both objects present (presence gates the relation) and shaped right
 
 
-def relation_against_chance(scores: dict) -> dict:
+def relation_against_chance(scores: dict, per_prompt: int) -> dict:
     """toy/relation beside what ignoring the relation words gives. The presence of both objects gates the relation,
     so the model's mean relation mixes layout with missing objects; on the images where both objects are found the
-    relation reads layout alone, the same quantity as `relation_by_chance`."""
+    relation reads layout alone, the same quantity as `relation_by_chance`. The mean is over those images; its SE is
+    over prompts (`per_prompt` consecutive images each), since one prompt's images are not independent: the ratio
+    estimator's linearised SE, sqrt(P / (P - 1) * sum_p (S_p - mean * n_p)^2) / sum_p n_p, with S_p and n_p the sum and
+    count of prompt p's found images."""
     from toyworld.reward import relation_by_chance
 
-    objects = np.array([np.nan if x is None else x for x in scores["toy/objects"]], dtype=float)
-    relation = np.array([np.nan if x is None else x for x in scores["toy/relation"]], dtype=float)
-    found = relation[(objects >= OBJECTS_FOUND) & np.isfinite(relation)]
-    se = float(found.std(ddof=1) / math.sqrt(len(found))) if len(found) > 1 else float("nan")
-    return {"by_chance": relation_by_chance(), "objects_found_images": int(len(found)),
-            "objects_found_mean": float(found.mean()) if len(found) else float("nan"), "objects_found_se": se}
+    objects = np.array([np.nan if x is None else x for x in scores["toy/objects"]], dtype=float).reshape(-1, per_prompt)
+    relation = np.array([np.nan if x is None else x for x in scores["toy/relation"]], dtype=float).reshape(-1, per_prompt)
+    found = (objects >= OBJECTS_FOUND) & np.isfinite(relation)
+    sums, counts = np.where(found, relation, 0.0).sum(axis=1), found.sum(axis=1)
+    total, prompts = int(counts.sum()), int((counts > 0).sum())
+    mean = float(sums.sum() / total) if total else float("nan")
+    se = (math.sqrt(prompts / (prompts - 1) * float(((sums - mean * counts)[counts > 0] ** 2).sum())) / total
+          if prompts > 1 else float("nan"))
+    return {"by_chance": relation_by_chance(), "objects_found_images": total, "objects_found_prompts": prompts,
+            "objects_found_mean": mean, "objects_found_se": se}
 
 
 def markdown(rows: dict, per_prompt: int) -> str:
@@ -141,11 +148,12 @@ def main(args: argparse.Namespace) -> dict:
             f"{record['sampling']['sampler']} {args.steps} steps, CFG {args.guidance_scale}, seed {args.seed}. "
             "best-of-j gain = E[max of j of the prompt's images] - the prompt's mean, averaged over prompts ± SE.")
     if "toy/relation" in rows:
-        rows["toy/relation"] |= relation_against_chance(scores)
+        rows["toy/relation"] |= relation_against_chance(scores, args.images_per_prompt)
         r = rows["toy/relation"]
         note += (f" toy/relation of two objects placed at random, ignoring the caption: {r['by_chance']:.3f}; the model's "
                  f"toy/relation on the {r['objects_found_images']} images whose objects are both found (toy/objects >= "
-                 f"{OBJECTS_FOUND}): {r['objects_found_mean']:.3f} ± {r['objects_found_se']:.3f} (SE over images).")
+                 f"{OBJECTS_FOUND}; {r['objects_found_prompts']} prompts): {r['objects_found_mean']:.3f} ± "
+                 f"{r['objects_found_se']:.3f} (SE over prompts).")
     (out / "headroom.md").write_text(table + "\n\n" + note + "\n")
     (out / "headroom.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print("\n" + table + "\n\n" + note + f"\n[headroom] wrote {out / 'headroom.md'}, {out / 'headroom.json'}", flush=True)

@@ -6,7 +6,7 @@ For every reward and every training variant: fine-tune a shipped toy model (`--m
 toy world's TRAINING compositions (checkpoints every `--eval_every`), then sample every checkpoint and the base
 model with the same seeds on training-pair prompts and report, paired against base:
 
-  - Δ of the TRAINED reward ± paired SE, and the first checkpoint where it exceeds +3 SE (reward efficiency);
+  - Δ of the TRAINED reward ± paired SE, and the first checkpoint from which it stays above +3 SE (reward efficiency);
   - Δ of guard metrics that show reward hacking: the toy reward's objects, relation, clean and size components
     (a brightness reward that erases the objects raises brightness and sinks toy/objects; flooding the canvas with
     the caption's colours raises the toy reward itself and sinks toy/size).
@@ -37,7 +37,8 @@ FINISHED images, as RAFT does; it tells a weak objective from a reward the budge
 
 Training itself varies from run to run (seed, thread count): the paired SE covers the evaluation's seeds only.
 `--train_seeds K` trains every (reward, variant) K times with training seeds s, s+1, ... and reports the mean Δ over
-the K runs with an SE that adds their spread: sqrt(SE_eval^2 + SD_runs^2 / K).
+the K runs with an SE that adds the variance between runs to the evaluation's: the two-way (run x prompt) random-
+effects SE, sqrt(SE_eval^2 + sigma_run^2 / K) (`run_variance`).
 
 Writes `reward_response.json`, `reward_response.md` and `reward_response.png` (Δ reward vs step) to --work_dir.
 """
@@ -105,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_steps", type=int, default=20, help="Sampling steps of the evaluation samples (DDIM for SDXL, flow-matching Euler for SD3 / FLUX).")
     p.add_argument("--train_seeds", type=int, default=1,
                    help="Training runs per (reward, variant), with training seeds s, s+1, ... (s: the recipe's or --set seed); "
-                        "Δ is their mean, its SE adds the runs' spread to the evaluation's.")
+                        "Δ is their mean, its SE adds the variance between runs to the evaluation's.")
     p.add_argument("--train_images", type=int, default=512, help="Images in the SFT imagefolder.")
     p.add_argument("--train_prompts", type=int, default=None,
                    help="Train on the first N training-pair captions only (default: all of them, 320). With N = --eval_prompts every "
@@ -182,18 +183,37 @@ def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, floa
 
 
 def first_step_above(curve: list[dict], sigmas: float = 3.0) -> int | None:
-    """The first checkpoint whose paired Δ exceeds `sigmas` standard errors, or None."""
-    for point in curve:
-        if point["diff_se"] > 0 and point["diff"] > sigmas * point["diff_se"]:
+    """The first checkpoint from which the paired Δ stays above `sigmas` standard errors at every later checkpoint, or
+    None. (The first crossing alone would credit a run that passes once and falls back, e.g. +3 SE at step 20 and
+    -5 SE at the end.)"""
+    above = [p["diff_se"] > 0 and p["diff"] > sigmas * p["diff_se"] for p in curve]
+    for i, point in enumerate(curve):
+        if all(above[i:]):
             return point["step"]
     return None
+
+
+def run_variance(deltas: np.ndarray) -> float:
+    """What the training runs' own differences add to the variance of the mean of K runs' per-prompt Δs, `deltas`
+    (K runs x P prompts, NaN where a prompt has no scored image): the run component sigma_run^2 / K of the two-way
+    layout Δ[k, p] = mu + run_k + prompt_p + e[k, p]. The variance of the run means, var_k(mean_p Δ[k, p]), is
+    sigma_run^2 + sigma_e^2 / P, and the evaluation's SE (over prompts of the run-averaged Δ) already carries
+    sigma_e^2 / (K P); so the interaction mean square (sigma_e^2) over P comes off, and a negative estimate counts as 0.
+    With both terms the SE is the two-way random-effects one, (MS_runs + MS_prompts - MS_interaction) / (K P)."""
+    deltas = deltas[:, np.isfinite(deltas).all(axis=0)]
+    runs, prompts = deltas.shape
+    if runs < 2 or prompts < 2:
+        return 0.0
+    residual = deltas - deltas.mean(axis=1, keepdims=True) - deltas.mean(axis=0, keepdims=True) + deltas.mean()
+    interaction = float((residual ** 2).sum()) / ((runs - 1) * (prompts - 1))
+    return max(0.0, float(np.var(deltas.mean(axis=1), ddof=1)) - interaction / prompts) / runs
 
 
 def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str] | None = None) -> dict:
     """One metric of K training runs of a variant (evaluation labels `labels`), paired on the same seeds with the base
     or, given `against`, with the runs of another variant: Δ is the difference of the run means, and its SE adds each
-    side's spread between runs (SD of its runs' Δs / sqrt K, where K > 1) to the evaluation's (SE over prompts of the
-    per-prompt difference of the run averages). One run against the base: the evaluation's own paired entry."""
+    side's variance between runs (run_variance, where K > 1) to the evaluation's (SE over prompts of the per-prompt
+    difference of the run averages). One run against the base: the evaluation's own paired entry."""
     from evaluate import mean_se, per_prompt, scored_by_all
 
     if len(labels) == 1 and against is None:
@@ -209,12 +229,8 @@ def pooled_entry(record: dict, labels: list[str], metric: str, against: list[str
     ours, theirs = runs(labels), runs(against) if against else None
     run_diffs = np.nanmean(ours - base, axis=1)
     diff, eval_se, _ = mean_se(np.nanmean(ours, axis=0) - (base if theirs is None else np.nanmean(theirs, axis=0)))
-
-    def spread_term(diffs):  # variance of the mean of K runs' Δs (nothing to estimate from one run)
-        return 0.0 if len(diffs) < 2 else float(np.var(diffs, ddof=1)) / len(diffs)
-
-    spread = spread_term(run_diffs) + (0.0 if theirs is None else spread_term(np.nanmean(theirs - base, axis=1)))
-    entry = {"diff": diff, "diff_se": math.sqrt(eval_se ** 2 + spread), "eval_se": eval_se}
+    between_runs = run_variance(ours - base) + (0.0 if theirs is None else run_variance(theirs - base))
+    entry = {"diff": diff, "diff_se": math.sqrt(eval_se ** 2 + between_runs), "eval_se": eval_se}
     if against is None:
         entry |= {"mean": float(np.mean([record["summary"][label][metric]["mean"] for label in labels])),
                   "run_diffs": [float(d) for d in run_diffs], "run_sd": float(np.std(run_diffs, ddof=1))}
@@ -250,12 +266,24 @@ def _diff(entry: dict) -> str:
     return f"{entry['diff']:+.3f} ± {entry['diff_se']:.3f}" if math.isfinite(entry.get("diff", float("nan"))) else "n/a"
 
 
-def markdown(results: dict, args) -> str:
-    lines = [f"Reward response: {args.steps} optimizer steps of batch {COMMON['train_batch_size']} per run, model {Path(args.model).name}, training-pair prompts "
+def batch_sizes(args) -> dict[str, int]:
+    """Each variant's batch per optimizer step as its runs train it (a --variant or --set may change the recipe's)."""
+    sizes = {}
+    for name in args.runs:
+        flags = run_flags(args, Path("."), args.rewards[0], name, Path("."), Path("."))
+        sizes[name] = int(flags["train_batch_size"]) * int(flags.get("gradient_accumulation_steps", 1))
+    return sizes
+
+
+def markdown(results: dict, args, record: dict | None = None) -> str:
+    sizes = batch_sizes(args)
+    batch = (f"batch {next(iter(sizes.values()))}" if len(set(sizes.values())) == 1
+             else "batch " + ", ".join(f"{b} ({name})" for name, b in sizes.items()))
+    lines = [f"Reward response: {args.steps} optimizer steps of {batch} per run, model {Path(args.model).name}, training-pair prompts "
              f"({args.eval_prompts} x {args.images_per_prompt} seeds"
              + (f"; trained on the first {args.train_prompts} of them only" if args.train_prompts else "") + "); Δ = paired difference vs base ± paired SE over prompts"
-             + (f"; mean of {args.train_seeds} training runs per variant (seeds s, s+1, ...), SE = sqrt(SE_eval^2 + SD_runs^2 / "
-                f"{args.train_seeds}), each run's Δ of the trained reward in brackets." if args.train_seeds > 1 else "."), ""]
+             + (f"; mean of {args.train_seeds} training runs per variant (seeds s, s+1, ...), SE = sqrt(SE_eval^2 + sigma_runs^2 / "
+                f"{args.train_seeds}) (two-way, runs x prompts), each run's Δ of the trained reward in brackets." if args.train_seeds > 1 else "."), ""]
     names = list(args.runs)
     lines += ["Δ of the trained reward, in standard errors (final checkpoint; ✓ = more than +3 SE):", "",
               "| variant | " + " | ".join(args.rewards) + " |", "|---|" + "---|" * len(args.rewards)]
@@ -281,6 +309,11 @@ def markdown(results: dict, args) -> str:
             control = (f" {_diff(r['vs_control'])} |" if "vs_control" in r else " — |") if versus else ""
             lines.append(f"| {name} | {_diff(f[reward])}{runs} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
                          f"{f['toy/clean']['mean']:.3f} | {f['toy/size']['mean']:.3f} |{control}")
+    unscored = {model: metrics[reward]["unscored_images"] for model, metrics in (record or {}).get("summary", {}).items()
+                for reward in args.rewards if metrics.get(reward, {}).get("unscored_images")}
+    if unscored:  # a Δ over the images every compared model scored: say how many were left out, and where
+        lines += ["", "Unscored images (non-finite samples, left out of every paired Δ they belong to): "
+                  + ", ".join(f"{model} {count}" for model, count in sorted(unscored.items())) + "."]
     return "\n".join(lines)
 
 
@@ -313,7 +346,11 @@ def main(args: argparse.Namespace) -> dict:
     started = time.time()
     work = Path(args.work_dir)
     data, prompt_file = write_data(work / "data", args.train_images, prompts=args.train_prompts)
-    seconds = {} if args.skip_training else train_all(args, work, data, prompt_file)
+    previous = work / "reward_response.json"
+    if args.skip_training:  # a re-evaluation keeps the training times the runs were measured with
+        seconds = json.loads(previous.read_text()).get("train_seconds", {}) if previous.exists() else {}
+    else:
+        seconds = train_all(args, work, data, prompt_file)
 
     checkpoints = range(args.eval_every, args.steps + 1, args.eval_every)
     models = [f"base={args.model}"] + [
@@ -330,13 +367,14 @@ def main(args: argparse.Namespace) -> dict:
            "--guidance_scale", str(COMMON["guidance_scale"]), "--device", args.device, "--output_dir", str(work / "eval"),
            "--seed", "1234", "--grid_prompts", "8"]))
     results = summarise(record, args)
-    text = markdown(results, args)
+    text = markdown(results, args, record)
     (work / "reward_response.md").write_text(text + "\n")
     (work / "reward_response.json").write_text(json.dumps({
         "results": results, "train_seconds": seconds, "steps": args.steps, "eval_every": args.eval_every,
         "runs": {k: {"script": SCRIPTS[v[0]], "flags": v[1]} for k, v in args.runs.items()}, "overrides": args.overrides,
         "train_seeds": args.train_seeds, "train_prompts": args.train_prompts,
-        "recipe": COMMON, "minutes": round((time.time() - started) / 60, 1)}, indent=2))
+        "recipe": COMMON, "batch_per_step": batch_sizes(args), "skip_training": args.skip_training,
+        "minutes": round((time.time() - started) / 60, 1)}, indent=2))
     plot(results, args, work / "reward_response.png")
     print("\n" + text + f"\n\n[reward_response] wrote {work / 'reward_response.md'}, .json, .png; "
           f"{(time.time() - started) / 60:.1f} min", flush=True)

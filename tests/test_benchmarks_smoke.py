@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, load_benchmark, write_image_folder
@@ -173,7 +175,7 @@ def test_reward_response_train_seeds_end_to_end(tiny_sdxl, tmp_path):
 
 def test_reward_response_pools_training_seeds(tmp_path):
     """--train_seeds K: the J-th run trains with seed + J into its own folder, and Δ pools the K runs with an SE that
-    adds their spread to the evaluation's (hand-computed: 3 prompts x 2 images, base 0, two runs)."""
+    adds the variance between runs to the evaluation's (hand-computed: 3 prompts x 2 images, base 0, two runs)."""
     bench = load_benchmark("reward_response")
     args = bench.parse_args(["--rewards", "toy", "--variants", "sft", "--train_seeds", "2", "--set", "seed=5"])
     first, second = (bench.run_flags(args, tmp_path, "toy", "sft", tmp_path, tmp_path, j) for j in (0, 1))
@@ -190,22 +192,55 @@ def test_reward_response_pools_training_seeds(tmp_path):
     record = {"baseline": "base", "images_per_prompt": 2, "scores": {m: {"toy": v} for m, v in scores.items()},
               "summary": {"toy/sft@1": {"toy": {"mean": 2.0}}, "toy/sft.run1@1": {"toy": {"mean": 3.0}}}}
     entry = bench.pooled_entry(record, ["toy/sft@1", "toy/sft.run1@1"], "toy")
-    # Per-prompt Δ averaged over the runs: 1.5, 2, 4 -> mean 2.5, SE sqrt(1.75 / 3); runs' Δ 2 and 3 -> SD sqrt(0.5).
+    # Per-prompt Δ (runs x prompts) [[1, 2, 3], [2, 2, 5]]: averaged over the runs 1.5, 2, 4 -> mean 2.5, SE sqrt(1.75 / 3);
+    # runs' Δ 2 and 3 (variance 0.5); interaction residuals [[0, .5, -.5], [0, -.5, .5]] -> mean square 1 / 2, so the
+    # run component is (0.5 - 0.5 / 3) / 2 = 1/6. Two-way: (MS_runs 1.5 + MS_prompts 3.5 - MS_int 0.5) / 6 = 0.75.
     assert entry["run_diffs"] == [2.0, 3.0] and entry["diff"] == pytest.approx(2.5) and entry["mean"] == pytest.approx(2.5)
     assert entry["eval_se"] == pytest.approx((1.75 / 3) ** 0.5) and entry["run_sd"] == pytest.approx(0.5 ** 0.5)
-    assert entry["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
+    assert entry["diff_se"] == pytest.approx(0.75 ** 0.5)
     # One run: the evaluation's own paired entry, unchanged.
     assert bench.pooled_entry(record, ["toy/sft@1"], "toy") == {"mean": 2.0}
     # Against one run of another variant (all 1): per-prompt 0.5, 1, 3; only our side has a spread to add.
     record["scores"]["toy/standard-ft@1"] = {"toy": [1.0] * 6}
     versus = bench.pooled_entry(record, ["toy/sft@1", "toy/sft.run1@1"], "toy", ["toy/standard-ft@1"])
-    assert versus["diff"] == pytest.approx(1.5) and versus["diff_se"] == pytest.approx((1.75 / 3 + 0.5 / 2) ** 0.5)
+    assert versus["diff"] == pytest.approx(1.5) and versus["diff_se"] == pytest.approx((1.75 / 3 + 1 / 6) ** 0.5)
     # Paired on the images every compared model scored: an unscored image leaves the base's mean of that prompt too
     # (averaging each side over its own images gave (0.4 + 0.1) / 2 here).
     masked = {"baseline": "base", "images_per_prompt": 2,
               "scores": {"base": {"r": [0.2, 0.8, 0.0, 0.0]}, "a": {"r": [None, 0.9, 0.1, 0.1]}, "b": {"r": [None, 0.9, 0.1, 0.1]}},
               "summary": {"a": {"r": {"mean": 0.5}}, "b": {"r": {"mean": 0.5}}}}
     assert bench.pooled_entry(masked, ["a", "b"], "r")["diff"] == pytest.approx(0.1)
+
+
+def test_pooled_se_is_unbiased_for_the_mean_of_runs():
+    """The SE of K runs' mean Δ has the variance of that mean in expectation: simulated Δ[k, p] = run_k + prompt_p +
+    e[k, p] with known components. Adding the SD of the runs' Δs / sqrt K to the evaluation's SE counted e's share twice
+    (expected 0.0603 here against the true 0.0502)."""
+    bench = load_benchmark("reward_response")
+    rng = np.random.default_rng(0)
+    runs, prompts, reps = 8, 112, 3000
+    sd_run, sd_prompt, sd_e = 0.15, 1.0, 2.0
+    true_variance = sd_run ** 2 / runs + sd_prompt ** 2 / prompts + sd_e ** 2 / (runs * prompts)
+    estimates = []
+    for _ in range(reps):
+        deltas = (rng.normal(0, sd_run, (runs, 1)) + rng.normal(0, sd_prompt, (1, prompts))
+                  + rng.normal(0, sd_e, (runs, prompts)))
+        eval_variance = deltas.mean(axis=0).var(ddof=1) / prompts
+        estimates.append(eval_variance + bench.run_variance(deltas))
+    assert np.mean(estimates) == pytest.approx(true_variance, rel=0.03)
+    assert bench.run_variance(np.ones((1, 5))) == 0.0  # one run: nothing to estimate
+    # A prompt with no scored image in some run is left out of the run component, not propagated as NaN.
+    assert math.isfinite(bench.run_variance(np.array([[1.0, 2.0, np.nan, 3.0], [2.0, 2.0, 1.0, 5.0]])))
+
+
+def test_steps_to_3se_needs_the_run_to_stay_above():
+    """A run that passes +3 SE at step 20 and falls back by the end has not reached it: the first checkpoint from
+    which every later one stays above."""
+    bench = load_benchmark("reward_response")
+    point = lambda step, diff: {"step": step, "diff": diff, "diff_se": 1.0}
+    assert bench.first_step_above([point(20, 4.0), point(40, 2.0), point(60, 4.0)]) == 60
+    assert bench.first_step_above([point(20, 4.0), point(40, 5.0), point(60, -5.0)]) is None
+    assert bench.first_step_above([point(20, 4.0), point(40, 5.0)]) == 20
 
 
 def test_reward_response_refuses_unknown_variants(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -40,12 +41,18 @@ def test_headroom_by_hand(headroom):
 
 
 def test_relation_against_chance_reads_only_images_with_both_objects(headroom):
-    """Only images whose objects are both found (toy/objects >= 0.9) count; missing scores are skipped."""
-    row = headroom.relation_against_chance({"toy/objects": [1.0, 0.95, 0.5, None, 0.9], "toy/relation": [1.0, 0.0, 0.9, None, float("nan")]})
-    assert row["objects_found_images"] == 2
-    assert row["objects_found_mean"] == pytest.approx(0.5)
-    assert row["objects_found_se"] == pytest.approx(0.5)  # sample SD sqrt(0.5) over sqrt(2)
+    """Only images whose objects are both found (toy/objects >= 0.9) count; missing scores are skipped; the SE is over
+    prompts (2 images each here), not over images."""
+    row = headroom.relation_against_chance({"toy/objects": [1.0, 0.95, 0.5, None, 0.9, 1.0],
+                                            "toy/relation": [1.0, 0.0, 0.9, None, float("nan"), 1.0]}, 2)
+    assert row["objects_found_images"] == 3 and row["objects_found_prompts"] == 2
+    assert row["objects_found_mean"] == pytest.approx(2 / 3)
+    # Prompt sums 1 and 1 over counts 2 and 1: residuals 1 - 4/3 and 1 - 2/3; sqrt(2 * (1/9 + 1/9)) / 3.
+    assert row["objects_found_se"] == pytest.approx(math.sqrt(2 * 2 / 9) / 3)
     assert row["by_chance"] == pytest.approx(0.407, abs=0.01)
+    # Identical prompts: the image-level SE would be small, the prompt-level one says there are only two prompts.
+    clustered = headroom.relation_against_chance({"toy/objects": [1.0] * 8, "toy/relation": [1, 1, 1, 1, 0, 0, 0, 0]}, 4)
+    assert clustered["objects_found_se"] == pytest.approx(0.5)
 
 
 def test_headroom_runs_on_the_tiny_twin(headroom, tiny_sdxl, tmp_path):
