@@ -44,7 +44,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0, help="Caption dropout of the TRAINING conditioning; rewards always score the real caption.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--max_bad_fraction", type=float, default=0.01, help="Stop when more than this share of the rows read so far was unreadable.")
+    g.add_argument("--max_bad_fraction", type=float, default=0.01,
+                   help="Stop when more than this share of the rows read so far was unreadable, the share judged over at least "
+                        "10 / this many rows (or the whole dataset if smaller): with 0.01, more than 10 bad rows in the first 1000. "
+                        "Each bad row counts once per epoch and is named in the log; 0 stops at the first bad row.")
 
     g = parser.add_argument_group("sharpening")
     g.add_argument("--num_noisy_latents", type=int, default=3, help="n: candidate trajectories per prompt.")

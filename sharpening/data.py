@@ -3,13 +3,13 @@
 Bad rows (an unreadable image, a missing or empty caption) are never silently dropped and never replaced
 by made-up data: the row is skipped, named in the log and counted; the next readable row by index takes
 its place (and is seen twice that epoch) so batches keep their size; the trainer stops with a clear error once the share of
-bad rows passes `--max_bad_fraction`.
+bad rows passes `--max_bad_fraction` (judged over enough rows to be evidence; see Trainer._count_rows).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -29,18 +29,24 @@ def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, datase
     if not dataset_name and not train_data_dir:
         raise ValueError("Give the training data with --dataset_name (hub id or local folder) or --train_data_dir (imagefolder).")
     source = dataset_name or train_data_dir
+    flag = "--dataset_name" if dataset_name else "--train_data_dir"
     path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        data = datasets.load_from_disk(str(path))
-    elif path.is_dir():
-        data = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
-    elif dataset_name and ("/" in dataset_name or not path.exists()):
-        data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-    else:
-        raise FileNotFoundError(f"Training data not found: {source!r} is neither a folder nor a dataset id.")
+    if not path.is_dir() and not (dataset_name and ("/" in dataset_name or not path.exists())):
+        raise FileNotFoundError(f"{flag} {source!r}: training data not found; it is neither a folder nor a dataset id.")
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            data = datasets.load_from_disk(str(path))
+        elif path.is_dir() and train_data_dir:
+            data = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+        else:
+            # A hub id, or a local folder given as --dataset_name: often a copy of a hub dataset (data/train-*.parquet,
+            # json, csv) rather than an imagefolder, so let datasets detect the format as it does for the hub.
+            data = datasets.load_dataset(str(path) if path.is_dir() else dataset_name, dataset_config_name, cache_dir=cache_dir)
+    except Exception as err:  # any loader failure: say which flag's data it was, keep datasets' own reason
+        raise ValueError(f"{flag} {source!r} could not be loaded: {type(err).__name__}: {err}") from err
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
-            raise ValueError(f"{source!r} has no 'train' split (splits: {sorted(data)}).")
+            raise ValueError(f"{flag} {source!r} has no 'train' split (splits: {sorted(data)}).")
         data = data["train"]
     return data
 
@@ -66,16 +72,18 @@ def caption_text(value, rng: np.random.Generator) -> str | None:
 
 
 def _open_image(value) -> Image.Image:
+    """Decode with datasets' own Image feature, which reads bytes, local paths and paths inside archives
+    (an imagefolder's train.zip gives `zip://img.png::/.../train.zip`), as `datasets` would with decoding on."""
+    import datasets
+
     if isinstance(value, Image.Image):
         image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(value["path"])
     elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
+        image = datasets.Image().decode_example({"path": str(value), "bytes": None})
+    elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        image = datasets.Image().decode_example({"path": value.get("path"), "bytes": value.get("bytes")})
     else:
-        raise ValueError(f"unsupported image value of type {type(value).__name__}")
+        raise ValueError(f"unsupported image value {type(value).__name__} {str(value)[:80]!r}")
     image.load()  # decode now, so a truncated file fails here and not in the middle of a batch
     # Upright as the camera meant it (an EXIF Orientation tag), as datasets' own Image decoder does.
     return ImageOps.exif_transpose(image).convert("RGB")
@@ -118,6 +126,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             hf_dataset = hf_dataset.cast_column(image_column, datasets.Image(decode=False))
         self.data, self.image_column, self.caption_column = hf_dataset, image_column, caption_column
         self.resolution, self.center_crop, self.random_flip, self.seed, self.epoch = resolution, center_crop, random_flip, seed, 0
+        # --max_bad_fraction: the flag's default here; the Trainer sets the flag's value (as it sets the seed).
+        # It bounds the search for a readable stand-in row in __getitem__.
+        self.max_bad_fraction = 0.01
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -151,17 +162,32 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": (top, left)}
 
     def __getitem__(self, index: int) -> dict:
-        bad: list[str] = []
-        for offset in range(len(self.data)):
-            i = (index + offset) % len(self.data)
+        """Row `index`, or when it is bad the next readable row, with "bad_rows" naming row `index` alone.
+        Only the sampled row is reported: every row is sampled once an epoch, so reporting the bad rows the
+        search passed as well would count a block of b neighbouring bad rows b(b+1)/2 times."""
+        n = len(self.data)
+        # A run of bad rows longer than the whole epoch may hold under --max_bad_fraction stops the run anyway;
+        # stop the search there, instead of scanning the dataset when e.g. --image_column names the wrong column.
+        longest_allowed_run = max(1, math.floor(self.max_bad_fraction * n))
+        errors: list[str] = []
+        for offset in range(n):
+            i = (index + offset) % n
             rng = np.random.default_rng([self.seed, self.epoch, i])
             try:
-                return {**self._load(i, rng), "bad_rows": bad}
+                return {**self._load(i, rng), "bad_rows": errors[:1]}
             except Exception as err:  # a corrupt file or caption is the row's fault; it is named and counted
-                name = _row_name(self.data[i][self.image_column], i)
-                logger.warning("Skipping bad training row %s: %s", name, err)
-                bad.append(f"{name}: {err}")
-        raise RuntimeError(f"No readable row in the whole dataset; bad rows: {bad[:5]} ...")
+                errors.append(f"{_row_name(self.data[i][self.image_column], i)}: {err}")
+                if offset == 0:
+                    logger.warning("Skipping bad training %s", errors[0])
+            if len(errors) > longest_allowed_run:
+                break
+        if len(errors) == n:
+            raise RuntimeError(f"No readable row in the whole dataset (--image_column {self.image_column!r}, "
+                               f"--caption_column {self.caption_column!r}); first bad rows: {errors[:3]}")
+        raise RuntimeError(
+            f"{len(errors)} consecutive rows from row {index} are unreadable, more than --max_bad_fraction="
+            f"{self.max_bad_fraction} allows in the whole dataset of {n} rows: is --image_column {self.image_column!r} "
+            f"the column of images (and --caption_column {self.caption_column!r} that of captions)? First bad rows: {errors[:3]}")
 
 
 def collate_image_text(examples: list[dict]) -> dict:
@@ -175,35 +201,69 @@ def collate_image_text(examples: list[dict]) -> dict:
 
 
 PROMPT_FIELDS = ("prompt", "prompts", "text", "caption")
+# --caption_column's default (sharpening/config.py). The scripts pass the flag's value whether or not it was set,
+# so this value keeps the search through PROMPT_FIELDS; any other value was typed by the user and is required.
+CAPTION_COLUMN_DEFAULT = "text"
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file, split on "\n" alone (a "\r" before it dropped). str.splitlines also splits on
+    U+2028, U+0085, \x0c and others, which can sit inside a prompt and would make two prompts of one."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _find_field(names, wanted: str):
+    """`wanted` among the names, exactly or else ignoring case (DrawBench's `Prompts`); None if absent."""
+    names = list(names)
+    if wanted in names:
+        return wanted
+    return next((name for name in names if str(name).lower() == wanted.lower()), None)
 
 
 def _prompt_field(record: dict, preferred: str, where: str) -> str:
-    """The first of `preferred`, prompt, text, caption present in a record (case-insensitive)."""
-    by_lower = {str(k).lower(): k for k in record}
+    """The first of `preferred`, prompt, prompts, text, caption present in a record (case-insensitive)."""
     for name in (preferred, *PROMPT_FIELDS):
-        if name.lower() in by_lower:
-            return by_lower[name.lower()]
+        found = _find_field(record, name)
+        if found is not None:
+            return found
     raise ValueError(f"{where}: no {preferred!r}, 'prompt', 'text' or 'caption' field in {sorted(record)}.")
 
 
-def read_prompt_file(path: str | os.PathLike, field: str = "prompt") -> tuple[list[str], dict]:
-    """Prompts from .txt (one per line), .jsonl (a `field`/prompt/text/caption value per line) or .csv/.tsv
-    (that column; DrawBench's `Prompts` works). Blank prompts are skipped and counted; duplicates are kept
-    (they are the user's weighting) and counted."""
+def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple[list[str], dict]:
+    """Prompts from .txt (one per line), .jsonl (a field per line) or .csv/.tsv (a column; DrawBench's `Prompts`
+    works). `field` is --caption_column: left at its default (or None) the first of prompt, prompts, text, caption
+    is used; set to anything else, that field is required (records without it count as missing). Blank prompts
+    are skipped and counted; duplicates are kept (they are the user's weighting) and counted."""
     import csv
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompt_file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    required = field if field not in (None, CAPTION_COLUMN_DEFAULT) else None
+    preferred = field or "prompt"
+
+    def missing_field(fields) -> ValueError:
+        return ValueError(f"--caption_column {required!r} is not a field of --prompt_file {str(path)!r}; its fields: {sorted(fields)}.")
+
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ",")
-        column = _prompt_field({name: None for name in reader.fieldnames or []}, field, str(path))
-        values = [row[column] for row in reader]
+        # newline="" and the file itself to the reader: csv keeps the line breaks inside a quoted multi-line prompt.
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            reader = csv.DictReader(file, delimiter="\t" if suffix == ".tsv" else ",")
+            header = reader.fieldnames or []
+            if required is not None:
+                column = _find_field(header, required)
+                if column is None:
+                    raise missing_field(header)
+            else:
+                column = _prompt_field({name: None for name in header}, preferred, str(path))
+            values = [row[column] for row in reader]
     elif suffix == ".jsonl":
-        values = []
-        for number, line in enumerate(lines, start=1):
+        values, fields_seen = [], set()
+        for number, line in enumerate(text_lines(path.read_text(encoding="utf-8-sig")), start=1):
             if not line.strip():
                 values.append(None)
                 continue
@@ -213,9 +273,16 @@ def read_prompt_file(path: str | os.PathLike, field: str = "prompt") -> tuple[li
                 raise ValueError(f"{path}:{number}: not valid JSON ({err}).") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {record!r}.")
-            values.append(record[_prompt_field(record, field, f"{path}:{number}")])
+            if required is not None:
+                fields_seen.update(record)
+                name = _find_field(record, required)
+                values.append(None if name is None else record[name])  # None: counted with the blank prompts
+            else:
+                values.append(record[_prompt_field(record, preferred, f"{path}:{number}")])
+        if required is not None and fields_seen and _find_field(fields_seen, required) is None:
+            raise missing_field(fields_seen)  # in no record at all: a wrong name, not a few missing prompts
     elif suffix in (".txt", ""):
-        values = lines
+        values = text_lines(path.read_text(encoding="utf-8-sig"))
     else:
         raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")
     rng = np.random.default_rng(0)

@@ -742,6 +742,99 @@ def test_require_columns_lists_available_columns(corrupt_folder_dataset):
     assert "--image_column" not in message
 
 
+def test_a_block_of_bad_rows_reports_each_row_once(tmp_path):
+    """Rows 3, 4, 5 are corrupt: each is named once, by its own index; the walk's passing them is not a report."""
+    data = sdata.load_hf_dataset(None, str(write_image_folder(tmp_path / "data", count=10, size=8, corrupt=(3, 4, 5))))
+    ds = sdata.ImageTextDataset(data, "image", "text", resolution=8, center_crop=True, random_flip=False, seed=0)
+    ds.max_bad_fraction = 0.3  # as the Trainer sets it from the flag: a run of 3 bad rows is within 30% of 10
+    items = [ds[i] for i in range(len(ds))]
+    reported = [name.split(" (")[0] for item in items for name in item["bad_rows"]]
+    assert reported == ["row 3", "row 4", "row 5"]
+    assert [items[i]["caption"] for i in (3, 4, 5)] == ["a blue square number 6"] * 3  # row 6 stands in for each
+
+
+def test_a_wrong_image_column_stops_after_a_run_the_bad_fraction_cannot_allow(tmp_path, caplog):
+    """30 rows at --max_bad_fraction 0.1 tolerate 3 bad rows: the 4th in a row stops the search, naming the column."""
+    data = sdata.load_hf_dataset(None, str(write_image_folder(tmp_path / "data", count=30, size=8)))
+    ds = sdata.ImageTextDataset(data, "text", "text", resolution=8, center_crop=True, random_flip=False, seed=0)
+    ds.max_bad_fraction = 0.1
+    with caplog.at_level("WARNING", logger="sharpening.data"), pytest.raises(RuntimeError) as err:
+        ds[0]
+    message = str(err.value)
+    assert message.startswith("4 consecutive rows from row 0 are unreadable") and "--image_column 'text'" in message
+    assert len(caplog.records) == 1  # one warning (the sampled row), not one per row of the dataset
+
+
+def test_images_inside_an_imagefolder_zip_are_read(tmp_path):
+    """An imagefolder holding train.zip: datasets gives `zip://img_0.png::.../train.zip` paths."""
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    with zipfile.ZipFile(tmp_path / "data" / "train.zip", "w") as archive:
+        for i, colour in enumerate(["red", "blue"]):
+            Image.new("RGB", (12, 10), colour).save(tmp_path / f"img_{i}.png")
+            archive.write(tmp_path / f"img_{i}.png", f"img_{i}.png")
+        archive.writestr("metadata.jsonl", "".join(json.dumps({"file_name": f"img_{i}.png", "text": f"cap {i}"}) + "\n" for i in range(2)))
+    data = sdata.load_hf_dataset(None, str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    ds = sdata.ImageTextDataset(data, "image", "text", resolution=8, center_crop=True, random_flip=False, seed=0)
+    item = ds[1]
+    assert item["caption"] == "cap 1" and item["bad_rows"] == [] and item["original_size"] == (10, 12)
+    assert item["pixel_values"][2].min().item() == 1.0 and item["pixel_values"][0].max().item() == -1.0  # pure blue
+
+
+def test_dataset_name_folder_of_a_hub_copy_is_loaded_by_its_format(tmp_path):
+    """A local copy of a hub dataset (data/train-*.parquet, images as bytes) given as --dataset_name."""
+    import datasets
+    from PIL import Image
+
+    (tmp_path / "copy" / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    images = [Image.new("RGB", (12, 10), "red"), Image.new("RGB", (16, 8), "blue")]
+    datasets.Dataset.from_dict({"image": images, "text": ["a red one", "a blue one"]}, features=features).to_parquet(
+        tmp_path / "copy" / "data" / "train-00000-of-00001.parquet")
+    data = sdata.load_hf_dataset(str(tmp_path / "copy"), None, cache_dir=str(tmp_path / "cache"))
+    assert len(data) == 2 and data.column_names == ["image", "text"]
+    ds = sdata.ImageTextDataset(data, "image", "text", resolution=8, center_crop=True, random_flip=False, seed=0)
+    assert ds[1]["caption"] == "a blue one" and ds[1]["original_size"] == (8, 16) and ds[1]["bad_rows"] == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="^--dataset_name .*empty' could not be loaded"):
+        sdata.load_hf_dataset(str(tmp_path / "empty"), None, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="^--train_data_dir .*empty' could not be loaded"):
+        sdata.load_hf_dataset(None, str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_prompt_files_keep_line_breaks_inside_a_prompt(tmp_path):
+    """A quoted multi-line CSV prompt keeps its newline; U+2028, U+0085 and \\x0c inside a line do not split it;
+    CRLF endings and a byte-order mark are dropped."""
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_bytes('\ufeffprompt,style\r\n"line one\nline two",x\r\nplain,y\r\n'.encode())
+    assert sdata.read_prompt_file(csv_file)[0] == ["line one\nline two", "plain"]
+    txt = tmp_path / "p.txt"
+    txt.write_bytes("\ufeffa\u2028b\r\nc\x85d\x0ce\r\n\r\nlast".encode())
+    prompts, stats = sdata.read_prompt_file(txt)
+    assert prompts == ["a\u2028b", "c\x85d\x0ce", "last"] and stats["blank_skipped"] == 1
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes('{"prompt": "x\u2028y"}\r\n{"prompt": "z"}\r\n'.encode())
+    assert sdata.read_prompt_file(jsonl)[0] == ["x\u2028y", "z"]
+
+
+def test_an_explicit_caption_column_is_required_in_prompt_files(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("prompt,style\na cat,oil\na dog,\n")
+    assert sdata.read_prompt_file(csv_file, "style") == (["oil"], {"prompts": 1, "blank_skipped": 1, "duplicates": 0})
+    assert sdata.read_prompt_file(csv_file, "text")[0] == ["a cat", "a dog"]  # the flag's default keeps the fallback
+    with pytest.raises(ValueError, match=r"^--caption_column 'typo' is not a field of --prompt_file .*p\.csv'; its fields: \['prompt', 'style'\]"):
+        sdata.read_prompt_file(csv_file, "typo")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "style": "oil"}\n{"prompt": "a dog"}\n{"style": "ink"}\n')
+    assert sdata.read_prompt_file(jsonl, "style") == (["oil", "ink"], {"prompts": 2, "blank_skipped": 1, "duplicates": 0})
+    with pytest.raises(ValueError, match=r"--caption_column 'typo' is not a field .* its fields: \['prompt', 'style'\]"):
+        sdata.read_prompt_file(jsonl, "typo")
+
+
 def test_time_ids_row_layout():
     ids = sdxl.time_ids([(40, 48), (1024, 768)], [(0, 3), (5, 6)], (32, 64))
     assert ids.dtype == torch.float32

@@ -424,6 +424,19 @@ def test_command_input_errors(tmp_path, setup, error, match):
         R.load_scoring_items(folder, prompts)
 
 
+def test_command_prompt_readers_split_lines_on_newline_only(tmp_path):
+    """A byte-order mark is no part of prompt 0; U+2028 and U+0085 inside a prompt or a metadata line do not split it."""
+    folder = _folder(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffa cat\r\nb\u2028c\r\nd\x85e\n".encode())
+    items = R.load_scoring_items(folder, prompts)
+    assert [(path.name, text) for path, text in items] == [("img_0.png", "a cat"), ("img_1.png", "b\u2028c"), ("img_2.png", "d\x85e")]
+    rows = [{"file_name": "img_1.png", "text": "x\u2028y"}, {"file_name": "img_2.png", "text": "z"}]
+    (folder / "metadata.jsonl").write_bytes(("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)).encode())
+    items = R.load_scoring_items(folder, None)
+    assert [(path.name, text) for path, text in items] == [("img_1.png", "x\u2028y"), ("img_2.png", "z")]
+
+
 def test_command_rejects_unknown_reward_before_loading(capsys):
     with pytest.raises(SystemExit):
         R.main(["--reward_model", "clip,nope", "--images", "."])
