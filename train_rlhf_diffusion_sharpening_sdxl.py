@@ -28,7 +28,7 @@ from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
-from sharpening.trajectory import Selection, reward_spread
+from sharpening.trajectory import Selection
 
 logger = logging.getLogger("sharpening")
 
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reward_margin_units", default="spread", choices=["spread", "raw"],
         help="Units of the reward gap R_w - R_l inside Eq. 11. raw: the reward's own (as written; a CLIP cosine gap is "
              "~100x smaller than an ImageReward gap, and a summed path gap grows with m). spread: divided by the "
-             "micro-batch's pooled within-prompt standard deviation of the path rewards, so gamma means the same for "
-             "every reward and every m.")
+             "pooled within-prompt standard deviation of the path rewards over every prompt explored so far (all "
+             "processes; checkpointed), so gamma means the same for every reward and every m.")
     parser.add_argument(
         "--dpo_target", default="shared", choices=sorted(DPO_TARGETS),
         help="What the DPO errors regress to. " + " ".join(f"{k}: {v}" for k, v in DPO_TARGETS.items()))
@@ -97,7 +97,7 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
         ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
 
     valid = sel.has_pair  # prompts whose rewards tie or are NaN are masked out of the loss
-    gap_unit = reward_spread(candidates.path_rewards, args.num_noisy_latents) if args.reward_margin_units == "spread" else 1.0
+    gap_unit = trainer.pooled_reward_spread(candidates.path_rewards) if args.reward_margin_units == "spread" else 1.0
     logits = reward_dpo_logits(
         policy_w, ref_w, policy_l, ref_l,
         (sel.winner_reward / gap_unit).to(policy_w.device), (sel.loser_reward / gap_unit).to(policy_w.device),

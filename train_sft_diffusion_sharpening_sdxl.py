@@ -61,11 +61,11 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     mse = trainer.row_errors(prediction, rows)
     if args.data_anchor_weight:
         # x0 is NaN where encoding overflowed (then no path is scored): zeroed like the rows, as that prompt does not train
-        anchor = rows.with_clean(trainer.sampler, x0[rows.prompt]).finite_where_untrained(selection.has_winner)
+        anchor = rows.with_clean(trainer.sampler, x0[rows.prompt]).finite_where_untrained(selection.sft_trains)
         mse = mse + args.data_anchor_weight * trainer.row_errors(prediction, anchor)
 
     logs = trainer.exploration_logs(candidates) | {"timestep": candidates.exploration.timesteps[0].float().mean().item()}
-    return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.has_winner, logs)
+    return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.sft_trains, logs)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 A checkpoint is also a usable model: a full fine-tune holds a loadable `unet/` (SDXL) or `transformer/` (SD3), and
 `unet_ema/` / `transformer_ema/` with --use_ema,
 LoRA `pytorch_lora_weights.safetensors`; accelerate's optimizer, scheduler and RNG state sit beside them, with
-`training_state.json` (step, seed, counters and the layout the data position depends on).
+`training_state.json` (step, seed, counters, running sums and the layout the data position depends on).
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class Checkpoints:
                 tensors[k].copy_(v)
 
     # ----------------------------------------------------------------------------------------- save, prune, resume
-    def save(self, global_step: int, counters: dict) -> None:
+    def save(self, global_step: int, counters: dict, running: dict) -> None:
         """checkpoint-<step> written atomically: into a temp folder, renamed when complete; pruning only after."""
         acc, out = self.accelerator, Path(self.args.output_dir)
         final, tmp = out / f"checkpoint-{global_step}", out / f".tmp-checkpoint-{global_step}"
@@ -108,7 +108,7 @@ class Checkpoints:
         acc.save_state(str(tmp))  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "layout": self.layout()}
+            state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "running": running, "layout": self.layout()}
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -146,8 +146,9 @@ class Checkpoints:
                              "same layout to continue exactly; to fine-tune further under another layout, start a new "
                              f"run (another --output_dir) from its weights ({path}/{self.family.DENOISER} or its LoRA weights).")
 
-    def resume(self) -> tuple[int, dict] | None:
-        """Restore the checkpoint --resume_from_checkpoint names: (its global step, its counters), or None."""
+    def resume(self) -> tuple[int, dict, dict] | None:
+        """Restore the checkpoint --resume_from_checkpoint names: (its global step, its counters, the trainer's running
+        sums), or None."""
         args = self.args
         path = resume_path(args)
         if path is None:
@@ -161,7 +162,7 @@ class Checkpoints:
         if self.policy.ema is not None:
             self.policy.ema.to(self.accelerator.device)  # accelerate restores custom state on the CPU
         logger.info("Resumed from %s at step %d.", path, int(state["global_step"]))
-        return int(state["global_step"]), state.get("counters", {})
+        return int(state["global_step"]), state.get("counters", {}), state.get("running", {})
 
     def _set_aside_newer_checkpoints(self, step: int) -> None:
         """Resuming from an older checkpoint (a rollback) abandons the newer ones: left in place, `latest` (and the

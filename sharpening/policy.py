@@ -25,8 +25,12 @@ class Policy:
             from peft import LoraConfig
 
             unet.requires_grad_(False).to(device, dtype=weight_dtype)
-            unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
-                                        init_lora_weights="gaussian", target_modules=family.LORA_TARGET_MODULES))
+            # peft draws the gaussian lora_A from torch's global generator, which nothing else seeds (torch seeds each
+            # process at random): seeded here, two runs with one --seed start from the same adapters.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                            init_lora_weights="gaussian", target_modules=family.LORA_TARGET_MODULES))
             for p in unet.parameters():  # adapters train in fp32 even when the base runs in half precision
                 if p.requires_grad:
                     p.data = p.data.float()

@@ -100,14 +100,15 @@ def path_rows(sampler: Sampler, candidates: Candidates, which: torch.Tensor, cle
     return Rows(states, timesteps, clean, sampler.exact_noise(clean, states, timesteps), prompt)
 
 
-def all_paths_rows(sampler: Sampler, candidates: Candidates, clean: torch.Tensor) -> Rows:
+def all_paths_rows(sampler: Sampler, candidates: Candidates, clean: torch.Tensor, trained: torch.Tensor) -> Rows:
     """The m states of ALL n candidates of every prompt, each regressed toward its prompt's `clean` (B, C, H, W).
     A candidate whose path could not be scored (a NaN reward: e.g. a path that overflowed in fp16) is left out of a
-    prompt that trains: its states would make that prompt's loss, and so the whole update, non-finite."""
+    prompt that trains (`trained`, (B,) bool): its states would make that prompt's loss, and so the whole update,
+    non-finite."""
     batch = len(clean)
     n = candidates.exploration.timesteps.shape[1] // batch
     scored = torch.isfinite(candidates.path_rewards).view(n, batch).cpu()
-    untrained = ~candidates.selection.has_winner.cpu()  # kept, and masked out of the loss, as every untrained prompt
+    untrained = ~trained.cpu()  # kept, and masked out of the loss, as every untrained prompt
     parts = []
     for i in range(n):
         rows = path_rows(sampler, candidates, torch.full((batch,), i), clean)
@@ -134,9 +135,10 @@ def fresh_rows(sampler: Sampler, clean: torch.Tensor, per_prompt: int, generator
 
 
 def sft_rows(name: str, sampler: Sampler, candidates: Candidates) -> Rows:
-    """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS). A prompt without a winner keeps its
-    rows (its loss is masked out) with their non-finite inputs zeroed (Rows.finite_where_untrained)."""
-    winner = candidates.selection.winner
+    """Rows of the SFT loss (Algorithm 1, line 9) for target `name` (SFT_TARGETS). A prompt SFT does not train
+    (Selection.sft_trains: no scored candidate, or all tie) keeps its rows (its loss is masked out) with their
+    non-finite inputs zeroed (Rows.finite_where_untrained)."""
+    winner, trained = candidates.selection.winner, candidates.selection.sft_trains
     if name == "noise":
         rows = path_rows(sampler, candidates, winner, None)
     elif name == "exact":
@@ -144,10 +146,10 @@ def sft_rows(name: str, sampler: Sampler, candidates: Candidates) -> Rows:
     elif name == "endpoint":
         rows = path_rows(sampler, candidates, winner, candidates.endpoints_of(winner))
     elif name == "best_endpoint":
-        rows = all_paths_rows(sampler, candidates, candidates.endpoints_of(winner))
+        rows = all_paths_rows(sampler, candidates, candidates.endpoints_of(winner), trained)
     else:
         raise ValueError(f"unknown SFT target {name!r}; choose from {sorted(SFT_TARGETS)}")
-    return rows.finite_where_untrained(candidates.selection.has_winner)
+    return rows.finite_where_untrained(trained)
 
 
 def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: torch.Generator) -> tuple[Rows, Rows]:
@@ -162,7 +164,7 @@ def dpo_rows(name: str, sampler: Sampler, candidates: Candidates, generator: tor
 
         rows_w, rows_l = side(sel.winner), side(sel.loser)
     elif name == "shared":
-        rows_w = all_paths_rows(sampler, candidates, candidates.endpoints_of(sel.winner))
+        rows_w = all_paths_rows(sampler, candidates, candidates.endpoints_of(sel.winner), sel.has_pair)
         rows_l = rows_w.with_clean(sampler, candidates.endpoints_of(sel.loser)[rows_w.prompt])
     elif name == "fresh":
         m = candidates.exploration.timesteps.shape[0]

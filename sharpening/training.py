@@ -35,7 +35,7 @@ from .policy import Policy
 from .sampler import sample
 from .targets import Rows
 from .trajectory import (Candidates, draw_start_indices, effective_steps, explore, first_start_index, last_legal_start,
-                         last_start_index, path_reward, score_exploration, select)
+                         last_start_index, path_reward, score_exploration, select, within_prompt_squares)
 
 logger = logging.getLogger("sharpening")
 
@@ -118,6 +118,8 @@ class Trainer:
         args.seed = broadcast_object_list([args.seed])[0]
         if hasattr(dataset, "seed"):
             dataset.seed = args.seed
+        if hasattr(dataset, "max_bad_fraction"):
+            dataset.max_bad_fraction = args.max_bad_fraction  # bounds its search for a readable stand-in row
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_local_main_process else logging.WARNING)
         if acc.is_main_process:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -136,6 +138,8 @@ class Trainer:
         self.last_explored = None
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.counters = {"bad_rows": 0, "rows_read": 0, "nonfinite_skips": 0, "no_preference_skips": 0, "fp16_overflow_skips": 0}
+        # Running sums a step function keeps across steps (checkpointed with the counters): pooled_reward_spread's.
+        self.running = {"reward_squares": 0.0, "reward_dof": 0}
         if acc.is_main_process and log_with:
             sys.argv[1:] = redacted_argv(sys.argv[1:])  # wandb saves the command line itself
             acc.init_trackers(args.tracker_project_name, config=public_config(args))
@@ -406,7 +410,7 @@ class Trainer:
                 window = UpdateWindow()
                 stop = self._any_process(self.stop_requested)
                 if global_step % args.checkpointing_steps == 0 or stop:
-                    self.checkpoints.save(global_step, self.counters)
+                    self.checkpoints.save(global_step, self.counters, self.running)
                 if stop:
                     self.checkpoints.mark_preempted(global_step)
                     logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
@@ -497,16 +501,19 @@ class Trainer:
         return "updated"
 
     def _count_rows(self, batch: dict) -> None:
-        bad = len(batch.get("bad_rows", []))
-        for name in batch.get("bad_rows", []):
+        """Each example stands for one sampled row; the dataset names that row in "bad_rows" when it was bad (and
+        a readable row stood in for it). So rows read = examples, and each bad row counts once per epoch."""
+        names = batch.get("bad_rows", [])
+        for name in names:
             logger.warning("Bad row skipped: %s", name)
-        counts = self.accelerator.reduce(torch.tensor([float(bad), float(len(batch["captions"]) + bad)], device=self.device), reduction="sum")
+        counts = self.accelerator.reduce(torch.tensor([float(len(names)), float(len(batch["captions"]))], device=self.device), reduction="sum")
         self.counters["bad_rows"] += int(counts[0])
         self.counters["rows_read"] += int(counts[1])
-        # Judge the share over at least ~100 rows (or the whole dataset), so one bad row early on does not
-        # stop a run that would stay far below the limit.
+        # Stop only on evidence: judge the share over at least 10 / max_bad_fraction rows, so it takes more than 10
+        # bad rows (a few early ones say little about the whole). A dataset smaller than that is judged over its
+        # size: bad rows only add up, so once they pass the limit of one whole epoch the epoch's share will too.
         frac = self.args.max_bad_fraction
-        judged_over = max(self.counters["rows_read"], min(len(self.dataset), max(100, math.ceil(1 / frac) if frac > 0 else 0)))
+        judged_over = max(self.counters["rows_read"], min(len(self.dataset), math.ceil(10 / frac)) if frac > 0 else 0)
         if self.counters["bad_rows"] > frac * judged_over:
             raise RuntimeError(
                 f"{self.counters['bad_rows']} of {self.counters['rows_read']} rows read so far were unreadable "
@@ -525,11 +532,25 @@ class Trainer:
         restored = self.checkpoints.resume()
         if restored is None:
             return 0, 0, 0
-        global_step, counters = restored
+        global_step, counters, running = restored
         self.counters |= counters
+        self.running |= running
         # An epoch's last accumulation window may be short (accelerate syncs at the end of the data).
         epoch, update_in_epoch = divmod(global_step, self.updates_per_epoch)
         return global_step, epoch, update_in_epoch * self.args.gradient_accumulation_steps
+
+    def pooled_reward_spread(self, path_rewards: torch.Tensor) -> float:
+        """The pooled within-prompt SD of the path rewards over every prompt this run has explored, on all processes,
+        this micro-batch's included: the unit of Eq. 11's reward gap under --reward_margin_units spread. Pooled over
+        the run, not over the micro-batch: at --train_batch_size 1 a micro-batch's own spread comes from the one
+        prompt's n rewards, and dividing its gap by that leaves a number fixed by their order alone (sqrt 2 for every
+        prompt at n = 2), so gamma's term would not see how decisive a preference is. One all-reduce of two numbers."""
+        squares, dof = within_prompt_squares(path_rewards, self.args.num_noisy_latents)
+        total = self.accelerator.reduce(torch.tensor([squares, dof], dtype=torch.float64, device=self.device), "sum")
+        self.running["reward_squares"] += float(total[0])
+        self.running["reward_dof"] += int(total[1])
+        dof = self.running["reward_dof"]
+        return math.sqrt(self.running["reward_squares"] / dof) if dof > 0 else float("nan")
 
     # ----------------------------------------------------------------------------------------- outputs
     @torch.no_grad()

@@ -5,6 +5,8 @@ i * B + b is candidate i of prompt b and `x.view(n, B, ...)` recovers the (candi
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,6 +146,10 @@ class Selection:
     has_pair: torch.Tensor  # (B,) bool: best and worst are finite and differ (a preference exists)
     winner_reward: torch.Tensor  # (B,)
     loser_reward: torch.Tensor  # (B,)
+    # (B,) bool, the prompts SFT trains: with several candidates those with a choice (has_pair): where they all tie,
+    # argmax names candidate 0, an arbitrary sample, and training toward it would be self-distillation without reward
+    # evidence. With one candidate (n = 1: ordinary fine-tuning, no choice to make) every scored prompt.
+    sft_trains: torch.Tensor
 
 
 def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
@@ -158,19 +164,26 @@ def select(path_rewards: torch.Tensor, num_candidates: int) -> Selection:
     idx = torch.arange(grid.shape[1])
     winner_reward, loser_reward = grid[winner, idx], grid[loser, idx]
     has_pair = has_winner & (winner_reward > loser_reward)
-    return Selection(winner, loser, has_winner, has_pair, winner_reward, loser_reward)
+    sft_trains = has_winner if num_candidates == 1 else has_pair
+    return Selection(winner, loser, has_winner, has_pair, winner_reward, loser_reward, sft_trains)
 
 
-def reward_spread(path_rewards: torch.Tensor, num_candidates: int) -> float:
-    """Pooled within-prompt standard deviation of the path rewards of a micro-batch: how much the candidates of one
-    prompt typically differ, in the reward's own units (NaN when no prompt has two scored candidates)."""
+def within_prompt_squares(path_rewards: torch.Tensor, num_candidates: int) -> tuple[float, int]:
+    """The sum of squared deviations of the path rewards from their prompt's mean, over a micro-batch's prompts, and
+    its degrees of freedom (scored candidates less one per prompt): the parts of a pooled within-prompt variance."""
     grid = path_rewards.view(num_candidates, -1).double()
     finite = torch.isfinite(grid)
     counts = finite.sum(0)
     means = torch.where(finite, grid, torch.zeros_like(grid)).sum(0) / counts.clamp(min=1)
     squares = torch.where(finite, (grid - means) ** 2, torch.zeros_like(grid)).sum()
-    dof = int((counts - 1).clamp(min=0).sum())
-    return float((squares / dof).sqrt()) if dof > 0 else float("nan")
+    return float(squares), int((counts - 1).clamp(min=0).sum())
+
+
+def reward_spread(path_rewards: torch.Tensor, num_candidates: int) -> float:
+    """Pooled within-prompt standard deviation of the path rewards of a micro-batch: how much the candidates of one
+    prompt typically differ, in the reward's own units (NaN when no prompt has two scored candidates)."""
+    squares, dof = within_prompt_squares(path_rewards, num_candidates)
+    return math.sqrt(squares / dof) if dof > 0 else float("nan")
 
 
 @dataclass

@@ -286,6 +286,53 @@ def test_corrupt_image_is_skipped_counted_and_named(tiny_sdxl, tmp_path, caplog)
         run_sft(tiny_sdxl, data, tmp_path / "strict", max_train_steps=4, max_bad_fraction=0.0)
 
 
+def row_counter(dataset, max_bad_fraction: float) -> SimpleNamespace:
+    """Just what Trainer._count_rows reads, on one process (the all-reduce sums over one)."""
+    return SimpleNamespace(args=SimpleNamespace(max_bad_fraction=max_bad_fraction), dataset=dataset, device="cpu",
+                           accelerator=SimpleNamespace(reduce=lambda t, reduction: t), counters={"bad_rows": 0, "rows_read": 0})
+
+
+def test_an_epoch_counts_each_bad_row_once(tmp_path, caplog):
+    """20 rows, rows 7-9 corrupt, a shuffled epoch in batches of 4: 3 bad of 20 read (15%, under 0.2), each named once."""
+    from sharpening.data import EpochSampler, ImageTextDataset, collate_image_text, load_hf_dataset
+
+    data = load_hf_dataset(None, str(write_image_folder(tmp_path / "data", count=20, size=8, corrupt=(7, 8, 9))))
+    dataset = ImageTextDataset(data, "image", "text", 8, True, False, seed=0)
+    dataset.max_bad_fraction = 0.2  # as the Trainer sets it from the flag
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=EpochSampler(20, seed=1), collate_fn=collate_image_text)
+    counter = row_counter(dataset, 0.2)
+    caplog.set_level(logging.WARNING)
+    for batch in loader:
+        training.Trainer._count_rows(counter, batch)
+    assert counter.counters == {"bad_rows": 3, "rows_read": 20}
+    named = sorted(r.getMessage().split(" (")[0] for r in caplog.records if r.name == training.logger.name)
+    assert named == ["Bad row skipped: row 7", "Bad row skipped: row 8", "Bad row skipped: row 9"]
+
+
+def test_bad_fraction_stops_only_on_more_than_10_bad_rows_in_10_over_the_fraction(caplog):
+    """--max_bad_fraction 0.01 on 5000 rows: judged over >= 1000 rows, so 10 bad in the first 500 go on, the 11th stops."""
+    counter = row_counter(range(5000), 0.01)
+
+    def read(bad: int, rows: int = 100) -> None:
+        training.Trainer._count_rows(counter, {"captions": ["c"] * rows, "bad_rows": [f"row {i}" for i in range(bad)]})
+
+    for _ in range(5):
+        read(bad=2)
+    assert counter.counters == {"bad_rows": 10, "rows_read": 500}
+    with pytest.raises(RuntimeError, match=r"^11 of 600 rows read so far were unreadable \(more than --max_bad_fraction=0.01\)"):
+        read(bad=1)
+    counter = row_counter(range(5000), 0.01)  # past 1000 rows the share of the rows read decides: 20 of 2000 is 1%
+    read(bad=0, rows=1980)
+    read(bad=20, rows=20)
+    assert counter.counters == {"bad_rows": 20, "rows_read": 2000}
+    counter = row_counter(range(50), 0.01)  # a dataset under 1000 rows is judged over its size: 1 > 0.5
+    with pytest.raises(RuntimeError, match="^1 of 4 rows"):
+        read(bad=1, rows=4)
+    counter = row_counter(range(5000), 0.0)  # 0: the first bad row stops
+    with pytest.raises(RuntimeError, match="^1 of 100 rows"):
+        read(bad=1)
+
+
 def test_flow_only_flags_are_refused_for_sdxl_with_what_to_do(tiny_sdxl, tmp_path):
     data = write_image_folder(tmp_path / "data", count=2)
     prompts = tmp_path / "prompts.txt"
@@ -652,3 +699,90 @@ def test_cudnn_attention_is_off_on_cuda_unless_asked_for(monkeypatch, flags, cud
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     configure_cuda_kernels(args)
     assert calls == cudnn_calls
+
+
+def test_lora_adapters_start_from_the_seed(tiny_sdxl):
+    """peft draws the gaussian lora_A from torch's global generator: seeded from --seed, two runs with one seed start
+    from the same adapters whatever the process's generator holds (unseeded, each process drew its own), another seed
+    from others; the global generator is left as it was."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from sharpening import sdxl
+    from sharpening.policy import Policy
+
+    def adapters(seed, global_seed):
+        args = SimpleNamespace(enable_xformers_memory_efficient_attention=False, use_lora=True, lora_rank=4, lora_alpha=None,
+                               seed=seed, gradient_checkpointing=False, use_ema=False)
+        unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        policy = Policy(unet, sdxl, args, SimpleNamespace(device=torch.device("cpu")), torch.float32, needs_reference=False)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return {k: v.detach().clone() for k, v in policy.raw_unet.named_parameters() if "lora_A" in k}
+
+    first, again, other = adapters(0, global_seed=11), adapters(0, global_seed=12), adapters(1, global_seed=11)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_sft_trains_no_prompt_whose_candidates_all_tie(tiny_sdxl, tmp_path, caplog):
+    """With n >= 2 candidates that all tie there is no best path (argmax would name candidate 0, an arbitrary sample):
+    no update, counted as a no-preference skip, as RLHF does. With n = 1 (ordinary fine-tuning) the lone candidate
+    trains whatever its reward."""
+    trainer = sft_trainer(tiny_sdxl, tmp_path / "tied", max_train_steps=2, reward_model="constant")
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
+    caplog.set_level(logging.INFO)
+    trainer.train(sft.sft_step)
+    assert trainer.counters["no_preference_skips"] == 2
+    for k, v in trainer.model.raw_unet.named_parameters():
+        assert torch.equal(v, before[k]), k
+    reset_accelerate_state()
+
+    single = sft_trainer(tiny_sdxl, tmp_path / "single", max_train_steps=1, reward_model="constant",
+                         num_noisy_latents=1, trajectory_nums=1, sft_target="noise")
+    before = {k: v.detach().clone() for k, v in single.model.raw_unet.named_parameters()}
+    single.train(sft.sft_step)
+    assert single.counters["no_preference_skips"] == 0
+    assert any(not torch.equal(v, before[k]) for k, v in single.model.raw_unet.named_parameters())
+    reset_accelerate_state()
+
+
+def test_selection_trains_sft_only_where_there_is_a_choice():
+    from sharpening.trajectory import select
+
+    nan = float("nan")
+    sel = select(torch.tensor([0.7, 0.2, nan, 0.7, 0.5, nan, 0.7, 0.9, nan]), 3)  # (n, B) = (3, 3), candidate-major
+    assert sel.has_winner.tolist() == [True, True, False]
+    assert sel.sft_trains.tolist() == [False, True, False] == sel.has_pair.tolist()
+    assert select(torch.tensor([0.7, nan]), 1).sft_trains.tolist() == [True, False]
+
+
+def test_reward_gap_unit_pools_every_prompt_explored_and_resumes(tiny_sdxl, tmp_path):
+    """--reward_margin_units spread divides by the within-prompt SD pooled over the run: at batch 1 a micro-batch's
+    own spread made every gap the same number (sqrt 2 at n = 2), whatever the rewards. The running sums travel
+    with the checkpoint, so a resumed RLHF run ends with the same weights as an uninterrupted one."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\n")
+    args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "unit", prompt_file=prompts, max_train_steps=1))
+    trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
+    # n = 3 candidates (candidate-major): prompt sums of squares 2 (1, 2, 3) then 8 (0, 2, 4) -> dof 2 each.
+    assert trainer.pooled_reward_spread(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+    assert trainer.pooled_reward_spread(torch.tensor([0.0, 2.0, 4.0])) == pytest.approx((10 / 4) ** 0.5)
+    assert trainer.running == {"reward_squares": pytest.approx(10.0), "reward_dof": 4}
+    reset_accelerate_state()
+
+    def run(out, **flags):
+        args = rlhf.parse_args(tiny_args(tiny_sdxl, out, prompt_file=prompts, train_batch_size=1, **flags))
+        rlhf.main(args)
+        reset_accelerate_state()
+
+    run(tmp_path / "straight", max_train_steps=3)
+    run(tmp_path / "resumed", max_train_steps=1, checkpointing_steps=1)
+    saved = json.loads((tmp_path / "resumed" / "checkpoint-1" / "training_state.json").read_text())["running"]
+    assert saved["reward_dof"] == 2 and saved["reward_squares"] > 0  # one prompt's three candidates
+    run(tmp_path / "resumed", max_train_steps=3, resume_from_checkpoint="latest", checkpointing_steps=100)
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
