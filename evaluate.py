@@ -11,10 +11,14 @@
         --lora runs/rlhf --prompt_file prompts.txt --reward_model "clip,image_reward" \\
         --device cuda --dtype fp16 --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix --resolution 1024
 
-Model spec: `NAME=BASE[,unet=PATH][,lora=PATH]`. BASE is an SDXL, SD3/SD3.5 or FLUX.1 checkpoint (the family is read from
-its model_index.json). `unet` is the trained denoiser: a diffusers UNet (SD3, FLUX: transformer) folder, or a training
-output or checkpoint folder holding `unet/` (SD3, FLUX: `transformer/`); `lora` is a LoRA output or checkpoint folder, or a `.safetensors` file. `--models_json` takes the same as
-{"NAME": {"base": ..., "unet": ..., "lora": ...}}.
+Model spec: `NAME=BASE[,unet=PATH][,lora=PATH][,pred=epsilon|v_prediction]`. BASE is an SDXL, SD3/SD3.5 or FLUX.1 checkpoint
+(the family is read from its model_index.json). `unet` is the trained denoiser: a diffusers UNet (SD3, FLUX: transformer)
+folder, or a training output or checkpoint folder holding `unet/` (SD3, FLUX: `transformer/`); `lora` is a LoRA output or
+checkpoint folder, or a `.safetensors` file. `pred` (SDXL only) is the prediction type the model was trained for
+(training's --prediction_type); without it, the type a final training output records is used (a full fine-tune's
+`scheduler/` config, a LoRA's model card), else the base's. Checkpoint folders record none: give `pred=` for a
+checkpoint trained with --prediction_type. `--models_json` takes the same as
+{"NAME": {"base": ..., "unet": ..., "lora": ..., "pred": ...}}.
 
 Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
 model, so differences between models are differences of the models, and the paired difference against
@@ -30,7 +34,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,33 +57,54 @@ class ModelSpec:
     base: str
     unet: str | None = None
     lora: str | None = None
+    pred: str | None = None  # the prediction type given with pred=; resolve_models fills prediction_type
+    prediction_type: str | None = None  # what it is sampled with (None: a flow-matching family, which has no choice)
 
     def describe(self) -> str:
         return self.base + (f" + unet {self.unet}" if self.unet else "") + (f" + lora {self.lora}" if self.lora else "")
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MODEL_SPEC = "NAME=BASE[,unet=PATH][,lora=PATH][,pred=epsilon|v_prediction]"
+
+
 def parse_model_spec(text: str) -> ModelSpec:
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--model {text!r}: expected NAME=BASE[,unet=PATH][,lora=PATH].")
+        raise ValueError(f"--model {text!r}: expected {MODEL_SPEC}.")
     base, *options = rest.split(",")
     fields = {}
     for option in options:
         key, sep, value = option.partition("=")
-        if key not in ("unet", "lora") or not sep or not value:
-            raise ValueError(f"--model {text!r}: unknown option {option!r} (use unet=PATH or lora=PATH).")
+        if key not in ("unet", "lora", "pred") or not sep or not value:
+            raise ValueError(f"--model {text!r}: unknown option {option!r} (use unet=PATH, lora=PATH or pred=TYPE).")
         fields[key] = value
-    return ModelSpec(name, base, **fields)
+    spec = ModelSpec(name, base, **fields)
+    check_pred(spec)
+    return spec
+
+
+def check_pred(spec: ModelSpec) -> None:
+    if spec.pred is not None and spec.pred not in PREDICTION_TYPES:
+        raise ValueError(f"--model {spec.name}: pred={spec.pred!r}; use one of {', '.join(PREDICTION_TYPES)}.")
+
+
+def file_stem(name: str) -> str:
+    """A model name as a file name (grid_STEM.png): names may hold '/' (benchmarks name models `reward/variant@step`)."""
+    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models")
-    g.add_argument("--model", action="append", default=[], metavar="NAME=BASE[,unet=PATH][,lora=PATH]", help="Repeat to compare models.")
-    g.add_argument("--models_json", default=None, help='{"NAME": {"base": ..., "unet": ..., "lora": ...}, ...}')
-    g.add_argument("--pretrained_model_name_or_path", default=None, help="One model the short way (with --unet / --lora).")
+    g.add_argument("--model", action="append", default=[], metavar=MODEL_SPEC,
+                   help="Repeat to compare models. pred= (SDXL only): the prediction type the model was trained for "
+                        "(training's --prediction_type); default: what the unet/lora folder records, else the base's.")
+    g.add_argument("--models_json", default=None, help='{"NAME": {"base": ..., "unet": ..., "lora": ..., "pred": ...}, ...}')
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="One model the short way (with --unet / --lora / --prediction_type).")
     g.add_argument("--unet", default=None)
     g.add_argument("--lora", default=None)
+    g.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES, help="The short way's pred= (see --model).")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="A replacement VAE (e.g. the fp16-fix) for every model.")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None)
@@ -111,25 +136,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Another reward to score the same images with, reported beside --reward_model (e.g. guard metrics "
                         "that show reward hacking); repeatable.")
     g.add_argument("--output_dir", default="evaluation")
-    g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids.")
+    g.add_argument("--grid_prompts", type=int, default=8, help="Prompts shown in the image grids (0: no grids).")
     g.add_argument("--save_images", action="store_true",
                    help="Also save every image as PNG, under OUTPUT_DIR/images/MODEL/ with a metadata.jsonl of their prompts "
-                        "(an imagefolder: --train_data_dir of the SFT script).")
+                        "(an imagefolder: --train_data_dir of the SFT script). Images that decoded to non-finite pixels "
+                        "are saved but left out of metadata.jsonl. Model names must then be plain folder names (no '/').")
     args = p.parse_args(argv)
 
-    models = [parse_model_spec(m) for m in args.model]
-    if args.models_json:
-        for name, spec in json.loads(Path(args.models_json).read_text()).items():
-            models.append(ModelSpec(name, spec["base"], spec.get("unet"), spec.get("lora")))
+    try:
+        models = [parse_model_spec(m) for m in args.model]
+        if args.models_json:
+            for name, spec in json.loads(Path(args.models_json).read_text()).items():
+                models.append(ModelSpec(name, spec["base"], spec.get("unet"), spec.get("lora"), spec.get("pred")))
+                check_pred(models[-1])
+    except ValueError as error:
+        p.error(str(error))
     if args.pretrained_model_name_or_path:
-        models.append(ModelSpec("model", args.pretrained_model_name_or_path, args.unet, args.lora))
-    elif args.unet or args.lora:
-        p.error("--unet / --lora need --pretrained_model_name_or_path (or use --model NAME=BASE,unet=PATH).")
+        models.append(ModelSpec("model", args.pretrained_model_name_or_path, args.unet, args.lora, args.prediction_type))
+    elif args.unet or args.lora or args.prediction_type:
+        p.error("--unet / --lora / --prediction_type need --pretrained_model_name_or_path (or use --model NAME=BASE,unet=PATH).")
     if not models:
-        p.error("give at least one model: --model NAME=BASE[,unet=PATH][,lora=PATH] or --pretrained_model_name_or_path.")
+        p.error(f"give at least one model: --model {MODEL_SPEC} or --pretrained_model_name_or_path.")
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         p.error(f"model names must be unique, got {names}.")
+    stems: dict[str, str] = {}
+    for name in names:
+        # --save_images makes a folder of each name: 'a/b' would nest inside 'a' (and be read as a's training data).
+        if args.save_images and ("/" in name or "\\" in name or name in (".", "..")):
+            p.error(f"--save_images: model name {name!r} is not a plain folder name (images/{name}/); rename it without '/' or '\\'.")
+        stem = file_stem(name)
+        if stem in stems:
+            p.error(f"model names {stems[stem]!r} and {name!r} both make the file name grid_{stem}.png; rename one.")
+        stems[stem] = name
     args.models = models
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
@@ -138,6 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--images_per_prompt must be >= 1.")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num_prompts must be >= 1 (leave it out to use every prompt).")
+    if args.grid_prompts < 0:
+        p.error("--grid_prompts must be >= 0 (0: no grids).")
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1.")
+    if args.decode_batch_size is not None and args.decode_batch_size < 1:
+        p.error("--decode_batch_size must be >= 1 (leave it out for the default).")
     for m in models:
         for label, path in (("unet", m.unet), ("lora", m.lora)):
             if path and not Path(path).exists():
@@ -165,6 +210,75 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
             "single": world.single_prompts,
         }[args.toy_split]()
     return prompts[: args.num_prompts] if args.num_prompts is not None else prompts
+
+
+def check_toy_prompts(prompts: list[str], reward_specs: list[str]) -> None:
+    """The toy reward scores only captions in the toy world's grammar (NaN otherwise): with a real prompt set every
+    image would be generated and the table would be all n/a. Checked before any model is loaded."""
+    from reward import parse_reward_spec
+    from toyworld import world
+
+    users = [spec for spec in reward_specs if any(name == "toy" for name, _ in parse_reward_spec(spec))]
+    if not users or not prompts:
+        return
+    outside = sum(world.parse_caption(prompt) is None for prompt in prompts)
+    if outside == len(prompts):
+        raise ValueError(f"None of the {len(prompts)} prompts is a toy-world caption, so the toy reward ({', '.join(users)}) "
+                         "cannot score any image: choose a reward for real prompts with --reward_model (e.g. clip), "
+                         "and leave toy out of --also_score.")
+    if outside:
+        print(f"[evaluate] warning: {outside} of {len(prompts)} prompts are not toy-world captions; the toy reward scores "
+              "their images NaN (left out of the statistics)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- prediction types
+def recorded_prediction_type(path: str) -> tuple[str | None, str | None]:
+    """(prediction type, where it was read) that a training output records, or (None, None). A full fine-tune's
+    pipeline folder holds scheduler/scheduler_config.json with the trained type (save_pipeline); a LoRA output's model
+    card (README.md) names it when training overrode the base's with --prediction_type. `path` may be the output
+    folder, its denoiser folder (DIR/unet) or a LoRA .safetensors file; checkpoint folders record nothing."""
+    path = Path(path)
+    folders = [path.parent] if path.is_file() else [path, path.parent] if (path / "config.json").is_file() else [path]
+    for folder in folders:
+        config = folder / "scheduler" / "scheduler_config.json"
+        if config.is_file():
+            found = json.loads(config.read_text()).get("prediction_type")
+            if found:  # flow-matching schedulers (SD3, FLUX) have no prediction type
+                return found, str(config)
+        card = folder / "README.md"
+        if card.is_file() and (match := re.search(r'prediction_type="(\w+)"', card.read_text())):
+            return match[1], str(card)
+    return None, None
+
+
+def resolve_models(args) -> None:
+    """What needs only configs, before anything is loaded (a bad flag must not cost the models evaluated before it):
+    each model's prediction_type, pred= or else what its unet/lora folder records or else its base's (the base's
+    scheduler config alone would sample a model trained with --prediction_type v_prediction on an epsilon base as
+    epsilon). Only SDXL has that choice; SD3 and FLUX are flow matching (velocity)."""
+    from diffusers import DDIMScheduler
+
+    from sharpening.families import family_of
+
+    for spec in args.models:
+        family = family_of(spec.base)
+        if args.true_cfg_scale != 1.0 and family.PIPELINE_CLASS != "FluxPipeline":
+            raise ValueError(f"--true_cfg_scale is FLUX.1's true classifier-free guidance, but --model {spec.name} is a "
+                             f"{family.PIPELINE_CLASS}; SDXL and SD3 take their CFG scale from --guidance_scale.")
+        recorded = [recorded_prediction_type(path) for path in (spec.unet, spec.lora) if path]
+        recorded = [(found, where) for found, where in recorded if found]
+        if family.PIPELINE_CLASS != "StableDiffusionXLPipeline":
+            if spec.pred:
+                raise ValueError(f"--model {spec.name}: pred= chooses SDXL's epsilon or v prediction; {spec.base} is a "
+                                 f"{family.PIPELINE_CLASS} (flow matching, always the velocity): drop pred=.")
+            continue
+        config = DDIMScheduler.load_config(spec.base, subfolder="scheduler", revision=args.revision)
+        base_type = config.get("prediction_type") or "epsilon"  # diffusers' default when unset
+        spec.prediction_type = spec.pred or (recorded[0][0] if recorded else base_type)
+        for found, where in recorded:
+            if found != base_type or found != spec.prediction_type:
+                print(f"[evaluate] warning: {spec.name}: {where} says {found}, its base {spec.base} says {base_type}; sampling "
+                      f"as {spec.prediction_type}" + (" (pred=)" if spec.pred else " (give pred= to choose)"), flush=True)
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -205,12 +319,25 @@ class BaseParts:
         self.family = family = family_of(base)
         parts = family.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
         parts.denoiser = None  # each model loads its own
-        apply_text_settings(parts, args)
+        # Each base resolves the text flags on its own copy: apply_text_settings writes a family's defaults into what it
+        # is given (SD3: 77 T5 tokens and CFG 5, FLUX.1: 512 and guidance 3.5), and in the shared args the first base's
+        # defaults would become the flags of every later base.
+        self.settings = argparse.Namespace(guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                                           true_cfg_scale=args.true_cfg_scale)
+        apply_text_settings(parts, self.settings)
         for encoder in parts.text_encoders:
             _move(encoder.requires_grad_(False), device, dtype)
         _move(parts.vae.requires_grad_(False), device, family.vae_dtype(parts.vae, dtype))
         self.parts = parts
         self.scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+    def sampling_settings(self) -> dict:
+        """This base's text settings for results.json: guidance_scale is the CFG scale, except for FLUX.1, where it is
+        the embedded guidance and true_cfg_scale the CFG; max_sequence_length is SD3's and FLUX.1's T5 tokens."""
+        settings = {"guidance_scale": self.settings.guidance_scale, "max_sequence_length": getattr(self.parts, "max_sequence_length", None)}
+        if hasattr(self.parts, "guidance"):
+            settings["true_cfg_scale"] = self.settings.true_cfg_scale
+        return settings
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -233,7 +360,10 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
 
     family = base.family
     unet = load_unet(spec, family, args, device, dtype)
-    sampler = family.make_sampler(base.parts, args.steps, args.resolution)
+    parts = base.parts
+    if spec.prediction_type is not None:  # SDXL: the type this model was trained for, which may not be its base's
+        parts = replace(parts, scheduler_config={**parts.scheduler_config, "prediction_type": spec.prediction_type})
+    sampler = family.make_sampler(parts, args.steps, args.resolution)
     num_prompts, per_prompt = noise.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
     flat_noise = noise.flatten(0, 1)
@@ -243,7 +373,7 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
         batch = flat_prompts[start : start + args.batch_size]
         ids = family.time_ids([(r, r)] * len(batch), [(0, 0)] * len(batch), (r, r))
         cond = family.encode_prompts(base.parts, batch, ids, device).to(dtype=dtype)
-        model = with_guidance(family, base.parts, family.forward(unet), cond, cfg_scale(base.parts, args), device)
+        model = with_guidance(family, base.parts, family.forward(unet), cond, cfg_scale(base.parts, base.settings), device)
         latents = sample(model, sampler, flat_noise[start : start + len(batch)].to(device, dtype), cond)
         batch_images, batch_finite = family.decode(base.parts.vae, latents, args.decode_batch_size)
         images += batch_images
@@ -352,17 +482,32 @@ def _wrap(text: str, width: int) -> str:
 
 def write_grids(out: Path, images: dict[str, list], prompts: list[str], per_prompt_count: int, limit: int) -> list[Path]:
     shown = range(min(limit, len(prompts)))
+    if not shown:  # --grid_prompts 0
+        return []
     paths = []
     for name, imgs in images.items():  # one grid per model: prompts x seeds
         grid = image_grid([[imgs[i * per_prompt_count + k] for k in range(per_prompt_count)] for i in shown],
                           [prompts[i] for i in shown], [f"seed {k}" for k in range(per_prompt_count)])
-        paths.append(out / f"grid_{re.sub(r'[^A-Za-z0-9_.@=-]+', '_', name)}.png")  # model names may hold '/'
+        paths.append(out / f"grid_{file_stem(name)}.png")
         grid.save(paths[-1])
     names = list(images)  # side by side: prompts x models, first seed (the before/after view)
     grid = image_grid([[images[n][i * per_prompt_count] for n in names] for i in shown], [prompts[i] for i in shown], names)
     paths.append(out / "compare.png")
     grid.save(paths[-1])
     return paths
+
+
+def guidance_note(models: dict) -> str:
+    """The guidance of results.md's note: one value when every model shares it, else each model's."""
+    def text(m: dict) -> str:
+        if "true_cfg_scale" in m:  # FLUX.1
+            return f"guidance {m['guidance_scale']} (embedded), true CFG {m['true_cfg_scale']}"
+        return f"CFG {m['guidance_scale']}"
+
+    texts = {name: text(m) for name, m in models.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return ", ".join(f"{name}: {t}" for name, t in texts.items())
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -377,6 +522,8 @@ def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     prompts = load_prompts(args)
+    check_toy_prompts(prompts, [args.reward_model, *args.also_score])
+    resolve_models(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rewards = {spec: build_reward(spec, args, device=device) for spec in dict.fromkeys([args.reward_model, *args.also_score])}
@@ -423,31 +570,39 @@ def main(args: argparse.Namespace) -> dict:
             folder = out / "images" / spec.name
             paths = save_images(images[spec.name], folder, "img")
             # Each image's prompt beside it makes the folder an imagefolder: a model's own samples as training data.
-            write_captions(folder, [path.name for path in paths], flat_prompts)
+            # An image that decoded to non-finite pixels is kept on disk (names stay in generation order) but is no
+            # sample of the model, so it is left out of metadata.jsonl (imagefolder loads only the listed files).
+            listed = [(path.name, prompt) for path, prompt, ok in zip(paths, flat_prompts, finite, strict=True) if ok]
+            write_captions(folder, [name for name, _ in listed], [prompt for _, prompt in listed])
+            if len(listed) < len(paths):
+                print(f"[evaluate] {spec.name}: {len(paths) - len(listed)} non-finite image(s) left out of "
+                      f"{folder / 'metadata.jsonl'}", flush=True)
 
     sampler = " / ".join(dict.fromkeys(base.family.SAMPLER for base in bases.values()))
     summary = summarise(scores, args.baseline, args.images_per_prompt)
     table = markdown_table(summary, args.baseline, args.reward_model)
-    grids = write_grids(out, images, prompts, args.images_per_prompt, args.grid_prompts)
     record = {
-        "models": {m.name: {"base": m.base, "unet": m.unet, "lora": m.lora} for m in args.models},
+        # Each model with its base's text settings: one run may hold several families, each with its own defaults.
+        "models": {m.name: {"base": m.base, "unet": m.unet, "lora": m.lora, "prediction_type": m.prediction_type,
+                            **bases[m.base].sampling_settings()} for m in args.models},
         "baseline": args.baseline,
         "reward_model": args.reward_model,
         "prompts": prompts,
         "images_per_prompt": args.images_per_prompt,
         "seeds": "image k of prompt i: torch.Generator().manual_seed(seed * 1000003 + i * 1009 + k) on the CPU",
         "seed": args.seed,
-        "sampling": {"sampler": sampler, "steps": args.steps, "guidance_scale": args.guidance_scale, "resolution": args.resolution,
-                     "device": str(device), "dtype": args.dtype},
+        "sampling": {"sampler": sampler, "steps": args.steps, "resolution": args.resolution, "device": str(device), "dtype": args.dtype},
         "summary": summary,
         "scores": {m: {k: [None if not math.isfinite(x) else float(x) for x in v] for k, v in metrics.items()} for m, metrics in scores.items()},
         "seconds": seconds | {"total": round(time.time() - started, 1)},
         "reward_counters": {k: v for reward in rewards.values() for k, v in reward.counters().items()},
     }
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, {sampler} {args.steps} steps, CFG {args.guidance_scale}; "
+    note = (f"{len(prompts)} prompts x {args.images_per_prompt} images, {sampler} {args.steps} steps, {guidance_note(record['models'])}; "
             f"mean ± standard error over prompts; Δ = paired difference vs {args.baseline} (same seeds).")
     (out / "results.md").write_text(f"{table}\n\n{note}\n")
+    # The grids last: the scores are written whatever happens to them.
+    grids = write_grids(out, images, prompts, args.images_per_prompt, args.grid_prompts)
     print(table + "\n\n" + note + f"\n[evaluate] wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(g) for g in grids), flush=True)
     return record
 

@@ -4,7 +4,7 @@ As FluxPipeline: the pooled embedding is CLIP's pooler output, the token embeddi
 guidance-distilled, so `--guidance_scale` is the EMBEDDED guidance the transformer takes (FluxPipeline's
 `guidance_scale`), carried per row in the conditioning; true classifier-free guidance against the empty prompt is
 off unless `--true_cfg_scale` > 1 (FluxPipeline's true_cfg_scale with negative_prompt ""). The grid is FluxPipeline's:
-sigmas linspace(1, 1/N, N), shifted by mu from the packed image sequence length (`calculate_shift`).
+sigmas linspace(1, 1/N, N), shifted by mu from the packed image sequence length (`dynamic_shift_mu`).
 
 Latents stay (N, C, H, W) everywhere in the trainer (exploration, targets, decoding); `forward` packs them into
 FLUX's 2x2 patches (N, H/2 * W/2, 4C) with their position ids around the transformer call and unpacks its output,
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .batched import Batched
-from .sampler import FlowMatchEuler
+from .sampler import FlowMatchEuler, dynamic_shift_mu
 from .sd3 import decode, encode_images, lora_state  # noqa: F401  (SD3's latent convention and LoRA file layout)
 from .sdxl import save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
@@ -136,18 +136,10 @@ def forward(transformer) -> Callable[[torch.Tensor, torch.Tensor, Conditioning],
     return call
 
 
-def calculate_shift(image_seq_len: int, config: dict) -> float:
-    """mu of the resolution-dependent shift (FluxPipeline's calculate_shift, from the scheduler config)."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
-
-
 def make_sampler(parts: FluxParts, num_inference_steps: int, resolution: int) -> FlowMatchEuler:
     """FluxPipeline's grid at this resolution: sigmas linspace(1, 1/N, N), shifted by mu of the packed sequence length."""
     latent_side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    mu = calculate_shift((latent_side // 2) ** 2, parts.scheduler_config)
+    mu = dynamic_shift_mu((latent_side // 2) ** 2, parts.scheduler_config, max_shift_default=1.15)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
     return FlowMatchEuler(parts.scheduler_config, num_inference_steps, mu=mu, sigmas=sigmas)
 

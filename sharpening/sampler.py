@@ -175,6 +175,16 @@ def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond) -> torch
     return x
 
 
+def dynamic_shift_mu(image_seq_len: int, config: dict, max_shift_default: float) -> float:
+    """mu of the resolution-dependent shift (diffusers' calculate_shift, from the scheduler config): linear in the
+    transformer's image sequence length between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
+    The pipelines' fallbacks differ where a config leaves max_shift out: FluxPipeline 1.15, StableDiffusion3Pipeline 1.16."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", max_shift_default)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
 class FlowMatchEuler:
     """The flow-matching sampler of SD3/SD3.5 and FLUX.1: x_t = (1 - σ) x0 + σ ε, the model predicts the velocity
     v = ε - x0, and a step is the Euler ODE update x_next = x_t + (σ_next - σ) v with preview x0_hat = x_t - σ v.

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .batched import Batched
-from .sampler import FlowMatchEuler
+from .sampler import FlowMatchEuler, dynamic_shift_mu
 from .sdxl import decode_pixels, save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
 DENOISER = "transformer"
@@ -118,8 +118,17 @@ def forward(transformer) -> Callable[[torch.Tensor, torch.Tensor, Conditioning],
 
 
 def make_sampler(parts: SD3Parts, num_inference_steps: int, resolution: int | None = None) -> FlowMatchEuler:
-    """The flow-matching sampler on the checkpoint's grid (SD3's shift is static: the same at every resolution)."""
-    return FlowMatchEuler(parts.scheduler_config, num_inference_steps)
+    """The flow-matching sampler on the checkpoint's grid. SD3/SD3.5's own schedulers shift statically (the same grid at
+    every resolution); a checkpoint whose scheduler sets use_dynamic_shifting gets the resolution's mu from the image
+    sequence length, as StableDiffusion3Pipeline computes it (which is why it needs `resolution`)."""
+    if not parts.scheduler_config.get("use_dynamic_shifting"):
+        return FlowMatchEuler(parts.scheduler_config, num_inference_steps)
+    if resolution is None:
+        raise ValueError("this SD3 checkpoint's scheduler shifts its grid by resolution (use_dynamic_shifting): give the resolution.")
+    latent_side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    patch = int(parts.denoiser.config.patch_size)
+    mu = dynamic_shift_mu((latent_side // patch) ** 2, parts.scheduler_config, max_shift_default=1.16)
+    return FlowMatchEuler(parts.scheduler_config, num_inference_steps, mu=mu)
 
 
 def denoiser_class():

@@ -120,7 +120,7 @@ def test_saved_image_names_sort_in_generation_order(tmp_path):
     assert sorted(p.name for p in paths) == [p.name for p in paths] and paths[-1].name == "img_100.png"
 
 
-def test_an_image_that_decoded_to_nan_is_scored_nan_not_black(tiny_sdxl, tmp_path, monkeypatch):
+def test_an_image_that_decoded_to_nan_is_scored_nan_not_black(tiny_sdxl, tmp_path, monkeypatch, capsys):
     """As in training: a non-finite decode (e.g. the stock VAE overflowing in fp16) is no score, not a black picture."""
     from sharpening import sdxl
 
@@ -132,11 +132,18 @@ def test_an_image_that_decoded_to_nan_is_scored_nan_not_black(tiny_sdxl, tmp_pat
         return images, finite
 
     monkeypatch.setattr(sdxl, "decode", decode_with_a_failure)
-    record = _run(tmp_path, [f"base={tiny_sdxl}"])
+    record = _run(tmp_path, [f"base={tiny_sdxl}"], "--save_images")
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     scores = saved["scores"]["base"]["toy"]
     assert scores[1] is None and all(s is not None for i, s in enumerate(scores) if i != 1)
     assert record["summary"]["base"]["toy"]["unscored_images"] == 1
+    # and it is no training data: kept on disk, left out of the imagefolder's metadata.jsonl
+    folder = tmp_path / "eval" / "images" / "base"
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == ["img_00.png", "img_02.png", "img_03.png", "img_04.png", "img_05.png"]
+    assert [r["text"] for r in rows] == [p for i, p in enumerate(p for p in record["prompts"] for _ in range(2)) if i != 1]
+    assert (folder / "img_01.png").is_file()
+    assert "1 non-finite image(s) left out of" in capsys.readouterr().out
 
 
 def test_vae_precision_rule_is_the_trainings():
@@ -148,3 +155,113 @@ def test_vae_precision_rule_is_the_trainings():
     stock, fixed = SimpleNamespace(config={"force_upcast": True}), SimpleNamespace(config={"force_upcast": False})
     assert sdxl.vae_dtype(stock, torch.float16) == torch.float32
     assert sdxl.vae_dtype(fixed, torch.float16) == torch.float16
+
+
+# --------------------------------------------------------------------------------------------- review follow-ups
+def test_grid_prompts_0_writes_the_results_without_grids(tiny_sdxl, tmp_path):
+    """--grid_prompts 0 used to crash in image_grid([]) before results.json was written: the whole evaluation lost."""
+    record = _run(tmp_path, [f"base={tiny_sdxl}"], "--grid_prompts", "0")
+    out = tmp_path / "eval"
+    assert json.loads((out / "results.json").read_text())["scores"] == record["scores"]
+    assert (out / "results.md").is_file()
+    assert not list(out.glob("*.png"))
+
+
+def test_the_scores_are_written_before_the_grids(tiny_sdxl, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate, "image_grid", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _run(tmp_path, [f"base={tiny_sdxl}"])
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(saved["scores"]["base"]["toy"]) == 6 and (tmp_path / "eval" / "results.md").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid_prompts", "-1"], "--grid_prompts must be >= 0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--decode_batch_size", "0"], "--decode_batch_size must be >= 1"),
+    (["--model", "a=x,pred=sample"], "pred='sample'"),
+    (["--model", "a/b=x", "--save_images"], "not a plain folder name"),
+    (["--model", "a/b=x", "--model", "a_b=x"], "both make the file name grid_a_b.png"),
+])
+def test_bad_flags_fail_with_a_clear_message(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "base=x", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_names_with_a_slash_are_fine_without_save_images():
+    """The benchmarks name models `reward/variant@step`; only --save_images makes folders of the names."""
+    args = evaluate.parse_args(["--model", "toy/sft@30=x", "--model", "saturation/sft@30=x"])
+    assert [m.name for m in args.models] == ["toy/sft@30", "saturation/sft@30"]
+
+
+def test_each_family_gets_its_own_text_defaults_in_one_run(tiny_sd3, tiny_flux, tmp_path):
+    """SD3 then FLUX.1 in one run: FLUX.1 used to take SD3's defaults (CFG 5 as embedded guidance, 77 T5 tokens)
+    written into the shared args. Its scores must be those of FLUX.1 evaluated alone, and results.json records each
+    model's own settings."""
+    def run(models, out):
+        argv = [f"--model={m}" for m in models] + [
+            "--num_prompts", "2", "--images_per_prompt", "1", "--steps", "2", "--resolution", "32", "--reward_model", "toy",
+            "--output_dir", str(tmp_path / out), "--device", "cpu", "--grid_prompts", "0"]
+        return evaluate.main(evaluate.parse_args(argv))
+
+    mixed = run([f"sd3={tiny_sd3}", f"flux={tiny_flux}"], "mixed")
+    alone = run([f"flux={tiny_flux}"], "alone")
+    assert mixed["models"]["sd3"] | {"base": None} == {"base": None, "unet": None, "lora": None, "prediction_type": None,
+                                                     "guidance_scale": 5.0, "max_sequence_length": 77}
+    assert mixed["models"]["flux"] | {"base": None} == {"base": None, "unet": None, "lora": None, "prediction_type": None,
+                                                      "guidance_scale": 3.5, "max_sequence_length": 512, "true_cfg_scale": 1.0}
+    assert mixed["scores"]["flux"] == alone["scores"]["flux"]
+    assert "sd3: CFG 5.0, flux: guidance 3.5 (embedded), true CFG 1.0" in (tmp_path / "mixed" / "results.md").read_text()
+
+
+def test_true_cfg_scale_on_a_non_flux_model_fails_before_any_model_runs(tiny_sdxl, tiny_flux, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("a model was sampled before the flags were checked"))
+    with pytest.raises(ValueError, match="--true_cfg_scale is FLUX.1's"):
+        _run(tmp_path, [f"flux={tiny_flux}", f"sdxl={tiny_sdxl}"], "--true_cfg_scale", "2")
+
+
+def test_models_are_sampled_with_the_prediction_type_they_were_trained_for(tiny_sdxl, tmp_path, capsys):
+    """The tiny SDXL is epsilon. A full fine-tune whose pipeline folder says v_prediction (save_pipeline writes the
+    trained type into scheduler/), a LoRA whose model card says it, and pred=v_prediction all sample as v prediction;
+    the same weights without a record sample as the base's epsilon."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    unet.save_pretrained(tmp_path / "plain" / "unet")
+    unet.save_pretrained(tmp_path / "trained_v" / "unet")
+    scheduler = DDIMScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
+    DDIMScheduler.from_config(scheduler.config, prediction_type="v_prediction").save_pretrained(tmp_path / "trained_v" / "scheduler")
+    lora = _lora_folder(tiny_sdxl, tmp_path / "lora_v")
+    (lora / "README.md").write_text('pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")\n')
+    record = _run(tmp_path, [f"eps={tiny_sdxl},unet={tmp_path / 'plain'}", f"pred={tiny_sdxl},unet={tmp_path / 'plain'},pred=v_prediction",
+                             f"folder={tiny_sdxl},unet={tmp_path / 'trained_v' / 'unet'}", f"card={tiny_sdxl},lora={lora}"])
+
+    types = {name: m["prediction_type"] for name, m in record["models"].items()}
+    assert types == {"eps": "epsilon", "pred": "v_prediction", "folder": "v_prediction", "card": "v_prediction"}
+    scores = record["scores"]
+    assert scores["folder"] == scores["pred"] and scores["card"] == scores["pred"]
+    assert scores["eps"]["toy/clean"] != scores["pred"]["toy/clean"]  # the prediction type changes the images
+    log = capsys.readouterr().out
+    assert "warning: folder:" in log and "says v_prediction, its base" in log and "warning: card:" in log
+
+
+def test_pred_on_a_flow_matching_model_fails_before_loading(tiny_sd3, tmp_path):
+    with pytest.raises(ValueError, match="drop pred="):
+        _run(tmp_path, [f"sd3={tiny_sd3},pred=v_prediction"])
+
+
+def test_prompts_outside_the_toy_grammar_fail_or_warn_before_loading(tiny_sdxl, tmp_path, capsys):
+    real = tmp_path / "real.txt"
+    real.write_text("a photo of a cat\na watercolour of a lighthouse\n")
+    with pytest.raises(ValueError, match="None of the 2 prompts is a toy-world caption.*--reward_model"):
+        _run(tmp_path, ["base=/no/such/model"], "--prompt_file", str(real))  # fails before the base would be read
+
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("a photo of a cat\na red square\na blue circle\n")
+    record = _run(tmp_path, [f"base={tiny_sdxl}"], "--prompt_file", str(mixed))
+    assert "warning: 1 of 3 prompts are not toy-world captions" in capsys.readouterr().out
+    assert record["summary"]["base"]["toy"]["prompts"] == 2 and record["summary"]["base"]["toy"]["unscored_images"] == 2

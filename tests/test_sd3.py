@@ -74,6 +74,32 @@ def test_guided_sampling_and_decoding_equal_the_pipeline(pipe, parts):
         assert np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max() <= 1  # rounding only
 
 
+def test_dynamic_shifting_scheduler_gets_the_pipelines_grid(pipe, parts):
+    """A checkpoint whose scheduler shifts by resolution (use_dynamic_shifting): the grid needs mu from the image
+    sequence length, as StableDiffusion3Pipeline computes it; without it diffusers refuses to set the timesteps."""
+    import dataclasses
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from sharpening import sd3
+    from sharpening.sampler import guided, sample
+
+    config = dict(parts.scheduler_config, use_dynamic_shifting=True)
+    dynamic = dataclasses.replace(parts, scheduler_config=config)
+    shifted = StableDiffusion3Pipeline(**(pipe.components | {"scheduler": FlowMatchEulerDiscreteScheduler.from_config(config)}))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    resolution = 16 * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    expected = shifted(["a red square"], num_inference_steps=4, guidance_scale=5.0, latents=noise.clone(), height=resolution,
+                       width=resolution, output_type="latent", max_sequence_length=T5_TOKENS).images
+    cond = sd3.encode_prompts(dynamic, ["a red square"], None, "cpu")
+    sampler = sd3.make_sampler(dynamic, 4, resolution)
+    assert not torch.allclose(sampler.sigmas, sd3.make_sampler(parts, 4).sigmas)  # the shift does change the grid
+    latents = sample(guided(sd3.forward(parts.denoiser), sd3.unconditional(dynamic, cond, "cpu"), 5.0), sampler, noise, cond)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="resolution"):
+        sd3.make_sampler(dynamic, 4)
+
+
 def test_encode_images_applies_shift_and_scale(parts):
     from sharpening import sd3
 
