@@ -23,9 +23,10 @@ PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"
 "$PY" -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 
-"$PY" -m sharpening.tiny "$WORK/tiny" >/dev/null
-"$PY" -m sharpening.tiny "$WORK/tiny_sd3" --sd3 >/dev/null
-"$PY" -m sharpening.tiny "$WORK/tiny_flux" --flux >/dev/null
+# Without the tiny models or the data every run below would fail with a misleading message: stop here instead.
+"$PY" -m sharpening.tiny "$WORK/tiny" >/dev/null || { echo "FAILED: could not build the tiny SDXL"; exit 1; }
+"$PY" -m sharpening.tiny "$WORK/tiny_sd3" --sd3 >/dev/null || { echo "FAILED: could not build the tiny SD3"; exit 1; }
+"$PY" -m sharpening.tiny "$WORK/tiny_flux" --flux >/dev/null || { echo "FAILED: could not build the tiny FLUX"; exit 1; }
 # The values each training run must show: python check_run.py BASE OUT VARIANT KIND LOG DENOISER
 cat >"$WORK/check_run.py" <<'PY'
 import math, re, sys
@@ -63,11 +64,10 @@ if problems or not peak:
     print("    FAILED: " + "; ".join(problems or ["no peak memory line"]))
     sys.exit(1)
 PY
-"$PY" - "$WORK" <<'PY'
+"$PY" - "$WORK" <<'PY' || { echo "FAILED: could not write the training data"; exit 1; }
 import sys
 from pathlib import Path
-sys.path.insert(0, "tests")
-from conftest import write_image_folder
+from testing.images import write_image_folder
 work = Path(sys.argv[1])
 write_image_folder(work / "data", count=8)
 (work / "prompts.txt").write_text("a red square\na blue circle\na green triangle\na yellow square\n")

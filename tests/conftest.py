@@ -1,7 +1,6 @@
 """Offline fixtures: a tiny SDXL, SD3 and FLUX saved once per test session, tiny image-text data, script runners."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,14 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and two-rank runs on two cores oversubscribe badly with them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = str(ROOT / "tests" / "plugin_rewards.py")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from testing.images import write_image_folder  # noqa: E402,F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -62,24 +61,6 @@ def fresh_accelerate_state():
     yield
     reset_accelerate_state()
     signal.signal(signal.SIGTERM, previous)
-
-
-def write_image_folder(folder: Path, count: int = 8, size: int = 40, corrupt: tuple[int, ...] = ()) -> Path:
-    """An imagefolder with metadata.jsonl: coloured squares with captions; `corrupt` rows get broken files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    colours = ["red", "green", "blue", "yellow"]
-    rows = []
-    for i in range(count):
-        name = f"img_{i:03d}.png"
-        if i in corrupt:
-            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
-        else:
-            array = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
-            Image.fromarray(array).save(folder / name)
-        rows.append({"file_name": name, "text": f"a {colours[i % 4]} square number {i}"})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT, accelerate_launch, tiny_args, write_image_folder
 
-pytestmark = pytest.mark.slow
+# pytest.ini's 900 s covers fixture and test together; the build (1200 s) and launch (1800 s) limits below are the real ones.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
 @pytest.fixture(scope="module")
