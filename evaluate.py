@@ -360,7 +360,8 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
 
     family = base.family
     unet = load_unet(spec, family, args, device, dtype)
-    parts = base.parts
+    # The base's parts hold no denoiser (each model loads its own); the sampler may need its config (SD3's dynamic shift).
+    parts = replace(base.parts, denoiser=unet)
     if spec.prediction_type is not None:  # SDXL: the type this model was trained for, which may not be its base's
         parts = replace(parts, scheduler_config={**parts.scheduler_config, "prediction_type": spec.prediction_type})
     sampler = family.make_sampler(parts, args.steps, args.resolution)

@@ -309,11 +309,11 @@ def markdown(results: dict, args, record: dict | None = None) -> str:
             control = (f" {_diff(r['vs_control'])} |" if "vs_control" in r else " — |") if versus else ""
             lines.append(f"| {name} | {_diff(f[reward])}{runs} | {steps} | {_diff(f['toy/objects'])} | {_diff(f['toy/relation'])} | "
                          f"{f['toy/clean']['mean']:.3f} | {f['toy/size']['mean']:.3f} |{control}")
-    unscored = {model: metrics[reward]["unscored_images"] for model, metrics in (record or {}).get("summary", {}).items()
+    unscored = {(model, reward): metrics[reward]["unscored_images"] for model, metrics in (record or {}).get("summary", {}).items()
                 for reward in args.rewards if metrics.get(reward, {}).get("unscored_images")}
     if unscored:  # a Δ over the images every compared model scored: say how many were left out, and where
-        lines += ["", "Unscored images (non-finite samples, left out of every paired Δ they belong to): "
-                  + ", ".join(f"{model} {count}" for model, count in sorted(unscored.items())) + "."]
+        lines += ["", "Unscored images (left out of every paired Δ they belong to): "
+                  + ", ".join(f"{model} {reward} {count}" for (model, reward), count in sorted(unscored.items())) + "."]
     return "\n".join(lines)
 
 

@@ -137,6 +137,8 @@ def test_reward_response_variant_flags():
     model = str(ROOT / "models" / "toy-sdxl")
     assert bench.checkpoint_spec(settings, Path("ck"), model) == "lora=ck"
     assert bench.checkpoint_spec({"use_lora": False}, Path("ck"), model) == "unet=ck"
+    # A checkpoint records no prediction type: a --prediction_type run is evaluated with the one it trained for.
+    assert bench.checkpoint_spec({"prediction_type": "v_prediction"}, Path("ck"), model) == "unet=ck,pred=v_prediction"
     assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), model) == f"unet={Path('ck') / 'unet_ema'}"
     assert bench.checkpoint_spec({"use_ema": True}, Path("ck"), str(ROOT / "models" / "toy-sd3")) == f"unet={Path('ck') / 'transformer_ema'}"
     # LoRA + EMA checkpoints hold the raw adapters (the output the averaged ones): refused before any training.

@@ -227,3 +227,30 @@ def test_evaluate_scores_sd3_models_with_paired_seeds(tiny_sd3, tmp_path):
 
     ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "base" / "img_00.png"), dtype=int)
     assert np.abs(ours - np.round(image * 255).astype(int)).max() <= 1
+
+
+def test_evaluate_samples_a_dynamic_shift_sd3_as_its_pipeline(tiny_sd3, tmp_path):
+    """evaluate.py's bases hold no denoiser (each model loads its own), but a dynamic-shift grid needs its patch size:
+    the model's own denoiser gives it, and the image is the pipeline's from the same noise."""
+    import shutil
+
+    import evaluate
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+
+    model = tmp_path / "dynamic"
+    shutil.copytree(tiny_sd3, model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"use_dynamic_shifting": True}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    evaluate.main(evaluate.parse_args([f"--model=d={model}", "--prompt_file", str(prompts), "--images_per_prompt", "1",
+                                       "--steps", "3", "--guidance_scale", "3", "--reward_model", "brightness", "--reward_plugin",
+                                       PLUGIN, "--output_dir", str(tmp_path / "eval"), "--device", "cpu",
+                                       "--max_sequence_length", str(T5_TOKENS), "--save_images"]))
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    noise = evaluate.initial_noise(1, 1, (4, 16, 16), 0)
+    image = pipe("a red square", num_inference_steps=3, guidance_scale=3.0, latents=noise[0, :1], output_type="np",
+                 max_sequence_length=T5_TOKENS).images[0]
+    ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "d" / "img_00.png"), dtype=int)
+    assert np.abs(ours - np.round(image * 255).astype(int)).max() <= 1

@@ -121,15 +121,17 @@ def check_evaluable(flags: dict) -> None:
 
 def checkpoint_spec(flags: dict, checkpoint: Path, model: str) -> str:
     """How evaluate.py loads a training checkpoint (`--model NAME=BASE,<this>`): the LoRA adapters of a `--use_lora`
-    run, the averaged weights of a `--use_ema` run (what its final output holds), else the full denoiser."""
+    run, the averaged weights of a `--use_ema` run (what its final output holds), else the full denoiser; with the
+    prediction type a `--prediction_type` run trained for (a checkpoint folder does not record it)."""
     check_evaluable(flags)
+    pred = f",pred={flags['prediction_type']}" if flags.get("prediction_type") else ""
     if flags.get("use_lora") is True:
-        return f"lora={checkpoint}"
+        return f"lora={checkpoint}{pred}"
     if flags.get("use_ema") is True:
         from sharpening.families import family_of
 
-        return f"unet={checkpoint / f'{family_of(model).DENOISER}_ema'}"
-    return f"unet={checkpoint}"
+        return f"unet={checkpoint / f'{family_of(model).DENOISER}_ema'}{pred}"
+    return f"unet={checkpoint}{pred}"
 
 
 def launch(script: str, settings: dict, log: Path, threads: int | None = None) -> float:
