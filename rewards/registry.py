@@ -183,6 +183,10 @@ def build_reward(spec: str, args: argparse.Namespace | None, device: torch.devic
     validate_reward_args(argparse.Namespace(**{**vars(args), "reward_model": spec}))
     device = torch.device(device)
     parts = [(REWARDS[name](args, device, dtype), weight) for name, weight in entries]
+    for (name, _), (built, _) in zip(entries, parts):
+        if not isinstance(built, Reward):  # else it fails at the first training step, after the models have loaded
+            raise TypeError(f"reward {name!r}: its builder returned {type(built).__name__}; a reward builder must return a "
+                            "rewards.base.Reward, whose evaluate(images, prompts) gives a RewardOutput (total: one score per image).")
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSumReward(parts)

@@ -14,6 +14,9 @@ from .checkpoint import resume_path
 logger = logging.getLogger("sharpening")
 
 SECRET_ARGS = ("api_key",)
+# diffusers.optimization.get_scheduler's names that need no extra argument.
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+LORA_RANK_DEFAULT, EMA_DECAY_DEFAULT = 4, 0.9999
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +28,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="Override the scheduler's prediction type.")
     g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
-    g.add_argument("--lora_rank", type=int, default=4)
+    g.add_argument("--lora_rank", type=int, default=LORA_RANK_DEFAULT)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="SD3/SD3.5 and FLUX: T5 tokens of each prompt. Default: 77 for SD3 (diffusers' SD3 training scripts), "
@@ -105,8 +108,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--learning_rate", type=float, default=1e-6)
     g.add_argument("--scale_lr", action="store_true", help="Multiply the LR by accumulation x batch size x processes.")
-    g.add_argument("--lr_scheduler", default="constant", help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                   '"constant_with_warmup". It advances on applied updates only: a skipped update (no reward ranking, '
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help='It advances on applied updates only: a skipped update (no reward ranking, '
                    'non-finite, fp16 overflow, which diffusers skips too) counts toward --max_train_steps, not the schedule.')
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
@@ -117,7 +119,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--use_ema", action="store_true")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_decay", type=float, default=EMA_DECAY_DEFAULT)
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--cudnn_attention", action="store_true",
                    help="Let PyTorch's SDPA use cuDNN's attention kernels on CUDA. Off by default: on torch 2.11 (H200) their bf16 "
@@ -162,9 +164,19 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
     if not 1 <= args.infer_steps <= 1000:
         raise ValueError("--infer_steps must be between 1 and 1000.")
-    for flag in ("checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps"):
+    for flag in ("checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps", "num_train_epochs",
+                 "train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_validation_images"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1.")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError("--seed must be >= 0 (it seeds numpy's and torch's generators).")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise ValueError("--max_bad_fraction must be in [0, 1] (0: stop at the first unreadable row).")
+    if not args.use_lora and (args.lora_rank != LORA_RANK_DEFAULT or args.lora_alpha is not None):
+        raise ValueError("--lora_rank / --lora_alpha shape LoRA adapters: add --use_lora, or drop them (without it the "
+                         "whole denoiser trains, at a LoRA learning rate if you chose one).")
+    if not args.use_ema and args.ema_decay != EMA_DECAY_DEFAULT:
+        raise ValueError("--ema_decay needs --use_ema (without it no average is kept); add it or drop --ema_decay.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError("--snr_gamma must be > 0 (5 is the Min-SNR paper's choice); leave it out for no capping.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
@@ -208,10 +220,17 @@ def _resolve_seed(args: argparse.Namespace) -> int:
     return args.seed
 
 
-def redacted_argv(argv: list[str]) -> list[str]:
+def secret_flag_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags that hold credentials: ours, and any a --reward_plugin declares with type=Secret (rewards.base)."""
+    from rewards.base import Secret
+
+    return tuple(dict.fromkeys([*SECRET_ARGS, *(name for name, value in vars(args).items() if isinstance(value, Secret))]))
+
+
+def redacted_argv(argv: list[str], secret_names: tuple[str, ...] = SECRET_ARGS) -> list[str]:
     """The command line with secret values replaced by ***: wandb records sys.argv in its run metadata (the run's
     "Command"), beside the config public_config cleans. argparse also accepts a flag's unique prefix (--api_k)."""
-    secret_flags = [f"--{name}" for name in SECRET_ARGS]
+    secret_flags = [f"--{name}" for name in secret_names]
 
     def abbreviates(flag: str, full: str) -> bool:
         return len(flag) > 2 and full.startswith(flag)
@@ -243,7 +262,7 @@ def public_config(args: argparse.Namespace) -> dict:
     """Flags as tracker config / model card data: secrets removed, values made JSON-friendly."""
     out = {}
     for key, value in vars(args).items():
-        if key in SECRET_ARGS:
+        if key in secret_flag_names(args):
             continue
         out[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
     if out.get("base_url"):

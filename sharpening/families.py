@@ -12,11 +12,11 @@ logger = logging.getLogger("sharpening")
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
-def family_of(pretrained: str) -> ModuleType:
+def family_of(pretrained: str, revision: str | None = None) -> ModuleType:
     """The family module (sharpening.sdxl, sd3 or flux) for a checkpoint folder or hub id."""
-    name = model_index(pretrained).get("_class_name")
+    name = model_index(pretrained, revision).get("_class_name")
     if name is None:
-        logger.warning("Could not read %s/model_index.json; assuming an SDXL checkpoint.", pretrained)
+        logger.warning("%s has no model_index.json naming its pipeline; assuming an SDXL checkpoint.", pretrained)
         return importlib.import_module("sharpening.sdxl")
     if name not in FAMILIES:
         raise ValueError(f"{pretrained} is a {name} checkpoint; supported: {', '.join(sorted(FAMILIES))}.")
@@ -39,6 +39,22 @@ def check_resolution(family: ModuleType, pretrained: str, resolution: int, revis
         lower = resolution // multiple * multiple
         raise ValueError(f"--resolution {resolution}: {pretrained} needs a multiple of {multiple} (the VAE's downsampling times "
                          f"the denoiser's latent patch); use {lower or multiple} or {lower + multiple}.")
+
+
+def check_family_flags(family: ModuleType, args) -> None:
+    """Flags only some families take, refused from model_index.json alone, before any weight is loaded (minutes for
+    SDXL, more for FLUX.1-dev with its T5)."""
+    sdxl = family.PIPELINE_CLASS == "StableDiffusionXLPipeline"
+    if args.prediction_type and not sdxl:
+        raise ValueError("--prediction_type chooses between epsilon and v prediction (SDXL); flow families (SD3, FLUX) always "
+                         "predict the velocity: drop the flag.")
+    if args.loss_weighting != "none" and not sdxl:
+        raise ValueError("--loss_weighting v is for epsilon-prediction families (SDXL); flow families (SD3, FLUX) already train "
+                         "the velocity loss: drop the flag.")
+    if args.weighting_scheme != "none" and sdxl:
+        raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
+    if args.true_cfg_scale != 1.0 and family.PIPELINE_CLASS != "FluxPipeline":
+        raise ValueError("--true_cfg_scale is FLUX.1's true classifier-free guidance; SDXL and SD3 take their CFG scale from --guidance_scale.")
 
 
 # Classifier-free guidance scale of SDXL and SD3 when --guidance_scale is not given (our recipes and diffusers' examples).

@@ -83,17 +83,28 @@ class SDXLParts:
         self.unet = value
 
 
-def model_index(pretrained: str) -> dict:
-    """model_index.json of a local folder or hub id ({} when it cannot be read)."""
+def model_index(pretrained: str, revision: str | None = None) -> dict:
+    """model_index.json of a local folder or hub id; {} when the folder or repository has none. Any other failure to
+    read it (no network, no access, a bad id) is raised: guessing the family then would turn an SD3 or FLUX
+    checkpoint into an SDXL one and fail later with a message about a missing unet/."""
     path = Path(pretrained) / "model_index.json"
     if path.is_file():
         return json.loads(path.read_text())
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(pretrained, "model_index.json")).read_text())
-    except Exception:  # an unreadable index only costs us the default below
+    if Path(pretrained).is_dir():
         return {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(pretrained, "model_index.json", revision=revision)).read_text())
+    except LocalEntryNotFoundError as err:  # a subclass of the next: offline, or the hub unreachable, and not cached
+        raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): the hub is "
+                         f"offline or unreachable and the file is not cached ({err}).") from err
+    except EntryNotFoundError:  # the repository has no index
+        return {}
+    except Exception as err:
+        raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def load(pretrained: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> SDXLParts:
@@ -125,7 +136,7 @@ def load(pretrained: str, vae_path: str | None = None, revision: str | None = No
                          "trainers do not apply; use a checkpoint whose VAE has only a scaling_factor (SDXL base, the fp16-fix VAE).")
     unet = UNet2DConditionModel.from_pretrained(**sub("unet"), variant=variant)
     scheduler_config = dict(DDIMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
-    index = model_index(pretrained)
+    index = model_index(pretrained, revision)
     return SDXLParts(tokenizers, text_encoders, vae, unet, scheduler_config, bool(index.get("force_zeros_for_empty_prompt", True)))
 
 

@@ -28,8 +28,8 @@ import torch
 
 from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
-from .config import public_config, redacted_argv
-from .families import apply_text_settings, cfg_scale, check_resolution, family_of, with_guidance
+from .config import public_config, redacted_argv, secret_flag_names
+from .families import apply_text_settings, cfg_scale, check_family_flags, check_resolution, family_of, with_guidance
 from .losses import masked_sum, per_sample_mse
 from .policy import Policy
 from .sampler import sample
@@ -105,7 +105,8 @@ class Trainer:
         self.args, self.variant = args, variant
         # The model family module (sharpening/sdxl.py, sharpening/sd3.py): loading, conditioning, the denoiser call,
         # the sampler, the VAE and saving all go through it.
-        self.family = family_of(args.pretrained_model_name_or_path)
+        self.family = family_of(args.pretrained_model_name_or_path, args.revision)
+        check_family_flags(self.family, args)  # before loading
         check_resolution(self.family, args.pretrained_model_name_or_path, args.resolution, args.revision)  # before loading
         log_with = None if args.report_to in (None, "none", "") else args.report_to
         self.accelerator = acc = Accelerator(
@@ -141,7 +142,7 @@ class Trainer:
         # Running sums a step function keeps across steps (checkpointed with the counters): pooled_reward_spread's.
         self.running = {"reward_squares": 0.0, "reward_dof": 0}
         if acc.is_main_process and log_with:
-            sys.argv[1:] = redacted_argv(sys.argv[1:])  # wandb saves the command line itself
+            sys.argv[1:] = redacted_argv(sys.argv[1:], secret_flag_names(args))  # wandb saves the command line itself
             acc.init_trackers(args.tracker_project_name, config=public_config(args))
 
     # ----------------------------------------------------------------------------------------- setup
@@ -153,16 +154,8 @@ class Trainer:
             parts.scheduler_config["prediction_type"] = args.prediction_type
         self.parts = parts
         self.sampler = family.make_sampler(parts, args.infer_steps, args.resolution)
-        if args.prediction_type and not hasattr(self.sampler, "v_loss_weight"):
-            raise ValueError("--prediction_type chooses between epsilon and v prediction (SDXL); flow families (SD3, FLUX) always "
-                             "predict the velocity: drop the flag.")
-        if args.weighting_scheme != "none":
-            if not hasattr(self.sampler, "set_train_density"):
-                raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
+        if args.weighting_scheme != "none":  # a flow family (check_family_flags)
             self.sampler.set_train_density(args.weighting_scheme, args.logit_mean, args.logit_std)
-        if args.loss_weighting != "none" and not hasattr(self.sampler, "v_loss_weight"):
-            raise ValueError("--loss_weighting v is for epsilon-prediction families (SDXL); flow families (SD3, FLUX) already train "
-                             "the velocity loss: drop the flag.")
         self.num_steps = effective_steps(self.sampler, args.trajectory_nums)
         if self.num_steps != args.trajectory_nums:
             logger.warning("--trajectory_nums %d clipped to %d (the sampling grid has %d steps).", args.trajectory_nums, self.num_steps, len(self.sampler.grid))
@@ -426,8 +419,9 @@ class Trainer:
                 self.validate(global_step)
         progress.close()
         acc.wait_for_everyone()
-        self.validate(global_step)
+        # The model first: a failure while generating the last validation images must not cost the trained weights.
         self.checkpoints.save_final(self.parts, self.variant, self.num_steps)
+        self.validate(global_step)
         logger.info("Peak memory of this process: %s.", peak_memory(self.device))
         self._end_training()
 

@@ -113,6 +113,10 @@ def score_exploration(exploration: Exploration, prompts: list[str], decode: Call
     m, N = scored.shape[:2]
     images, finite = decode(scored.flatten(0, 1))
     result = reward.evaluate(images, prompts * m)
+    for key, values in {"total": result.total, **result.components}.items():
+        if tuple(values.shape) != (len(images),):  # a (1,) total would broadcast into one score for every candidate
+            raise ValueError(f"reward {reward.name!r} returned {key} of shape {tuple(values.shape)} for {len(images)} images; "
+                             "a reward gives one score per image.")
 
     def grid(values: torch.Tensor) -> torch.Tensor:
         values = values.float().cpu()

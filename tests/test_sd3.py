@@ -38,6 +38,11 @@ def test_family_is_read_from_model_index(tiny_sd3, tiny_sdxl, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="KandinskyPipeline checkpoint; supported: FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline"):
         families.family_of(str(tmp_path))
+    # A hub id whose index cannot be fetched (offline here) is an error, not an SDXL guess that fails later elsewhere.
+    with pytest.raises(ValueError, match="Could not read model_index.json of 'nobody/no-such-model'"):
+        families.family_of("nobody/no-such-model")
+    (tmp_path / "no-index").mkdir()
+    assert families.family_of(str(tmp_path / "no-index")) is sdxl  # a local folder without an index: SDXL assumed, with a warning
 
 
 def test_conditioning_equals_the_pipelines_encode_prompt(pipe, parts):

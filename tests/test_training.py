@@ -174,10 +174,67 @@ def test_counts_are_summed_over_the_window_and_rates_averaged():
     assert logs["implicit_accuracy"] == 0.75
 
 
-@pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps"])
+@pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps",
+                                  "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images"])
 def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag} must be >= 1"):
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **{flag: 0}))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"seed": -1}, "--seed must be >= 0"),
+    ({"max_bad_fraction": -1}, "--max_bad_fraction must be in"),
+    ({"lora_rank": 16}, "add --use_lora"),
+    ({"lora_alpha": 8}, "add --use_lora"),
+    ({"use_lora": True, "lora_rank": 0}, "--lora_rank must be >= 1"),
+    ({"ema_decay": 0.99}, "--ema_decay needs --use_ema"),
+])
+def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, flags, message):
+    """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
+    (a negative bad fraction) or did nothing at all (LoRA shape without --use_lora: a full fine-tune at a LoRA rate)."""
+    with pytest.raises(ValueError, match=message):
+        sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **flags))
+    with pytest.raises(SystemExit):  # argparse's choices: diffusers' get_scheduler would fail after loading
+        sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, lr_scheduler="cosine_annealing"))
+
+
+def test_family_only_flags_are_refused_before_any_weight_loads(tiny_sd3, tmp_path, monkeypatch):
+    from sharpening import sd3
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model before refusing the flag")
+
+    monkeypatch.setattr(sd3, "load", no_loading)
+    data = write_image_folder(tmp_path / "data", count=2)
+    for flags in ({"prediction_type": "v_prediction"}, {"loss_weighting": "v"}, {"true_cfg_scale": 3.0}):
+        with pytest.raises(ValueError, match="drop the flag|FLUX.1's true"):
+            run_sft(tiny_sd3, data, tmp_path / "o", max_train_steps=1, max_sequence_length=32, **flags)
+        reset_accelerate_state()
+
+
+def test_the_model_is_saved_before_the_last_validation_images(tiny_sdxl, tmp_path, monkeypatch):
+    """diffusers' scripts save first: a failure while generating the final validation images (out of memory, a
+    tracker error) must not cost the trained model."""
+    def failing(self, step):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(training.Trainer, "validate", failing)
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.train(sft.sft_step)
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    reset_accelerate_state()
+
+
+def test_a_plugin_flag_of_type_secret_is_masked_on_the_command_line():
+    from rewards.base import Secret
+    from sharpening.config import public_config, redacted_argv, secret_flag_names
+
+    args = SimpleNamespace(grader_token=Secret("tok-SECRET"), api_key=None, learning_rate=1e-5)
+    names = secret_flag_names(args)
+    assert set(names) == {"api_key", "grader_token"}
+    assert redacted_argv(["--grader_token", "tok-SECRET", "--grader_t=tok-2"], names) == ["--grader_token", "***", "--grader_t=***"]
+    assert "grader_token" not in public_config(args)
 
 
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(tiny_sdxl, tmp_path):
@@ -786,3 +843,31 @@ def test_reward_gap_unit_pools_every_prompt_explored_and_resumes(tiny_sdxl, tmp_
     straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+
+
+def test_a_reward_that_breaks_the_contract_fails_with_a_message():
+    """A builder must return a Reward, and a reward one score per image: a bare closure failed at the first step
+    with an AttributeError, a (1,) total broadcast into one score for every candidate (every update skipped)."""
+    import argparse
+
+    from rewards.base import Reward, RewardOutput
+    from rewards.registry import REWARDS, build_reward
+    from sharpening.trajectory import score_exploration
+
+    REWARDS["closure-reward"] = lambda args, device, dtype: (lambda images, prompts: torch.zeros(len(images)))
+    try:
+        with pytest.raises(TypeError, match="must return a rewards.base.Reward"):
+            build_reward("closure-reward", argparse.Namespace(reward_batch_size=8))
+    finally:
+        del REWARDS["closure-reward"]
+
+    class OneScore(Reward):
+        name = "one-score"
+
+        def evaluate(self, images, prompts):
+            return RewardOutput(torch.zeros(1), {})
+
+    exploration = SimpleNamespace(scored_latents=lambda: torch.zeros(2, 3, 4, 8, 8))
+    decode = lambda latents: ([None] * len(latents), torch.ones(len(latents), dtype=torch.bool))
+    with pytest.raises(ValueError, match="returned total of shape \\(1,\\) for 6 images"):
+        score_exploration(exploration, ["a", "b", "c"], decode, OneScore())
