@@ -221,16 +221,21 @@ def test_evaluate_scores_sd3_models_with_paired_seeds(tiny_sd3, tmp_path):
         assert saved["scores"][name]["brightness"] == saved["scores"]["base"]["brightness"]
         assert saved["summary"][name]["brightness"]["diff"] == 0.0
 
-    # evaluate's images are StableDiffusion3Pipeline's from the same starting noise
-    from diffusers import StableDiffusion3Pipeline
+    assert_first_image_is_the_pipelines(tiny_sd3, tmp_path / "eval" / "images" / "base" / "img_00.png")
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
-    noise = evaluate.initial_noise(2, 2, (4, 16, 16), 0)
-    image = pipe("a red square", num_inference_steps=3, guidance_scale=3.0, latents=noise[0, :1], output_type="np",
-                 max_sequence_length=T5_TOKENS).images[0]
+
+def assert_first_image_is_the_pipelines(model, saved) -> None:
+    """evaluate's first image (prompt "a red square", seed 0, 3 steps, CFG 3) is StableDiffusion3Pipeline's from the
+    same starting noise, to pixel rounding."""
+    import evaluate
+    from diffusers import StableDiffusion3Pipeline
     from PIL import Image
 
-    ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "base" / "img_00.png"), dtype=int)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    noise = evaluate.initial_noise(1, 1, (4, 16, 16), 0)
+    image = pipe("a red square", num_inference_steps=3, guidance_scale=3.0, latents=noise[0, :1], output_type="np",
+                 max_sequence_length=T5_TOKENS).images[0]
+    ours = np.asarray(Image.open(saved), dtype=int)
     assert np.abs(ours - np.round(image * 255).astype(int)).max() <= 1
 
 
@@ -240,8 +245,6 @@ def test_evaluate_samples_a_dynamic_shift_sd3_as_its_pipeline(tiny_sd3, tmp_path
     import shutil
 
     import evaluate
-    from diffusers import StableDiffusion3Pipeline
-    from PIL import Image
 
     model = tmp_path / "dynamic"
     shutil.copytree(tiny_sd3, model)
@@ -253,9 +256,4 @@ def test_evaluate_samples_a_dynamic_shift_sd3_as_its_pipeline(tiny_sd3, tmp_path
                                        "--steps", "3", "--guidance_scale", "3", "--reward_model", "brightness", "--reward_plugin",
                                        PLUGIN, "--output_dir", str(tmp_path / "eval"), "--device", "cpu",
                                        "--max_sequence_length", str(T5_TOKENS), "--save_images"]))
-    pipe = StableDiffusion3Pipeline.from_pretrained(model)
-    noise = evaluate.initial_noise(1, 1, (4, 16, 16), 0)
-    image = pipe("a red square", num_inference_steps=3, guidance_scale=3.0, latents=noise[0, :1], output_type="np",
-                 max_sequence_length=T5_TOKENS).images[0]
-    ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "d" / "img_00.png"), dtype=int)
-    assert np.abs(ours - np.round(image * 255).astype(int)).max() <= 1
+    assert_first_image_is_the_pipelines(model, tmp_path / "eval" / "images" / "d" / "img_00.png")
