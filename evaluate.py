@@ -28,13 +28,14 @@ prompt are averaged first: they are not independent samples of the prompt distri
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -361,9 +362,11 @@ def generate(spec: ModelSpec, base: BaseParts, prompts: list[str], noise: torch.
     family = base.family
     unet = load_unet(spec, family, args, device, dtype)
     # The base's parts hold no denoiser (each model loads its own); the sampler may need its config (SD3's dynamic shift).
-    parts = replace(base.parts, denoiser=unet)
+    # A shallow copy, with the attribute set (SDXLParts names its field `unet`, with `denoiser` as a property).
+    parts = copy.copy(base.parts)
+    parts.denoiser = unet
     if spec.prediction_type is not None:  # SDXL: the type this model was trained for, which may not be its base's
-        parts = replace(parts, scheduler_config={**parts.scheduler_config, "prediction_type": spec.prediction_type})
+        parts.scheduler_config = {**parts.scheduler_config, "prediction_type": spec.prediction_type}
     sampler = family.make_sampler(parts, args.steps, args.resolution)
     num_prompts, per_prompt = noise.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(per_prompt)]
