@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, launch, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, launch, override_target, overrides_for, write_data  # noqa: E402
 
 SFT_SCRIPT = "train_sft_diffusion_sharpening_sdxl.py"
 RLHF_SCRIPT = "train_rlhf_diffusion_sharpening_sdxl.py"
@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> dict:
         if set(args.only) - set(runs):
             raise SystemExit(f"--only names unknown variants {sorted(set(args.only) - set(runs))}; variants: {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
-    unknown = {item.rpartition(":")[0] for item in args.overrides} - set(runs) - {""}
+    unknown = {override_target(item) for item in args.overrides} - set(runs) - {""}
     if unknown:
         raise SystemExit(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(runs)}")
     data, prompt_file = write_data(work / "data", args.train_images)

@@ -57,7 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, overrides_for, training_captions, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, override_target, overrides_for, training_captions, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.runs = {name: VARIANTS[name] for name in names} | dict(parse_variant(v) for v in args.extra_variants)
     if not args.runs:
         p.error("no variant to run")
-    unknown = {item.rpartition(":")[0] for item in args.overrides} - set(args.runs) - {""}
+    unknown = {override_target(item) for item in args.overrides} - set(args.runs) - {""}
     if unknown:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
     for name in args.runs:

@@ -86,6 +86,11 @@ def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
                                          "--set", "rlhf:beta_dpo=100"]))
     with pytest.raises(SystemExit, match="VARIANT"):
         quality.overrides_for("rlhf-sharpening", ["beta_dpo"])
+    # A value may hold colons (a weighted reward mix): only a ':' before the first '=' names a variant.
+    mix = "reward_model=toy:1.0,brightness:0.5"
+    assert quality.overrides_for("rlhf-sharpening", [mix]) == {"reward_model": "toy:1.0,brightness:0.5"}
+    assert quality.overrides_for("rlhf-sharpening", [f"rlhf-sharpening:{mix}"]) == {"reward_model": "toy:1.0,brightness:0.5"}
+    assert quality.overrides_for("sft-sharpening", [f"rlhf-sharpening:{mix}"]) == {}
 
 
 def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):

@@ -99,11 +99,19 @@ def flag_value(text: str) -> str | bool:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def override_target(item: str) -> str:
+    """The variant a --set item names ("" for every variant): the text before a ':' that comes before the first '='.
+    A value may hold colons itself (`reward_model=toy:1.0,brightness:0.5`, a weighted reward mix)."""
+    colon, equals = item.find(":"), item.find("=")
+    return item[:colon] if colon != -1 and (equals == -1 or colon < equals) else ""
+
+
 def overrides_for(name: str, overrides: list[str]) -> dict:
     """The --set values that apply to variant `name`."""
     out = {}
     for item in overrides:
-        target, _, assignment = item.rpartition(":")
+        target = override_target(item)
+        assignment = item[len(target) + 1:] if target else item
         key, sep, value = assignment.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
