@@ -259,13 +259,11 @@ def resolve_models(args) -> None:
     epsilon). Only SDXL has that choice; SD3 and FLUX are flow matching (velocity)."""
     from diffusers import DDIMScheduler
 
-    from sharpening.families import family_of
+    from sharpening.families import check_true_cfg, family_of
 
     for spec in args.models:
         family = family_of(spec.base)
-        if args.true_cfg_scale != 1.0 and family.PIPELINE_CLASS != "FluxPipeline":
-            raise ValueError(f"--true_cfg_scale is FLUX.1's true classifier-free guidance, but --model {spec.name} is a "
-                             f"{family.PIPELINE_CLASS}; SDXL and SD3 take their CFG scale from --guidance_scale.")
+        check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale, f"--model {spec.name} ({family.PIPELINE_CLASS})")
         recorded = [recorded_prediction_type(path) for path in (spec.unet, spec.lora) if path]
         recorded = [(found, where) for found, where in recorded if found]
         if family.PIPELINE_CLASS != "StableDiffusionXLPipeline":

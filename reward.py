@@ -64,6 +64,7 @@ from rewards.mllm import (MLLM_ASPECTS, MLLM_SCORE_MAX, REPO_DIR, TEMPLATE_DIR, 
                           MllmRequestError, MllmReward, build_mllm_reward, encode_image_data_url, load_mllm_template,
                           parse_grade, retry_after_seconds, strip_userinfo)
 from rewards.pixel import PIXEL_STATISTICS, PixelStatisticReward, brightness, jpeg_kilobytes, saturation
+from sharpening.data import file_lines
 
 __all__ = [
     # rewards.base
@@ -115,18 +116,10 @@ def load_scoring_items(images_dir: Path, prompts_file: Path | None) -> list[tupl
     return _items_from_metadata(images_dir, metadata)
 
 
-def _text_lines(path: Path) -> list[str]:
-    """A text file's lines as the training scripts read prompt files (sharpening.data.text_lines: split on "\n"
-    alone), without a UTF-8 byte-order mark (utf-8-sig), which would otherwise start prompt 0."""
-    from sharpening.data import text_lines
-
-    return text_lines(path.read_text(encoding="utf-8-sig"))
-
-
 def _items_from_prompt_lines(images_dir: Path, prompts_file: Path) -> list[tuple[Path, str]]:
     if not prompts_file.is_file():
         raise FileNotFoundError(f"--prompts {prompts_file}: no such file.")
-    prompts = _text_lines(prompts_file)
+    prompts = file_lines(prompts_file)  # as the training scripts read prompt files
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ValueError(f"--images {images_dir} holds no {'/'.join(IMAGE_SUFFIXES)} files.")
@@ -138,7 +131,7 @@ def _items_from_prompt_lines(images_dir: Path, prompts_file: Path) -> list[tuple
 
 def _items_from_metadata(images_dir: Path, metadata: Path) -> list[tuple[Path, str]]:
     items = []
-    for number, line in enumerate(_text_lines(metadata), start=1):
+    for number, line in enumerate(file_lines(metadata), start=1):
         if not line.strip():
             continue
         try:

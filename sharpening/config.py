@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoint import resume_path
+from .data import CAPTION_COLUMN_DEFAULT
 
 logger = logging.getLogger("sharpening")
 
@@ -39,7 +40,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl or metadata.csv.")
     g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default="text")
+    g.add_argument("--caption_column", default=CAPTION_COLUMN_DEFAULT)
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (debugging, quick runs).")
     g.add_argument("--cache_dir", default=None)
     g.add_argument("--resolution", type=int, default=1024)

@@ -76,10 +76,10 @@ def _open_image(value) -> Image.Image:
     (an imagefolder's train.zip gives `zip://img.png::/.../train.zip`), as `datasets` would with decoding on."""
     import datasets
 
+    if isinstance(value, (str, os.PathLike)):
+        value = {"path": str(value), "bytes": None}
     if isinstance(value, Image.Image):
         image = value
-    elif isinstance(value, (str, os.PathLike)):
-        image = datasets.Image().decode_example({"path": str(value), "bytes": None})
     elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         image = datasets.Image().decode_example({"path": value.get("path"), "bytes": value.get("bytes")})
     else:
@@ -206,10 +206,11 @@ PROMPT_FIELDS = ("prompt", "prompts", "text", "caption")
 CAPTION_COLUMN_DEFAULT = "text"
 
 
-def text_lines(text: str) -> list[str]:
-    """The lines of a text file, split on "\n" alone (a "\r" before it dropped). str.splitlines also splits on
-    U+2028, U+0085, \x0c and others, which can sit inside a prompt and would make two prompts of one."""
-    lines = text.split("\n")
+def file_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, without a byte-order mark (utf-8-sig: Windows editors write one, which would
+    start the first line), split on "\n" alone (a "\r" before it dropped). str.splitlines also splits on U+2028,
+    U+0085, \x0c and others, which can sit inside a prompt and would make two prompts of one."""
+    lines = Path(path).read_text(encoding="utf-8-sig").split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line starts no new one
     return [line.removesuffix("\r") for line in lines]
@@ -263,7 +264,7 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
             values = [row[column] for row in reader]
     elif suffix == ".jsonl":
         values, fields_seen = [], set()
-        for number, line in enumerate(text_lines(path.read_text(encoding="utf-8-sig")), start=1):
+        for number, line in enumerate(file_lines(path), start=1):
             if not line.strip():
                 values.append(None)
                 continue
@@ -282,7 +283,7 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
         if required is not None and fields_seen and _find_field(fields_seen, required) is None:
             raise missing_field(fields_seen)  # in no record at all: a wrong name, not a few missing prompts
     elif suffix in (".txt", ""):
-        values = text_lines(path.read_text(encoding="utf-8-sig"))
+        values = file_lines(path)
     else:
         raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")
     rng = np.random.default_rng(0)

@@ -41,6 +41,13 @@ def check_resolution(family: ModuleType, pretrained: str, resolution: int, revis
                          f"the denoiser's latent patch); use {lower or multiple} or {lower + multiple}.")
 
 
+def check_true_cfg(is_flux: bool, true_cfg_scale: float, model: str = "") -> None:
+    """--true_cfg_scale is FLUX.1's alone: refused for any other model (`model` names it in the message)."""
+    if true_cfg_scale != 1.0 and not is_flux:
+        raise ValueError("--true_cfg_scale is FLUX.1's true classifier-free guidance" + (f", but {model} is not FLUX.1" if model else "")
+                         + "; SDXL and SD3 take their CFG scale from --guidance_scale.")
+
+
 def check_family_flags(family: ModuleType, args) -> None:
     """Flags only some families take, refused from model_index.json alone, before any weight is loaded (minutes for
     SDXL, more for FLUX.1-dev with its T5)."""
@@ -53,8 +60,7 @@ def check_family_flags(family: ModuleType, args) -> None:
                          "the velocity loss: drop the flag.")
     if args.weighting_scheme != "none" and sdxl:
         raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
-    if args.true_cfg_scale != 1.0 and family.PIPELINE_CLASS != "FluxPipeline":
-        raise ValueError("--true_cfg_scale is FLUX.1's true classifier-free guidance; SDXL and SD3 take their CFG scale from --guidance_scale.")
+    check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale)
 
 
 # Classifier-free guidance scale of SDXL and SD3 when --guidance_scale is not given (our recipes and diffusers' examples).
@@ -75,8 +81,7 @@ def apply_text_settings(parts, args) -> None:
         args.guidance_scale = parts.guidance if hasattr(parts, "guidance") else DEFAULT_CFG_SCALE
     if hasattr(parts, "guidance"):
         parts.guidance = args.guidance_scale
-    elif args.true_cfg_scale != 1.0:
-        raise ValueError("--true_cfg_scale is FLUX.1's true classifier-free guidance; SDXL and SD3 take their CFG scale from --guidance_scale.")
+    check_true_cfg(hasattr(parts, "guidance"), args.true_cfg_scale)
 
 
 def cfg_scale(parts, args) -> float:

@@ -97,12 +97,11 @@ def model_index(pretrained: str, revision: str | None = None) -> dict:
 
     try:
         return json.loads(Path(hf_hub_download(pretrained, "model_index.json", revision=revision)).read_text())
-    except LocalEntryNotFoundError as err:  # a subclass of the next: offline, or the hub unreachable, and not cached
-        raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): the hub is "
-                         f"offline or unreachable and the file is not cached ({err}).") from err
-    except EntryNotFoundError:  # the repository has no index
-        return {}
     except Exception as err:
+        # The repository has no index: EntryNotFoundError, except its subclass LocalEntryNotFoundError (offline, or
+        # the hub unreachable, and the file not cached), which is a failure to read like any other.
+        if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
+            return {}
         raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): "
                          f"{type(err).__name__}: {err}") from err
 

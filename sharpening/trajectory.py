@@ -5,8 +5,6 @@ i * B + b is candidate i of prompt b and `x.view(n, B, ...)` recovers the (candi
 """
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -182,12 +180,6 @@ def within_prompt_squares(path_rewards: torch.Tensor, num_candidates: int) -> tu
     squares = torch.where(finite, (grid - means) ** 2, torch.zeros_like(grid)).sum()
     return float(squares), int((counts - 1).clamp(min=0).sum())
 
-
-def reward_spread(path_rewards: torch.Tensor, num_candidates: int) -> float:
-    """Pooled within-prompt standard deviation of the path rewards of a micro-batch: how much the candidates of one
-    prompt typically differ, in the reward's own units (NaN when no prompt has two scored candidates)."""
-    squares, dof = within_prompt_squares(path_rewards, num_candidates)
-    return math.sqrt(squares / dof) if dof > 0 else float("nan")
 
 
 @dataclass

@@ -445,12 +445,13 @@ def rows(per_candidate: list[list[float]]) -> torch.Tensor:
     return torch.tensor(per_candidate).flatten()
 
 
-def test_reward_spread_is_the_pooled_within_prompt_std():
+def test_within_prompt_squares_are_the_parts_of_the_pooled_within_prompt_std():
     nan = float("nan")
     # prompt 0: 1, 2, 3 (mean 2, squares 1 + 0 + 1); prompt 1: 10, 14, NaN (mean 12, squares 4 + 4); dof 2 + 1
-    spread = trajectory.reward_spread(torch.tensor([1.0, 10.0, 2.0, 14.0, 3.0, nan]), 3)
-    assert spread == pytest.approx(math.sqrt(10 / 3))
-    assert math.isnan(trajectory.reward_spread(torch.tensor([1.0, nan, nan, nan]), 2))
+    squares, dof = trajectory.within_prompt_squares(torch.tensor([1.0, 10.0, 2.0, 14.0, 3.0, nan]), 3)
+    assert (squares, dof) == (pytest.approx(10.0), 3)
+    assert math.sqrt(squares / dof) == pytest.approx(math.sqrt(10 / 3))
+    assert trajectory.within_prompt_squares(torch.tensor([1.0, nan, nan, nan]), 2) == (0.0, 0)  # no spread to estimate
 
 
 def test_select_is_per_prompt_not_over_the_flattened_batch():
