@@ -262,7 +262,7 @@ def resolve_models(args) -> None:
     from sharpening.families import check_true_cfg, family_of
 
     for spec in args.models:
-        family = family_of(spec.base)
+        family = family_of(spec.base, args.revision)
         check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale, f"--model {spec.name} ({family.PIPELINE_CLASS})")
         recorded = [recorded_prediction_type(path) for path in (spec.unet, spec.lora) if path]
         recorded = [(found, where) for found, where in recorded if found]
@@ -315,7 +315,7 @@ class BaseParts:
     def __init__(self, base: str, args, device, dtype):
         from sharpening.families import apply_text_settings, family_of
 
-        self.family = family = family_of(base)
+        self.family = family = family_of(base, args.revision)
         parts = family.load(base, args.pretrained_vae_model_name_or_path, args.revision, args.variant)
         parts.denoiser = None  # each model loads its own
         # Each base resolves the text flags on its own copy: apply_text_settings writes a family's defaults into what it

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening.data import PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
+from sharpening.data import DATASET_CAPTION_COLUMN, PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
@@ -129,8 +129,9 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         prompts, stats = read_prompt_file(args.prompt_file, args.caption_column)
     else:
         data = load_hf_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
-        require_columns(data, {"--caption_column": args.caption_column})
-        prompts, stats = prompts_from_dataset(data, args.caption_column)
+        caption_column = args.caption_column or DATASET_CAPTION_COLUMN
+        require_columns(data, {"--caption_column": caption_column})
+        prompts, stats = prompts_from_dataset(data, caption_column)
     logger.warning("Prompts: %d (blank or missing skipped: %d, duplicates kept: %d).", stats["prompts"], stats["blank_skipped"], stats["duplicates"])
     if args.max_train_samples is not None:
         prompts = prompts[: args.max_train_samples]

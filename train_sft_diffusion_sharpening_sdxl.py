@@ -18,7 +18,7 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
+from sharpening.data import DATASET_CAPTION_COLUMN, ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
@@ -70,10 +70,11 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
 
 def main(args: argparse.Namespace) -> None:
     data = load_hf_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
-    require_columns(data, {"--image_column": args.image_column, "--caption_column": args.caption_column})
+    caption_column = args.caption_column or DATASET_CAPTION_COLUMN
+    require_columns(data, {"--image_column": args.image_column, "--caption_column": caption_column})
     if args.max_train_samples is not None:
         data = data.select(range(min(args.max_train_samples, len(data))))
-    dataset = ImageTextDataset(data, args.image_column, args.caption_column, args.resolution, args.center_crop, args.random_flip, args.seed)
+    dataset = ImageTextDataset(data, args.image_column, caption_column, args.resolution, args.center_crop, args.random_flip, args.seed)
     trainer = Trainer(args, dataset, collate_image_text, needs_reference=False, variant="SFT")
     trainer.train(sft_step)
 

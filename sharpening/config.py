@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoint import resume_path
-from .data import CAPTION_COLUMN_DEFAULT
+from .data import DATASET_CAPTION_COLUMN
 
 logger = logging.getLogger("sharpening")
 
@@ -40,7 +40,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl or metadata.csv.")
     g.add_argument("--image_column", default="image")
-    g.add_argument("--caption_column", default=CAPTION_COLUMN_DEFAULT)
+    g.add_argument("--caption_column", default=None,
+                   help=f"Column of captions. Default: {DATASET_CAPTION_COLUMN!r} in a dataset; in a --prompt_file the first of "
+                        "prompt, prompts, text, caption. Given, that column is required.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (debugging, quick runs).")
     g.add_argument("--cache_dir", default=None)
     g.add_argument("--resolution", type=int, default=1024)

@@ -201,9 +201,7 @@ def collate_image_text(examples: list[dict]) -> dict:
 
 
 PROMPT_FIELDS = ("prompt", "prompts", "text", "caption")
-# --caption_column's default (sharpening/config.py). The scripts pass the flag's value whether or not it was set,
-# so this value keeps the search through PROMPT_FIELDS; any other value was typed by the user and is required.
-CAPTION_COLUMN_DEFAULT = "text"
+DATASET_CAPTION_COLUMN = "text"  # a dataset's caption column when --caption_column is not given (diffusers' scripts' default)
 
 
 def file_lines(path: Path) -> list[str]:
@@ -224,19 +222,19 @@ def _find_field(names, wanted: str):
     return next((name for name in names if str(name).lower() == wanted.lower()), None)
 
 
-def _prompt_field(record: dict, preferred: str, where: str) -> str:
-    """The first of `preferred`, prompt, prompts, text, caption present in a record (case-insensitive)."""
-    for name in (preferred, *PROMPT_FIELDS):
+def _prompt_field(record: dict, where: str) -> str:
+    """The first of prompt, prompts, text, caption present in a record (case-insensitive)."""
+    for name in PROMPT_FIELDS:
         found = _find_field(record, name)
         if found is not None:
             return found
-    raise ValueError(f"{where}: no {preferred!r}, 'prompt', 'text' or 'caption' field in {sorted(record)}.")
+    raise ValueError(f"{where}: no 'prompt', 'prompts', 'text' or 'caption' field in {sorted(record)}; name it with --caption_column.")
 
 
 def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple[list[str], dict]:
     """Prompts from .txt (one per line), .jsonl (a field per line) or .csv/.tsv (a column; DrawBench's `Prompts`
-    works). `field` is --caption_column: left at its default (or None) the first of prompt, prompts, text, caption
-    is used; set to anything else, that field is required (records without it count as missing). Blank prompts
+    works). `field` is --caption_column: None (not given) uses the first of prompt, prompts, text, caption; given,
+    that field is required (records without it count as missing). Blank prompts
     are skipped and counted; duplicates are kept (they are the user's weighting) and counted."""
     import csv
 
@@ -244,8 +242,7 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
     if not path.is_file():
         raise FileNotFoundError(f"--prompt_file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
-    required = field if field not in (None, CAPTION_COLUMN_DEFAULT) else None
-    preferred = field or "prompt"
+    required = field
 
     def missing_field(fields) -> ValueError:
         return ValueError(f"--caption_column {required!r} is not a field of --prompt_file {str(path)!r}; its fields: {sorted(fields)}.")
@@ -260,7 +257,7 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
                 if column is None:
                     raise missing_field(header)
             else:
-                column = _prompt_field({name: None for name in header}, preferred, str(path))
+                column = _prompt_field({name: None for name in header}, str(path))
             values = [row[column] for row in reader]
     elif suffix == ".jsonl":
         values, fields_seen = [], set()
@@ -279,7 +276,7 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
                 name = _find_field(record, required)
                 values.append(None if name is None else record[name])  # None: counted with the blank prompts
             else:
-                values.append(record[_prompt_field(record, preferred, f"{path}:{number}")])
+                values.append(record[_prompt_field(record, f"{path}:{number}")])
         if required is not None and fields_seen and _find_field(fields_seen, required) is None:
             raise missing_field(fields_seen)  # in no record at all: a wrong name, not a few missing prompts
     elif suffix in (".txt", ""):

@@ -497,9 +497,7 @@ class Trainer:
     def _count_rows(self, batch: dict) -> None:
         """Each example stands for one sampled row; the dataset names that row in "bad_rows" when it was bad (and
         a readable row stood in for it). So rows read = examples, and each bad row counts once per epoch."""
-        names = batch.get("bad_rows", [])
-        for name in names:
-            logger.warning("Bad row skipped: %s", name)
+        names = batch.get("bad_rows", [])  # each already logged by the dataset, where it was read
         counts = self.accelerator.reduce(torch.tensor([float(len(names)), float(len(batch["captions"]))], device=self.device), reduction="sum")
         self.counters["bad_rows"] += int(counts[0])
         self.counters["rows_read"] += int(counts[1])

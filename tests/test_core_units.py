@@ -826,7 +826,9 @@ def test_an_explicit_caption_column_is_required_in_prompt_files(tmp_path):
     csv_file = tmp_path / "p.csv"
     csv_file.write_text("prompt,style\na cat,oil\na dog,\n")
     assert sdata.read_prompt_file(csv_file, "style") == (["oil"], {"prompts": 1, "blank_skipped": 1, "duplicates": 0})
-    assert sdata.read_prompt_file(csv_file, "text")[0] == ["a cat", "a dog"]  # the flag's default keeps the fallback
+    assert sdata.read_prompt_file(csv_file)[0] == ["a cat", "a dog"]  # not given: the first of prompt, prompts, text, caption
+    with pytest.raises(ValueError, match=r"--caption_column 'text' is not a field"):  # "text" typed is required like any other
+        sdata.read_prompt_file(csv_file, "text")
     with pytest.raises(ValueError, match=r"^--caption_column 'typo' is not a field of --prompt_file .*p\.csv'; its fields: \['prompt', 'style'\]"):
         sdata.read_prompt_file(csv_file, "typo")
     jsonl = tmp_path / "p.jsonl"

@@ -265,3 +265,14 @@ def test_prompts_outside_the_toy_grammar_fail_or_warn_before_loading(tiny_sdxl, 
     record = _run(tmp_path, [f"base={tiny_sdxl}"], "--prompt_file", str(mixed))
     assert "warning: 1 of 3 prompts are not toy-world captions" in capsys.readouterr().out
     assert record["summary"]["base"]["toy"]["prompts"] == 2 and record["summary"]["base"]["toy"]["unscored_images"] == 2
+
+
+def test_the_model_family_is_read_at_the_given_revision(monkeypatch):
+    """--revision applies to model_index.json too: read at the default branch, a revision that changed the pipeline
+    class would be sampled as the wrong family."""
+    import sharpening.families as families
+
+    seen = []
+    monkeypatch.setattr(families, "model_index", lambda base, revision=None: seen.append((base, revision)) or {"_class_name": "StableDiffusion3Pipeline"})
+    evaluate.resolve_models(evaluate.parse_args(["--model", "base=org/model", "--revision", "abc123"]))
+    assert seen == [("org/model", "abc123")]
