@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SD3 and FLUX.1: T5 tokens per prompt, as in training (default: 77 for SD3, 512 for FLUX.1).")
     g.add_argument("--guidance_scale", type=float, default=None, help="CFG scale, default 5 (FLUX.1: the embedded guidance, default 3.5).")
     g.add_argument("--true_cfg_scale", type=float, default=1.0, help="FLUX.1 only: true CFG against the empty prompt (1 = off), as in training.")
-    g.add_argument("--resolution", type=int, default=None, help="Default: the denoiser's sample size times the VAE's downsampling (FLUX.1: FluxPipeline's 1024 px).")
+    g.add_argument("--resolution", type=int, default=None, help="Default: the denoiser's sample size times the VAE's downsampling (FLUX.1: FluxPipeline's 1024 px); "
+                        "models on bases made for different sizes need it.")
     g.add_argument("--batch_size", type=int, default=16, help="Images per sampling batch.")
     g.add_argument("--decode_batch_size", type=int, default=None, help="VAE decodes per chunk (default: 8 at 512 px, 2 at 1024 px).")
     g.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
@@ -259,11 +260,16 @@ def resolve_models(args) -> None:
     epsilon). Only SDXL has that choice; SD3 and FLUX are flow matching (velocity)."""
     from diffusers import DDIMScheduler
 
-    from sharpening.families import check_true_cfg, family_of
+    from sharpening.families import check_resolution, check_true_cfg, family_of, native_resolution
 
+    native = {}
     for spec in args.models:
         family = family_of(spec.base, args.revision)
         check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale, f"--model {spec.name} ({family.PIPELINE_CLASS})")
+        if args.resolution is not None:
+            check_resolution(family, spec.base, args.resolution, args.revision)
+        else:
+            native[spec.name] = native_resolution(family, spec.base, args.revision)
         recorded = [recorded_prediction_type(path) for path in (spec.unet, spec.lora) if path]
         recorded = [(found, where) for found, where in recorded if found]
         if family.PIPELINE_CLASS != "StableDiffusionXLPipeline":
@@ -278,6 +284,12 @@ def resolve_models(args) -> None:
             if found != base_type or found != spec.prediction_type:
                 print(f"[evaluate] warning: {spec.name}: {where} says {found}, its base {spec.base} says {base_type}; sampling "
                       f"as {spec.prediction_type}" + (" (pred=)" if spec.pred else " (give pred= to choose)"), flush=True)
+    if args.resolution is None:
+        # Every model is sampled from the same initial noise, so at one size: each base's own when they agree.
+        if len(set(native.values())) > 1:
+            raise ValueError(f"The models' bases are made for different resolutions ({', '.join(f'{k}: {v} px' for k, v in native.items())}); "
+                             "paired seeds need one: give --resolution.")
+        args.resolution = next(iter(native.values()))
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -515,7 +527,6 @@ def guidance_note(models: dict) -> str:
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     from reward import build_reward, parse_reward_spec
-    from sharpening.families import check_resolution
 
     started = time.time()
     # --reward_plugin files were imported by add_reward_args, before parsing: their rewards are registered.
@@ -539,12 +550,6 @@ def main(args: argparse.Namespace) -> dict:
             bases[spec.base] = BaseParts(spec.base, args, device, dtype)
         base = bases[spec.base]
         family = base.family
-        config = family.denoiser_class().load_config(spec.base, subfolder=family.DENOISER, revision=args.revision)
-        if args.resolution is not None:
-            check_resolution(family, spec.base, args.resolution, args.revision)
-        else:
-            # FLUX's transformer config has no sample_size: FluxPipeline's default is 128 latent pixels (1024 px).
-            args.resolution = int(config.get("sample_size", 128)) * base.scale
         # The VAE's latent channels, not the denoiser's in_channels: FLUX's transformer takes packed 2x2 patches (4x wider).
         channels = int(base.parts.vae.config.latent_channels)
         shape = (channels, args.resolution // base.scale, args.resolution // base.scale)

@@ -33,6 +33,16 @@ def resolution_multiple(family: ModuleType, pretrained: str, revision: str | Non
     return 2 ** (len(vae["block_out_channels"]) - 1) * int(denoiser.get("patch_size", 1)) * family.LATENT_PACKING
 
 
+def native_resolution(family: ModuleType, pretrained: str, revision: str | None = None) -> int:
+    """The image side a checkpoint was made for, from its configs: the denoiser's sample_size (latent pixels) times the
+    VAE's downsampling. FLUX's transformer config has none: FluxPipeline's default, 128 latent pixels (1024 px)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
+    denoiser = family.denoiser_class().load_config(pretrained, subfolder=family.DENOISER, revision=revision)
+    return int(denoiser.get("sample_size", 128)) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def check_resolution(family: ModuleType, pretrained: str, resolution: int, revision: str | None = None) -> None:
     multiple = resolution_multiple(family, pretrained, revision)
     if resolution % multiple:

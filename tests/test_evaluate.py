@@ -274,5 +274,20 @@ def test_the_model_family_is_read_at_the_given_revision(monkeypatch):
 
     seen = []
     monkeypatch.setattr(families, "model_index", lambda base, revision=None: seen.append((base, revision)) or {"_class_name": "StableDiffusion3Pipeline"})
+    monkeypatch.setattr(families, "native_resolution", lambda family, base, revision=None: seen.append((base, revision)) or 1024)
     evaluate.resolve_models(evaluate.parse_args(["--model", "base=org/model", "--revision", "abc123"]))
-    assert seen == [("org/model", "abc123")]
+    assert seen == [("org/model", "abc123")] * 2
+
+
+def test_bases_of_different_sizes_need_resolution_before_any_model_runs(tiny_sdxl, tiny_sd3, tmp_path, monkeypatch):
+    """Paired seeds need one latent size: without --resolution, bases made for different sizes fail from their configs,
+    not after the first model has been sampled and scored."""
+    from sharpening.families import family_of, native_resolution
+
+    sizes = {native_resolution(family_of(str(p)), str(p)) for p in (tiny_sdxl, tiny_sd3)}
+    assert len(sizes) == 2
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("a model was sampled before the sizes were checked"))
+    argv = ["--model", f"sdxl={tiny_sdxl}", "--model", f"sd3={tiny_sd3}", "--num_prompts", "2", "--reward_model", "toy",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"different resolutions \(sdxl: \d+ px, sd3: \d+ px\).*give --resolution"):
+        evaluate.main(evaluate.parse_args(argv))
