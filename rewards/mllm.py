@@ -83,8 +83,27 @@ def parse_grade(text: str) -> float:
 
     Uses "overall", or the mean of the five aspects when overall is absent. Any score outside 0-100
     rejects the reply: a guess (the upstream's last number in the text, or 7.0) would be a made-up reward.
+    Every top-level object that names a grade field is read (a <think> block is dropped first): a reply that
+    echoes the requested format or writes a draft before its answer holds several, and unless they agree,
+    which one is the answer is unknown, so the reply is rejected rather than one of them picked.
     """
-    obj = _extract_json_object(text)
+    if not isinstance(text, str) or not text.strip():
+        raise GradeParseError("empty reply")
+    objects = _json_objects(_THINK_BLOCK.sub("", text))
+    if not objects:
+        raise GradeParseError("no complete JSON object in the reply")
+    graded = [obj for obj in objects if _GRADE_FIELDS & {_normalise_key(key) for key in obj}]
+    grades = {_grade(obj) for obj in (graded or objects[:1])}  # none names a grade: the first says what is missing
+    if len(grades) > 1:
+        raise GradeParseError(f"the reply holds {len(graded)} grade objects with different grades {sorted(grades)}")
+    return grades.pop()
+
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL | re.IGNORECASE)
+_GRADE_FIELDS = {"overall", "overall_score", *MLLM_ASPECTS}
+
+
+def _grade(obj: dict) -> float:
     fields = {_normalise_key(key): value for key, value in obj.items()}
     for key in ("overall", "overall_score"):
         if key in fields:
@@ -95,21 +114,19 @@ def parse_grade(text: str) -> float:
     return sum(_score_value(fields[aspect], aspect) for aspect in MLLM_ASPECTS) / len(MLLM_ASPECTS) / MLLM_SCORE_MAX
 
 
-def _extract_json_object(text: str) -> dict:
-    if not isinstance(text, str) or not text.strip():
-        raise GradeParseError("empty reply")
-    fenced = re.findall(r"```(?:json|JSON)?\s*(.*?)```", text, flags=re.DOTALL)
+def _json_objects(text: str) -> list[dict]:
+    """Every top-level JSON object in the text, in order (an object nested in another is part of it)."""
     decoder = json.JSONDecoder()
-    for candidate in [*fenced, text]:
-        candidate = candidate.strip()
-        for start in [i for i, ch in enumerate(candidate) if ch == "{"]:
-            try:
-                obj, _ = decoder.raw_decode(candidate, start)
-            except (ValueError, RecursionError):  # JSONDecodeError, an integer past Python's digit limit, deep nesting
-                continue
-            if isinstance(obj, dict):
-                return obj
-    raise GradeParseError("no complete JSON object in the reply")
+    objects, position = [], 0
+    while (start := text.find("{", position)) != -1:
+        try:
+            obj, position = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):  # JSONDecodeError, an integer past Python's digit limit, deep nesting
+            position = start + 1
+            continue
+        if isinstance(obj, dict):
+            objects.append(obj)
+    return objects
 
 
 def _normalise_key(key: Any) -> str:

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reward import (MLLM_ASPECTS, GradeParseError, MllmRequestError, Secret, add_reward_args,  # noqa: E402
-                    build_reward, parse_grade, retry_after_seconds)
+                    build_reward, load_mllm_template, parse_grade, retry_after_seconds)
 from testing.fake_openai_server import FakeOpenAIServer, Reply, grade_json  # noqa: E402
 
 KEY = "sk-test-" + secrets.token_hex(16)  # unique, so any leak is unambiguous
@@ -197,6 +197,9 @@ def test_unusable_replies_score_nan_and_count(server, reply, kind):
     (grade_json(None, {a: {"score": s} for a, s in zip(MLLM_ASPECTS, (10, 20, 30, 40, 50))}), 0.30),
     ('{"Accuracy to Prompt": 60, "Creativity & Originality": 70, "visual-quality-and-realism": 80, '
      '"consistency_and_cohesion": 90, "emotional_or_thematic_resonance": 100}', 0.80),
+    ('<think>maybe {"overall": 20}, no</think>{"overall": 90}', 0.90),  # a reasoning model's draft is not its answer
+    ('{"overall": 70} and once more: ```json\n{"overall": 70}\n```', 0.70),  # the same grade twice
+    ('{"note": "no grade here"} {"overall": 55}', 0.55),  # objects without a grade field are not grades
 ])
 def test_parse_grade_accepts(text, expected):
     assert math.isclose(parse_grade(text), expected, abs_tol=1e-9)
@@ -207,10 +210,20 @@ def test_parse_grade_accepts(text, expected):
     '["overall", 80]', '{"accuracy_to_prompt": 80}', '{"overall": "eighty"}', '{"overall": {"value": 3}}',
     '{"overall": Infinity}', '{"overall": 1' + '0' * 400 + '}',  # 10^400 overflowed float() and ended the run
     '{"overall": 1' + '0' * 5000 + '}',  # past Python's int digit limit: a plain ValueError from the JSON decoder
+    'Format: {"overall": 0}. My grade: {"overall": 80}',  # two different grades: which is the answer is unknown
+    '{"overall": 150} {"overall": 80}',  # one grade object is invalid
 ])
 def test_parse_grade_rejects(text):
     with pytest.raises(GradeParseError):
         parse_grade(text)
+
+
+def test_the_default_templates_example_answer_is_not_a_grade():
+    """A grader that echoes the requested format must not score: the template's example holds no parseable numbers."""
+    example = load_mllm_template("default").split("exactly in this form")[1]
+    assert "{" in example
+    with pytest.raises(GradeParseError):
+        parse_grade(example)
 
 
 # ------------------------------------------------------------------------------------- configuration
