@@ -527,6 +527,7 @@ def guidance_note(models: dict) -> str:
 # --------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     from reward import build_reward, parse_reward_spec
+    from rewards.base import checked_evaluate
 
     started = time.time()
     # --reward_plugin files were imported by add_reward_args, before parsing: their rewards are registered.
@@ -563,7 +564,7 @@ def main(args: argparse.Namespace) -> dict:
         flat_prompts = [p for p in prompts for _ in range(args.images_per_prompt)]
         metrics = {}
         for reward_spec, reward in rewards.items():
-            result = reward.evaluate(images[spec.name], flat_prompts)
+            result = checked_evaluate(reward, images[spec.name], flat_prompts)
             metrics[reward_spec] = np.where(finite, result.total.float().cpu().numpy(), np.nan)
             for name, values in result.components.items():
                 metrics.setdefault(name, np.where(finite, values.float().cpu().numpy(), np.nan))

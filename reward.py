@@ -47,7 +47,7 @@ from PIL import Image
 # dicts (REWARDS, REWARD_FLAGS, REWARD_VALIDATORS) belong to rewards.registry: a test that swaps them patches that
 # module, not this one.
 from rewards.base import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SECRET_ARG_NAMES, ChunkedReward, Reward, RewardOutput,
-                          Secret, WeightedSumReward, chunks)
+                          Secret, WeightedSumReward, checked_evaluate, chunks)
 from rewards.registry import (REWARD_FLAGS, REWARD_VALIDATORS, REWARDS, FlagsHook, RewardFactory, ValidateHook,
                               add_reward_args, build_reward, load_reward_plugins, parse_reward_spec,
                               register_lazy_reward, register_reward, validate_reward_args)
@@ -69,7 +69,7 @@ from sharpening.data import file_lines
 __all__ = [
     # rewards.base
     "CLIP_PIXEL_MEAN", "CLIP_PIXEL_STD", "SECRET_ARG_NAMES", "ChunkedReward", "Reward", "RewardOutput", "Secret",
-    "WeightedSumReward",
+    "WeightedSumReward", "checked_evaluate",
     # rewards.registry
     "REWARDS", "REWARD_FLAGS", "REWARD_VALIDATORS", "FlagsHook", "RewardFactory", "ValidateHook", "add_reward_args",
     "build_reward", "load_reward_plugins", "parse_reward_spec", "register_lazy_reward", "register_reward",
@@ -164,7 +164,7 @@ def score_items(reward: Reward, items: list[tuple[Path, str]], chunk: int) -> li
                     images.append(image.copy())
             except (OSError, SyntaxError) as err:  # PIL raises these for truncated or non-image files
                 raise ValueError(f"{path}: cannot read the image ({err}).") from None
-        out = reward.evaluate(images, [prompt for _, prompt in batch])
+        out = checked_evaluate(reward, images, [prompt for _, prompt in batch])
         for i, (path, prompt) in enumerate(batch):
             row: dict[str, Any] = {"file": path.name, "prompt": prompt}
             row.update({name: float(values[i]) for name, values in out.components.items()})

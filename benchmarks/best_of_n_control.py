@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reward import add_reward_args  # noqa: E402
+from reward import add_reward_args, checked_evaluate  # noqa: E402
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss  # noqa: E402
 from sharpening.families import cfg_scale, with_guidance  # noqa: E402
 from sharpening.sampler import DDIM, FlowMatchEuler, _per_sample  # noqa: E402
@@ -76,7 +76,7 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     cond = trainer.conditioning(prompts, trainer.default_time_ids(size))
     images = trainer.rollout(cond.repeat(n), generator)  # candidate-major: row i * B + b
     decoded, finite = trainer.decode(images)
-    scores = trainer.reward.evaluate(decoded, prompts * n).total.float()
+    scores = checked_evaluate(trainer.reward, decoded, prompts * n).total.float()
     scores = torch.where(finite, scores, torch.full_like(scores, float("nan")))
     sel = select(scores, n)
     pick = lambda which: images[which.to(images.device) * size + torch.arange(size, device=images.device)]  # noqa: E731
@@ -187,7 +187,7 @@ def ddpo_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     sampling = with_guidance(trainer.family, trainer.parts, trainer.policy(grad=False), cond, scale, trainer.device)
     states, nexts = sde_rollout(sampling, sampler, trainer.randn(trainer.latent_shape(n * size), generator), cond, args.noise_level, generator)
     decoded, finite = trainer.decode(nexts[-1])
-    scores = trainer.reward.evaluate(decoded, prompts * n).total.float()
+    scores = checked_evaluate(trainer.reward, decoded, prompts * n).total.float()
     scores = torch.where(finite, scores, torch.full_like(scores, float("nan")))
     advantages, trained = group_advantages(scores, n, args.adv_clip_max)
 

@@ -135,6 +135,21 @@ class ChunkedReward(Reward):
         return {f"{self.name}/nonfinite": self._nonfinite} if self._nonfinite else {}
 
 
+def checked_evaluate(reward: Reward, images: Sequence[Image.Image], prompts: Sequence[str]) -> RewardOutput:
+    """reward.evaluate, with its output checked: a RewardOutput whose total and components hold one score per image.
+    Every caller scores through this, so a plugin's wrong shape fails with the reward's name instead of broadcasting
+    (a (1,) total would become one score for every image, a (N, 1) one an N x N table)."""
+    out = reward.evaluate(images, prompts)
+    if not isinstance(out, RewardOutput):
+        raise TypeError(f"reward {reward.name!r} returned {type(out).__name__}; evaluate() must return a rewards.base.RewardOutput.")
+    for key, values in {"total": out.total, **out.components}.items():
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        if shape != (len(images),):
+            raise ValueError(f"reward {reward.name!r} returned {key} of shape {shape} for {len(images)} images; a reward gives "
+                             f"one score per image: a tensor of shape ({len(images)},).")
+    return out
+
+
 # ========================================================================================= weighted sum
 class WeightedSumReward(Reward):
     """total = sum_i w_i * c_i (a NaN in any component makes the total NaN: no made-up score)."""
@@ -165,11 +180,11 @@ class WeightedSumReward(Reward):
         local = [reward for reward, _ in self.parts if not reward.io_bound]
         outputs: dict[str, RewardOutput] = {}
         if not remote:
-            return {reward.name: reward.evaluate(images, prompts) for reward in local}
+            return {reward.name: checked_evaluate(reward, images, prompts) for reward in local}
         with ThreadPoolExecutor(max_workers=len(remote), thread_name_prefix="reward-remote") as pool:
-            futures = {reward.name: pool.submit(reward.evaluate, images, prompts) for reward in remote}
+            futures = {reward.name: pool.submit(checked_evaluate, reward, images, prompts) for reward in remote}
             for reward in local:
-                outputs[reward.name] = reward.evaluate(images, prompts)
+                outputs[reward.name] = checked_evaluate(reward, images, prompts)
             for name, future in futures.items():
                 outputs[name] = future.result()
         return outputs

@@ -3,6 +3,7 @@ pickscore (PickScore v1) and aesthetic (the LAION aesthetic predictor on CLIP Vi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import weakref
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from PIL import Image
 from .base import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, ChunkedReward, to_rgb
 from .model_files import load_state_dict_file, single_model_file
 from .registry import register_reward
+
+logger = logging.getLogger(__name__)
 
 
 # ================================================================================================= CLIP
@@ -92,10 +95,22 @@ def open_clip_backbone(model_name: str, pretrained: str | None, device: torch.de
         # OpenAI's CLIP was trained with QuickGELU; open_clip's plain configs use GELU and only warn on the
         # mismatch, which silently shifts every score. The tag says which one the weights need.
         kwargs = {"pretrained": pretrained, "force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+        if not tag_cfg and not model_name.endswith("-quickgelu") and open_clip.get_pretrained_cfg(model_name, "openai").get("quick_gelu"):
+            # A checkpoint file does not record its activation, and OpenAI's weights of this architecture need QuickGELU.
+            logger.warning("%s %r is a file: building %s with GELU. If these are OpenAI's weights, use %s %s-quickgelu: they "
+                           "were trained with QuickGELU, and the wrong activation shifts every score without an error.",
+                           pretrained_flag, pretrained, model_name, model_flag, model_name)
     if dtype not in _OPEN_CLIP_PRECISION:
         raise ValueError(f"{model_flag}: unsupported dtype {dtype}; use float32, float16 or bfloat16.")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, device=device, precision=_OPEN_CLIP_PRECISION[dtype], **kwargs)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, device=device, precision=_OPEN_CLIP_PRECISION[dtype], **kwargs)
+    except RuntimeError as err:
+        if "download" not in str(err).lower():
+            raise
+        raise RuntimeError(f"{model_flag} {model_name} {pretrained_flag} {pretrained}: cannot download the weights ({err}). "
+                           f"Without network, pass a local checkpoint file to {pretrained_flag} (for OpenAI's weights with "
+                           f"{model_flag} {model_name.removesuffix('-quickgelu')}-quickgelu).") from None
     model.eval().requires_grad_(False)
     backbone = OpenClipBackbone(model, preprocess, open_clip.get_tokenizer(model_name))
     _BACKBONES[key] = backbone
@@ -240,7 +255,8 @@ def _aesthetic_flags(g: argparse._ArgumentGroup) -> None:
                         "hub repo holding aesthetic-model.pth.")
     g.add_argument("--aesthetic_clip_model", default="ViT-L-14",
                    help="open_clip image encoder the MLP was trained on (shared with the clip reward when equal).")
-    g.add_argument("--aesthetic_clip_pretrained", default="openai", help="Its weights: an open_clip tag or a file.")
+    g.add_argument("--aesthetic_clip_pretrained", default="openai",
+                   help="Its weights: an open_clip tag or a file (a local copy of OpenAI's: --aesthetic_clip_model ViT-L-14-quickgelu).")
 
 
 class AestheticMLP(torch.nn.Module):

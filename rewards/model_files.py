@@ -8,6 +8,9 @@ from typing import Sequence
 import torch
 
 
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
 def resolve_model_files(source: str, filenames: Sequence[str], flag: str) -> list[Path]:
     """Files from a local folder, or downloaded from a Hugging Face Hub repo id (cached)."""
     path = Path(source).expanduser()
@@ -17,6 +20,8 @@ def resolve_model_files(source: str, filenames: Sequence[str], flag: str) -> lis
             raise FileNotFoundError(f"{flag} {source!r}: the folder lacks {', '.join(missing)} "
                                     f"(needs {', '.join(filenames)}).")
         return [path / name for name in filenames]
+    if path.suffix.lower() in WEIGHT_FILE_SUFFIXES and not path.exists():  # "weights/aesthetic.pth" is a path, not a repo
+        raise FileNotFoundError(f"{flag} {source!r}: no such file.")
     if path.exists() or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
         raise FileNotFoundError(f"{flag} {source!r} is neither a folder nor a Hugging Face Hub repo id.")
     # not a local folder but shaped like "org/name": try the hub (its cache first)

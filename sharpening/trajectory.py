@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from rewards.base import checked_evaluate
+
 from .sampler import ModelFn, Sampler
 
 
@@ -110,11 +112,7 @@ def score_exploration(exploration: Exploration, prompts: list[str], decode: Call
     scored = exploration.scored_latents()
     m, N = scored.shape[:2]
     images, finite = decode(scored.flatten(0, 1))
-    result = reward.evaluate(images, prompts * m)
-    for key, values in {"total": result.total, **result.components}.items():
-        if tuple(values.shape) != (len(images),):  # a (1,) total would broadcast into one score for every candidate
-            raise ValueError(f"reward {reward.name!r} returned {key} of shape {tuple(values.shape)} for {len(images)} images; "
-                             "a reward gives one score per image.")
+    result = checked_evaluate(reward, images, prompts * m)
 
     def grid(values: torch.Tensor) -> torch.Tensor:
         values = values.float().cpu()

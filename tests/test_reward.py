@@ -441,3 +441,44 @@ def test_command_rejects_unknown_reward_before_loading(capsys):
     with pytest.raises(SystemExit):
         R.main(["--reward_model", "clip,nope", "--images", "."])
     assert "unknown reward 'nope'" in capsys.readouterr().err
+
+
+def test_a_clip_weights_file_for_an_openai_architecture_warns_about_quickgelu(tmp_path, monkeypatch, caplog):
+    """A file does not say its activation: ViT-B-32 from a file is built with GELU, which is wrong for OpenAI's weights
+    (trained with QuickGELU) and shifts every score silently, so the user is told how to say which they have."""
+    import logging
+
+    import open_clip
+
+    from rewards.clip import open_clip_backbone
+
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"")
+    built = []
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda name, **kwargs: built.append((name, kwargs["force_quick_gelu"])) or (torch.nn.Linear(1, 1), None, None))
+    with caplog.at_level(logging.WARNING):
+        open_clip_backbone("ViT-B-32", str(weights), torch.device("cpu"), torch.float32, "--clip_model", "--clip_pretrained")
+    assert built == [("ViT-B-32", False)] and "--clip_model ViT-B-32-quickgelu" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        open_clip_backbone("ViT-B-32-quickgelu", str(weights), torch.device("cpu"), torch.float32, "--clip_model", "--clip_pretrained")
+    assert built[-1][0] == "ViT-B-32-quickgelu" and "QuickGELU" not in caplog.text  # said which: nothing to warn about
+
+
+def test_missing_clip_weights_name_the_flags_and_the_offline_route(tmp_path, monkeypatch):
+    import open_clip
+
+    from rewards.clip import open_clip_backbone
+    from rewards.model_files import single_model_file
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': no network")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(RuntimeError, match=r"--clip_model ViT-B-32 --clip_pretrained openai: cannot download .* Without network, "
+                                           r"pass a local checkpoint file to --clip_pretrained \(for OpenAI's weights with --clip_model ViT-B-32-quickgelu\)"):
+        open_clip_backbone("ViT-B-32", "openai", torch.device("cpu"), torch.float32, "--clip_model", "--clip_pretrained")
+    # A mistyped file path shaped like "org/name" is a missing file, not a hub repo to try.
+    with pytest.raises(FileNotFoundError, match=r"^--aesthetic_model 'weights/aesthetic.pth': no such file\.$"):
+        single_model_file("weights/aesthetic.pth", "aesthetic-model.pth", "--aesthetic_model")

@@ -871,3 +871,26 @@ def test_a_reward_that_breaks_the_contract_fails_with_a_message():
     decode = lambda latents: ([None] * len(latents), torch.ones(len(latents), dtype=torch.bool))
     with pytest.raises(ValueError, match="returned total of shape \\(1,\\) for 6 images"):
         score_exploration(exploration, ["a", "b", "c"], decode, OneScore())
+
+    # In a weighted mix the broken part is named, and its (1,) total no longer broadcasts into the mix's total.
+    from rewards.base import WeightedSumReward
+
+    class Columns(Reward):
+        name = "columns"
+
+        def evaluate(self, images, prompts):
+            return RewardOutput(torch.zeros(len(images), 1), {})
+
+    class Fine(Reward):
+        name = "fine"
+
+        def evaluate(self, images, prompts):
+            return RewardOutput(torch.ones(len(images)), {"fine": torch.ones(len(images))})
+
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 8))] * 4
+    for broken, shape in ((OneScore(), "\\(1,\\)"), (Columns(), "\\(4, 1\\)")):
+        with pytest.raises(ValueError, match=f"reward '{broken.name}' returned total of shape {shape} for 4 images"):
+            WeightedSumReward([(Fine(), 1.0), (broken, 0.5)]).evaluate(images, ["p"] * 4)
+    assert WeightedSumReward([(Fine(), 2.0)]).evaluate(images, ["p"] * 4).total.tolist() == [2.0] * 4
