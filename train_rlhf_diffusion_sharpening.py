@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""RLHF Diffusion-Sharpening for any supported model family: SDXL, or SD3 / SD3.5 (flow matching), detected from the
-checkpoint's model_index.json. The algorithm and its flags are train_rlhf_diffusion_sharpening_sdxl.py's (that name
-is kept for the seed's commands); only the model family differs.
+"""RLHF Diffusion-Sharpening for any supported model family: SDXL, SD3 / SD3.5 or FLUX.1 (flow matching),
+detected from the checkpoint's model_index.json. The algorithm and its flags are those of
+train_rlhf_diffusion_sharpening_sdxl.py (that name is kept for the seed's commands); only the model family differs.
 
     accelerate launch train_rlhf_diffusion_sharpening.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium ...
 """
 import sys
 
-from train_rlhf_diffusion_sharpening_sdxl import main, parse_args
+import train_rlhf_diffusion_sharpening_sdxl as algorithm
+
+DESCRIPTION = (__doc__ + "\nThe algorithm, as written for SDXL (SD3 and FLUX.1 take flow-matching Euler steps on their sigma grid "
+               "where SDXL takes DDIM steps):\n\n" + algorithm.__doc__.split("\n", 2)[2])
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    algorithm.main(algorithm.parse_args(sys.argv[1:], DESCRIPTION))

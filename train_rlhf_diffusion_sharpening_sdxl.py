@@ -33,8 +33,8 @@ from sharpening.trajectory import Selection
 logger = logging.getLogger("sharpening")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
     add_reward_args(parser, argv)
     parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt) or JSON lines with a 'prompt'/'text' field (.jsonl).")
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="What the DPO errors regress to. " + " ".join(f"{k}: {v}" for k, v in DPO_TARGETS.items()))
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
-        parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir) and --caption_column")
+        parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir; its captions: --caption_column, default text)")
     if args.num_noisy_latents < 2:
         parser.error("--num_noisy_latents must be >= 2 in RLHF: the loss compares the best and the worst trajectory")
     if args.dpo_target != "fresh":

@@ -24,8 +24,8 @@ from sharpening.config import add_training_args, refuse_unused_flags, validate_t
 from sharpening.training import StepResult, Trainer
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
     add_reward_args(parser, argv)
     parser.add_argument(

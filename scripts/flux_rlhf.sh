@@ -4,5 +4,5 @@
 # there is no negative branch. A starting point, not tuned for sharpening; nothing has run at this size yet.
 # Usage: as scripts/sd3_rlhf.sh, e.g. PROMPT_FILE=prompts.txt REWARD=clip bash scripts/flux_rlhf.sh [extra flags...]
 set -euo pipefail
-export MODEL_NAME="${MODEL_NAME:-black-forest-labs/FLUX.1-dev}" OUTPUT_DIR="${OUTPUT_DIR:-output_dir/flux_rlhf}"
+export MODEL_NAME="${MODEL_NAME:-black-forest-labs/FLUX.1-dev}" OUTPUT_DIR="${OUTPUT_DIR:-$(cd "$(dirname "$0")/.." && pwd)/output_dir/flux_rlhf}"
 exec bash "$(dirname "$0")/sd3_rlhf.sh" --guidance_scale=3.5 --max_sequence_length=512 "$@"

@@ -7,15 +7,17 @@
 # a real-size SDXL with random weights (no download).
 # Usage (on a CUDA machine with the requirements installed): bash scripts/gpu_checks.sh [OUT_DIR]
 # On an offline machine whose image lacks some requirements (seen: diffusers, open_clip_torch, datasets and its
-# dill/multiprocess, ftfy, wcwidth), download their wheels here with `pip download --no-deps -d .wheels ...` (for
-# multiprocess add --only-binary=:all: --python-version of that machine), carry .wheels, and run
-# `python3 -m pip install --no-deps --no-index .wheels/*.whl` there first.
+# dill/multiprocess, ftfy, wcwidth), download their wheels here with `pip download --no-deps -d .whl ...` (for
+# multiprocess add --only-binary=:all: --python-version of that machine), carry .whl (git ignores it), and run
+# `python3 -m pip install --no-deps --no-index .whl/*.whl` there first.
 # Set SKIP_BENCHMARK=1 to skip the step-cost benchmark, FLOW_REAL_SIZE="" to skip the real-size flow preset, FLUX_PROBE=1
 # to run scripts/flux_cuda_probe.py first (FLUX_PROBE_REAL="off" for its FLUX.1-dev step without cuDNN attention only),
 # CONFIGS="" to skip the tiny-model trainings.
 set -uo pipefail
+OUT="${1:-${OUT:-}}"
+case "$OUT" in ""|/*) ;; *) OUT="$PWD/$OUT" ;; esac  # a folder given relative to where this was run from
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-gpu_checks_out}}"
+OUT="${OUT:-gpu_checks_out}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled PYTHONPATH="$PWD:${PYTHONPATH:-}"

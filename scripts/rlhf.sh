@@ -6,6 +6,12 @@
 # REWARD: clip | image_reward | pickscore | hpsv2 | aesthetic | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
 # For mllm set OPENAI_API_KEY (and optionally --base_url for a local OpenAI-compatible server).
 set -euo pipefail
+# Paths given relative to where this was run from (a prompt file, a local dataset, the output folder) stay so after
+# the cd to the repository root below.
+from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+if [ -n "${PROMPT_FILE:-}" ]; then PROMPT_FILE="$(from_caller "$PROMPT_FILE")"; fi
+if [ -n "${DATASET_NAME:-}" ] && [ -e "$DATASET_NAME" ]; then DATASET_NAME="$(from_caller "$DATASET_NAME")"; fi
+if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR="$(from_caller "$OUTPUT_DIR")"; fi
 cd "$(dirname "$0")/.."
 export MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-xl-base-1.0}"
 export VAE_NAME="${VAE_NAME:-madebyollin/sdxl-vae-fp16-fix}"
@@ -22,7 +28,7 @@ accelerate launch --main_process_port "${PORT:-10950}" train_rlhf_diffusion_shar
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --pretrained_vae_model_name_or_path="$VAE_NAME" \
   "${PROMPTS[@]}" \
-  "${XFORMERS[@]}" \
+  ${XFORMERS[@]+"${XFORMERS[@]}"} \
   --resolution=512 \
   --proportion_empty_prompts=0.2 \
   --train_batch_size=1 \

@@ -4,6 +4,12 @@
 # this size yet.
 # Usage: PROMPT_FILE=prompts.txt REWARD=image_reward bash scripts/sd3_rlhf.sh [extra flags...]
 set -euo pipefail
+# Paths given relative to where this was run from (a prompt file, a local dataset, the output folder) stay so after
+# the cd to the repository root below.
+from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+if [ -n "${PROMPT_FILE:-}" ]; then PROMPT_FILE="$(from_caller "$PROMPT_FILE")"; fi
+if [ -n "${DATASET_NAME:-}" ] && [ -e "$DATASET_NAME" ]; then DATASET_NAME="$(from_caller "$DATASET_NAME")"; fi
+if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR="$(from_caller "$OUTPUT_DIR")"; fi
 cd "$(dirname "$0")/.."
 export MODEL_NAME="${MODEL_NAME:-stabilityai/stable-diffusion-3.5-medium}"
 REWARD="${REWARD:-clip}"

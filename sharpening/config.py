@@ -28,7 +28,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="Weight variant of the checkpoint, e.g. fp16.")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"], help="Override the scheduler's prediction type.")
-    g.add_argument("--use_lora", action="store_true", help="Train LoRA adapters on the UNet attention layers instead of the full UNet.")
+    g.add_argument("--use_lora", action="store_true",
+                   help="Train LoRA adapters instead of the full denoiser: on SDXL's UNet attention, SD3's transformer "
+                        "attention, FLUX.1's transformer attention and feed-forward layers.")
     g.add_argument("--lora_rank", type=int, default=LORA_RANK_DEFAULT)
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--max_sequence_length", type=int, default=None,
