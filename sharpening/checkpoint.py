@@ -205,7 +205,8 @@ class Checkpoints:
             if args.use_lora:
                 self.family.save_lora(self.policy.raw_unet, out)
             else:
-                self.family.save_pipeline(parts, self.policy.raw_unet, args.pretrained_model_name_or_path, out, args.revision, args.variant)
+                self.family.save_pipeline(parts, self.policy.raw_unet, args.pretrained_model_name_or_path, out, args.revision,
+                                          args.variant, args.pretrained_vae_model_name_or_path)
         write_model_card(args, out, variant, num_steps, self.family.PIPELINE_CLASS)
         logger.info("Saved the trained %s to %s", "LoRA" if args.use_lora else "pipeline", out)
 

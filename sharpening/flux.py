@@ -23,7 +23,7 @@ import torch
 from .batched import Batched
 from .sampler import FlowMatchEuler, dynamic_shift_mu
 from .sd3 import decode, encode_images, lora_state  # noqa: F401  (SD3's latent convention and LoRA file layout)
-from .sdxl import save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
+from .sdxl import export_pipeline, save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
 DENOISER = "transformer"
 LATENT_PACKING = 2  # FluxPipeline packs 2x2 latent patches before the transformer (whose patch_size is 1)
@@ -165,12 +165,9 @@ def save_lora(transformer, out: Path) -> None:
     )
 
 
-def save_pipeline(parts: FluxParts, transformer, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None) -> None:
+def save_pipeline(parts: FluxParts, transformer, pretrained: str, out: Path, revision: str | None = None,
+                  variant: str | None = None, vae_path: str | None = None) -> None:
+    """A complete FluxPipeline with the trained transformer in `out` (the rest as sdxl.export_pipeline loads it)."""
     from diffusers import FluxPipeline
 
-    pipeline = FluxPipeline.from_pretrained(
-        pretrained, revision=revision, variant=variant, transformer=transformer, vae=parts.vae,
-        text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
-    )
-    pipeline.save_pretrained(out, safe_serialization=True)
+    export_pipeline(FluxPipeline, "transformer", transformer, pretrained, revision, variant, vae_path).save_pretrained(out, safe_serialization=True)

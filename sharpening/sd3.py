@@ -16,7 +16,7 @@ import torch
 
 from .batched import Batched
 from .sampler import FlowMatchEuler, dynamic_shift_mu
-from .sdxl import decode_pixels, save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
+from .sdxl import decode_pixels, export_pipeline, save_images, vae_dtype  # noqa: F401  (this family's names too: the same VAE rules)
 
 DENOISER = "transformer"
 LATENT_PACKING = 1  # the transformer patchifies itself (its config's patch_size)
@@ -177,13 +177,10 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
-def save_pipeline(parts: SD3Parts, transformer, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None) -> None:
+def save_pipeline(parts: SD3Parts, transformer, pretrained: str, out: Path, revision: str | None = None,
+                  variant: str | None = None, vae_path: str | None = None) -> None:
+    """A complete StableDiffusion3Pipeline with the trained transformer in `out` (the rest as sdxl.export_pipeline loads it)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipeline = StableDiffusion3Pipeline.from_pretrained(
-        pretrained, revision=revision, variant=variant, transformer=transformer, vae=parts.vae,
-        text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1], text_encoder_3=parts.text_encoders[2],
-        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], tokenizer_3=parts.tokenizers[2],
-    )
-    pipeline.save_pretrained(out, safe_serialization=True)
+    export_pipeline(StableDiffusion3Pipeline, "transformer", transformer, pretrained, revision, variant, vae_path).save_pretrained(out, safe_serialization=True)
 

@@ -276,18 +276,30 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
             for k, v in peft_state.items()}
 
 
-def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None) -> None:
-    """A complete StableDiffusionXLPipeline with the trained UNet (and the loaded VAE and text encoders) in `out`;
-    the scheduler and anything else come from the base checkpoint, the scheduler with the prediction type the UNet
-    was trained for (--prediction_type), as diffusers' train_text_to_image_sdxl.py saves it."""
+def save_pipeline(parts: SDXLParts, unet, pretrained: str, out: Path, revision: str | None = None, variant: str | None = None,
+                  vae_path: str | None = None) -> None:
+    """A complete StableDiffusionXLPipeline with the trained UNet in `out` (diffusers' train_text_to_image_sdxl.py
+    contract); the scheduler with the prediction type the UNet was trained for (--prediction_type). The rest is the
+    base's, or the VAE of --pretrained_vae_model_name_or_path, all in the UNet's dtype (see export_pipeline)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionXLPipeline.from_pretrained(
-        pretrained, revision=revision, variant=variant,
-        unet=unet, vae=parts.vae, text_encoder=parts.text_encoders[0], text_encoder_2=parts.text_encoders[1],
-        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
-    )
+    pipeline = export_pipeline(StableDiffusionXLPipeline, "unet", unet, pretrained, revision, variant, vae_path)
     trained_type = parts.scheduler_config.get("prediction_type", "epsilon")  # diffusers' default when unset
     if pipeline.scheduler.config.prediction_type != trained_type:
         pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type=trained_type)
     pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def export_pipeline(pipeline_class, denoiser_name: str, denoiser, pretrained: str, revision: str | None, variant: str | None,
+                    vae_path: str | None):
+    """The base pipeline with the trained denoiser, every part in the denoiser's dtype. The frozen parts are loaded
+    again, not taken from training: there they were cast to the --mixed_precision dtype, and saved so they would be
+    rounded for good and load beside an fp32 denoiser (transformers loads the saved dtype: the first call then fails
+    with a dtype mismatch)."""
+    from diffusers import AutoencoderKL
+
+    parts = {denoiser_name: denoiser}
+    if vae_path:
+        parts["vae"] = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+    pipeline = pipeline_class.from_pretrained(pretrained, revision=revision, variant=variant, **parts)
+    return pipeline.to(denoiser.dtype)

@@ -92,6 +92,23 @@ def test_full_fine_tune_leaves_a_pipeline_with_the_trained_unet(run, tiny_sdxl, 
     assert image.shape == (32, 32, 3)
 
 
+def test_a_mixed_precision_run_exports_one_dtype_and_the_base_text_encoders(run, tiny_sdxl, tmp_path):
+    """Under --mixed_precision the frozen text encoders and VAE run in bf16; the export used to save those copies,
+    rounded for good, beside the fp32 UNet, and the pipeline loaded as saved failed at its first call."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "out"
+    run(out, max_train_steps=1, mixed_precision="bf16")
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert {p.dtype for name in ("unet", "vae", "text_encoder", "text_encoder_2") for p in getattr(pipe, name).parameters()} == {torch.float32}
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        base = load_file(next((tiny_sdxl / name).glob("*.safetensors")))
+        saved = load_file(next((out / name).glob("*.safetensors")))
+        assert all(torch.equal(saved[k], v) for k, v in base.items()), name  # the base's weights, not bf16 copies
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+
+
 def test_with_ema_the_pipeline_holds_the_ema_weights(run, tmp_path):
     from diffusers import DiffusionPipeline
 
