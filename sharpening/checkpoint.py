@@ -45,6 +45,19 @@ def resume_path(args: argparse.Namespace) -> Path | None:
     return path if path.is_dir() else Path(args.output_dir) / path
 
 
+def check_fresh_output_dir(args: argparse.Namespace) -> None:
+    """A run that does not resume must not start among another run's checkpoint-N folders: its own would replace
+    theirs at equal steps, --checkpoints_total_limit would prune its own newest first (theirs have higher steps), and
+    `--resume_from_checkpoint latest` after a preemption would continue theirs."""
+    if args.resume_from_checkpoint:
+        return
+    found = list_checkpoints(Path(args.output_dir))
+    if found:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(f"--output_dir {args.output_dir} already holds another run's checkpoints ({names}): continue that run with "
+                         "--resume_from_checkpoint latest, or start this one in another --output_dir (or delete them).")
+
+
 class Checkpoints:
     """Saving and restoring a run's state through accelerate, for the trained `policy` of model `family`."""
 

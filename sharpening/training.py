@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import tracking
-from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints
+from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints, check_fresh_output_dir
 from .config import public_config, redacted_argv, secret_flag_names
 from .families import apply_text_settings, cfg_scale, check_family_flags, check_resolution, family_of, with_guidance
 from .losses import masked_sum, per_sample_mse
@@ -108,6 +108,7 @@ class Trainer:
         self.family = family_of(args.pretrained_model_name_or_path, args.revision)
         check_family_flags(self.family, args)  # before loading
         check_resolution(self.family, args.pretrained_model_name_or_path, args.resolution, args.revision)  # before loading
+        check_fresh_output_dir(args)  # before loading
         log_with = None if args.report_to in (None, "none", "") else args.report_to
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -64,6 +64,18 @@ def test_checkpoints_are_kept_resumed_and_pruned_as_in_diffusers(run, tmp_path):
     assert checkpoints(several) == {6, 8, 10}  # two old ones removed at once
 
 
+def test_a_fresh_run_refuses_another_runs_checkpoints(run, tmp_path):
+    """Without --resume_from_checkpoint, a run into a folder holding checkpoint-2 and -4 used to replace checkpoint-2
+    with its own, prune its own newest first under --checkpoints_total_limit, and leave the other run's as `latest`."""
+    out = tmp_path / "out"
+    run(out, max_train_steps=4, checkpointing_steps=2)
+    before = {name: (out / f"checkpoint-{name}" / "training_state.json").read_text() for name in (2, 4)}
+    with pytest.raises(ValueError, match=r"already holds another run's checkpoints \(checkpoint-2, checkpoint-4\): continue that "
+                                         r"run with --resume_from_checkpoint latest, or start this one in another --output_dir"):
+        run(out, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2, seed=7)
+    assert {name: (out / f"checkpoint-{name}" / "training_state.json").read_text() for name in (2, 4)} == before
+
+
 def test_ema_checkpoints_hold_unet_ema_and_resume(run, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -3,6 +3,7 @@ the two training scripts, how they are launched, and the training data they read
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -143,7 +144,12 @@ def checkpoint_spec(flags: dict, checkpoint: Path, model: str) -> str:
 
 
 def launch(script: str, settings: dict, log: Path, threads: int | None = None) -> float:
-    """`accelerate launch` one training script (1 process), output to `log`; returns the seconds it took."""
+    """`accelerate launch` one training script (1 process), output to `log`; returns the seconds it took. The run's
+    --output_dir belongs to this harness: what an earlier run left there is removed first, so no checkpoint of it is
+    evaluated as this run's (and the trainer refuses to start a run among another run's checkpoints)."""
+    output = Path(settings["output_dir"])
+    if output.exists() and not settings.get("resume_from_checkpoint"):
+        shutil.rmtree(output)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script), *flags(settings)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
