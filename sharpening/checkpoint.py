@@ -45,6 +45,10 @@ def resume_path(args: argparse.Namespace) -> Path | None:
     return path if path.is_dir() else Path(args.output_dir) / path
 
 
+RESTORED_OPTIMISATION_FLAGS = ("learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+                               "adam_weight_decay", "adam_epsilon", "use_8bit_adam")
+
+
 def check_fresh_output_dir(args: argparse.Namespace) -> None:
     """A run that does not resume must not start among another run's checkpoint-N folders: its own would replace
     theirs at equal steps, --checkpoints_total_limit would prune its own newest first (theirs have higher steps), and
@@ -121,7 +125,8 @@ class Checkpoints:
         acc.save_state(str(tmp))  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
-            state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "running": running, "layout": self.layout()}
+            state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "running": running, "layout": self.layout(),
+                     "optimisation": self.optimisation()}
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -142,6 +147,23 @@ class Checkpoints:
         """What the data position and the per-rank random streams of a step depend on."""
         return {"num_processes": self.accelerator.num_processes, "train_batch_size": self.args.train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
+    def optimisation(self) -> dict:
+        """The flags whose values a resume cannot change: accelerate restores the optimizer's param groups (learning
+        rate, betas, weight decay, eps), the schedule's base rates and the EMA's decay from the checkpoint."""
+        args, names = self.args, list(RESTORED_OPTIMISATION_FLAGS)
+        if args.use_ema:
+            names.append("ema_decay")
+        return {name: getattr(args, name) for name in names}
+
+    def check_optimisation(self, saved: dict | None, path: Path) -> None:
+        changed = {name: value for name, value in (saved or {}).items() if self.optimisation().get(name, value) != value}
+        if changed:
+            said = ", ".join(f"--{name} {getattr(self.args, name)} (checkpoint: {value})" for name, value in changed.items())
+            raise ValueError(f"This run says {said}, but resuming from {path} restores the checkpoint's values with the optimizer "
+                             "and its schedule, so the flags would be ignored. Resume with the checkpoint's values to continue "
+                             f"exactly; to train on with others, start a new run (another --output_dir) from its weights "
+                             f"({path}/{self.family.DENOISER} or its LoRA weights).")
 
     def check_layout(self, saved: dict[str, int] | None, path: Path) -> None:
         """A checkpoint continues exactly only under the layout that wrote it: with another number of processes,
@@ -170,6 +192,7 @@ class Checkpoints:
             return None
         state = json.loads((path / "training_state.json").read_text())
         self.check_layout(state.get("layout"), path)
+        self.check_optimisation(state.get("optimisation"), path)
         self.accelerator.load_state(str(path))
         self._set_aside_newer_checkpoints(int(state["global_step"]))  # only once the older state has loaded
         if self.policy.ema is not None:

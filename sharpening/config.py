@@ -170,9 +170,19 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if not 1 <= args.infer_steps <= 1000:
         raise ValueError("--infer_steps must be between 1 and 1000.")
     for flag in ("checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps", "num_train_epochs",
-                 "train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_validation_images"):
+                 "train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_validation_images",
+                 "checkpoints_total_limit", "validation_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1.")
+    for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every"):
+        if getattr(args, flag) < 0:  # a negative --max_grad_norm made clip_grad_norm_ flip every gradient's sign
+            raise ValueError(f"--{flag} must be >= 0" + (" (0: no clipping)." if flag == "max_grad_norm" else "."))
+    if not args.learning_rate > 0:
+        raise ValueError("--learning_rate must be > 0.")
+    if not (0.0 <= args.adam_beta1 < 1.0 and 0.0 <= args.adam_beta2 < 1.0) or not args.adam_epsilon > 0:
+        raise ValueError("--adam_beta1 and --adam_beta2 must be in [0, 1), --adam_epsilon > 0.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError("--ema_decay must be in [0, 1].")
     if args.seed is not None and args.seed < 0:
         raise ValueError("--seed must be >= 0 (it seeds numpy's and torch's generators).")
     if not 0.0 <= args.max_bad_fraction <= 1.0:

@@ -183,3 +183,16 @@ def test_resume_refuses_another_batch_or_accumulation(run, tmp_path):
         run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", train_batch_size=2)
     with pytest.raises(ValueError, match="--gradient_accumulation_steps 2"):
         run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", gradient_accumulation_steps=2)
+
+
+def test_resume_refuses_optimisation_flags_it_would_ignore(run, tmp_path):
+    """accelerate restores the optimizer's learning rate, betas and weight decay, the schedule's base rates and the
+    EMA's decay: a resume with other values trained on with the checkpoint's, while the model card showed the new."""
+    out = tmp_path / "out"
+    run(out, max_train_steps=2, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
+    state = json.loads((out / "checkpoint-2" / "training_state.json").read_text())
+    assert state["optimisation"]["learning_rate"] == 1e-3 and state["optimisation"]["ema_decay"] == 0.5
+    with pytest.raises(ValueError, match=r"--learning_rate 1e-05 \(checkpoint: 0.001\), --ema_decay 0.9 \(checkpoint: 0.5\), but resuming"):
+        run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", use_ema=True, learning_rate=1e-5, ema_decay=0.9)
+    run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", use_ema=True, ema_decay=0.5)  # the same: resumes
+    assert checkpoints(out) == {2, 4}

@@ -175,7 +175,8 @@ def test_counts_are_summed_over_the_window_and_rates_averaged():
 
 
 @pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps",
-                                  "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images"])
+                                  "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images",
+                                  "checkpoints_total_limit", "validation_steps"])
 def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag} must be >= 1"):
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **{flag: 0}))
@@ -188,6 +189,11 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag)
     ({"lora_alpha": 8}, "add --use_lora"),
     ({"use_lora": True, "lora_rank": 0}, "--lora_rank must be >= 1"),
     ({"ema_decay": 0.99}, "--ema_decay needs --use_ema"),
+    ({"use_ema": True, "ema_decay": 1.5}, "--ema_decay must be in \\[0, 1\\]"),
+    ({"max_grad_norm": -1}, "--max_grad_norm must be >= 0 \\(0: no clipping\\)"),  # clip_grad_norm_ flipped every gradient
+    ({"learning_rate": 0}, "--learning_rate must be > 0"),
+    ({"adam_beta1": 1.0}, "--adam_beta1 and --adam_beta2 must be in \\[0, 1\\)"),
+    ({"lr_warmup_steps": -1}, "--lr_warmup_steps must be >= 0"),
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
