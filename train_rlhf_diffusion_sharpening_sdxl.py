@@ -27,7 +27,7 @@ from sharpening.data import DATASET_CAPTION_COLUMN, PromptDataset, collate_promp
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
-from sharpening.training import StepResult, Trainer
+from sharpening.training import PooledMean, StepResult, Trainer
 from sharpening.trajectory import Selection
 
 logger = logging.getLogger("sharpening")
@@ -111,16 +111,16 @@ def rlhf_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     return StepResult(reward_dpo_loss(logits, valid), valid, logs)
 
 
-def preference_logs(sel: Selection, logits, policy_w, ref_w, policy_l, ref_l) -> dict[str, float]:
-    """What a DPO step logs over the prompts with a preference (sel.has_pair)."""
+def preference_logs(sel: Selection, logits, policy_w, ref_w, policy_l, ref_l) -> dict:
+    """What a DPO step logs over the prompts with a preference (sel.has_pair), as means pooled over the update."""
     valid = sel.has_pair
     logs = {"skipped_prompts": float((~valid).sum())}
     if valid.any():
         v = valid.to(logits.device)
         # Implicit reward accuracy: the policy prefers w over l more than the reference does.
-        logs["implicit_accuracy"] = ((policy_w - ref_w) < (policy_l - ref_l))[v].float().mean().item()
-        logs["dpo_logits"] = logits.detach()[v].mean().item()
-        logs["reward/winner_minus_loser"] = (sel.winner_reward - sel.loser_reward)[valid].mean().item()
+        logs["implicit_accuracy"] = PooledMean.of(((policy_w - ref_w) < (policy_l - ref_l))[v])
+        logs["dpo_logits"] = PooledMean.of(logits[v])
+        logs["reward/winner_minus_loser"] = PooledMean.of((sel.winner_reward - sel.loser_reward)[valid])
     return logs
 
 

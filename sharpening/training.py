@@ -73,6 +73,29 @@ class StepResult:
 StepFn = Callable[["Trainer", dict, torch.Generator], StepResult]
 
 
+@dataclass(frozen=True)
+class PooledMean:
+    """A logged mean over some items of a micro-batch (its prompts with a preference, its scored candidates), kept as
+    a sum and a count so that the update logs the mean over every such item of the window and of all processes: a
+    plain mean of the micro-batches' means would weigh a micro-batch's one preferred prompt like another's eight."""
+
+    total: float
+    count: int
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> "PooledMean":
+        values = values.detach().float()
+        finite = values[torch.isfinite(values)]
+        return cls(float(finite.sum()), int(finite.numel()))
+
+    def __add__(self, other: "PooledMean") -> "PooledMean":
+        return PooledMean(self.total + other.total, self.count + other.count)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
 # --------------------------------------------------------------------------------------------- trainer
 def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556; diffusers' --snr_gamma for epsilon-prediction): min(1, gamma / SNR).
@@ -142,6 +165,8 @@ class Trainer:
         self.counters = {"bad_rows": 0, "rows_read": 0, "nonfinite_skips": 0, "no_preference_skips": 0, "fp16_overflow_skips": 0}
         # Running sums a step function keeps across steps (checkpointed with the counters): pooled_reward_spread's.
         self.running = {"reward_squares": 0.0, "reward_dof": 0}
+        self.reward_counters_before: dict = {}  # the reward's counters of the run up to the checkpoint resumed from
+        self.last_validated_step: int | None = None
         if acc.is_main_process and log_with:
             sys.argv[1:] = redacted_argv(sys.argv[1:], secret_flag_names(args))  # wandb saves the command line itself
             acc.init_trackers(args.tracker_project_name, config=public_config(args))
@@ -299,20 +324,20 @@ class Trainer:
         return mse
 
     @staticmethod
-    def exploration_logs(candidates: Candidates) -> dict[str, float]:
+    def exploration_logs(candidates: Candidates) -> dict:
         sel, rewards = candidates.selection, candidates.path_rewards
         finite = rewards[torch.isfinite(rewards)]
         logs = {
-            "reward/candidate_mean": finite.mean().item() if finite.numel() else float("nan"),
+            "reward/candidate_mean": PooledMean.of(finite),
             "reward/candidate_std": finite.std().item() if finite.numel() > 1 else 0.0,
             "reward/unscored_candidates": float((~torch.isfinite(rewards)).sum()),
         }
         if sel.has_winner.any():
             prompt_mean = rewards.view(-1, len(sel.winner)).nanmean(0)
-            logs["reward/winner"] = sel.winner_reward[sel.has_winner].mean().item()
-            logs["reward/winner_minus_mean"] = (sel.winner_reward - prompt_mean)[sel.has_winner].mean().item()
+            logs["reward/winner"] = PooledMean.of(sel.winner_reward[sel.has_winner])
+            logs["reward/winner_minus_mean"] = PooledMean.of((sel.winner_reward - prompt_mean)[sel.has_winner])
         for name, values in candidates.exploration.step_components.items():
-            logs[f"reward/component/{name}"] = values.nanmean().item()
+            logs[f"reward/component/{name}"] = PooledMean.of(values)
         return logs
 
     def gather_logs(self, window: "UpdateWindow") -> dict[str, float]:
@@ -321,20 +346,27 @@ class Trainer:
         processes' values. Without it a tracker would show rank 0's share only."""
         from accelerate.utils import gather_object
 
-        local = {"logs": window.logs(), "loss_sum": window.loss_sum, "num_trained": window.num_trained,
+        local = {"logs": window.logs(), "pooled": window.pooled, "loss_sum": window.loss_sum, "num_trained": window.num_trained,
                  "counters": self.reward.counters()}
         parts = gather_object([local]) if self.accelerator.num_processes > 1 else [local]
         keys = dict.fromkeys(k for part in parts for k in part["logs"])
         logs = {k: float(sum(p["logs"].get(k, 0.0) for p in parts)) if k in SUMMED_LOGS
                 else finite_mean([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
+        for k in dict.fromkeys(k for part in parts for k in part["pooled"]):
+            logs[k] = sum((p["pooled"].get(k, PooledMean(0.0, 0)) for p in parts), PooledMean(0.0, 0)).mean
         trained = sum(p["num_trained"] for p in parts)
         logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
         logs["trained_prompts"] = float(trained)
-        counters = {}
-        for part in parts:
-            for key, value in part["counters"].items():
+        return logs | {f"reward_model/{k}": v for k, v in self._run_reward_counters([p["counters"] for p in parts]).items()}
+
+    def _run_reward_counters(self, per_process: list[dict]) -> dict:
+        """The reward's cumulative counters (grader failures, unscored images) over all processes and the whole run:
+        the reward object counts from its own start, so a resumed run adds what the checkpoint recorded."""
+        counters = dict(self.reward_counters_before)
+        for part in per_process:
+            for key, value in part.items():
                 counters[key] = counters.get(key, 0) + value
-        return logs | {f"reward_model/{k}": v for k, v in counters.items()}
+        return counters
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self, step_fn: StepFn) -> None:
@@ -404,14 +436,18 @@ class Trainer:
                 window = UpdateWindow()
                 stop = self._any_process(self.stop_requested)
                 if global_step % args.checkpointing_steps == 0 or stop:
-                    self.checkpoints.save(global_step, self.counters, self.running)
+                    from accelerate.utils import gather_object
+
+                    local = [self.reward.counters()]
+                    reward_counters = self._run_reward_counters(gather_object(local) if acc.num_processes > 1 else local)
+                    self.checkpoints.save(global_step, self.counters, self.running | {"reward_counters": reward_counters})
                 if stop:
                     self.checkpoints.mark_preempted(global_step)
                     logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
                     self._end_training()
                     sys.exit(SIGTERM_EXIT_CODE)
-                if args.validation_steps and global_step % args.validation_steps == 0:
-                    self.validate(global_step)
+                if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                    self.validate(global_step)  # the last step's validation comes after the export, below
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
@@ -527,6 +563,7 @@ class Trainer:
             return 0, 0, 0
         global_step, counters, running = restored
         self.counters |= counters
+        self.reward_counters_before = running.pop("reward_counters", {})
         self.running |= running
         # An epoch's last accumulation window may be short (accelerate syncs at the end of the data).
         epoch, update_in_epoch = divmod(global_step, self.updates_per_epoch)
@@ -554,8 +591,9 @@ class Trainer:
 
     def validate(self, global_step: int) -> None:
         args, acc = self.args, self.accelerator
-        if not args.validation_prompt or not acc.is_main_process:
-            return
+        if not args.validation_prompt or not acc.is_main_process or global_step == self.last_validated_step:
+            return  # once per step: --validation_steps and --validation_epochs can fall on the same one
+        self.last_validated_step = global_step
         self.model.raw_unet.eval()
         with self.model.ema_weights():
             images = self.generate([args.validation_prompt] * args.num_validation_images, args.seed)
@@ -595,6 +633,7 @@ class UpdateWindow:
     nonfinite_loss: bool = False
     grad_norm: float = float("nan")
     extra: dict = field(default_factory=dict)
+    pooled: dict = field(default_factory=dict)  # name -> PooledMean over the window
 
     def add(self, result: StepResult) -> None:
         value = float(result.loss_sum().detach())
@@ -602,10 +641,13 @@ class UpdateWindow:
         self.loss_sum += value
         self.num_trained += result.num_trained
         for k, v in result.logs.items():
-            self.extra.setdefault(k, []).append(v)
+            if isinstance(v, PooledMean):
+                self.pooled[k] = self.pooled.get(k, PooledMean(0.0, 0)) + v
+            else:
+                self.extra.setdefault(k, []).append(v)
 
     def logs(self) -> dict[str, float]:
         loss = self.loss_sum / self.num_trained if self.num_trained else float("nan")
         out = {"loss": loss, "trained_prompts": float(self.num_trained), "grad_norm": self.grad_norm}
         out |= {k: float(sum(v)) if k in SUMMED_LOGS else finite_mean(v) for k, v in self.extra.items()}
-        return out
+        return out | {k: v.mean for k, v in self.pooled.items()}

@@ -196,3 +196,37 @@ def test_resume_refuses_optimisation_flags_it_would_ignore(run, tmp_path):
         run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", use_ema=True, learning_rate=1e-5, ema_decay=0.9)
     run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", use_ema=True, ema_decay=0.5)  # the same: resumes
     assert checkpoints(out) == {2, 4}
+
+
+
+def test_the_rewards_counters_continue_across_a_resume(run, tmp_path):
+    """A reward counts from its own start (grader failures, unscored images); checkpoint-4 of a run resumed at step 2
+    records the same totals as that of an uninterrupted run, where they used to restart from 0."""
+    from rewards.base import Reward, RewardOutput
+    from rewards.registry import REWARDS
+
+    class Counting(Reward):
+        name = "counting"
+
+        def __init__(self):
+            self.images = 0
+
+        def evaluate(self, images, prompts):
+            self.images += len(images)
+            return RewardOutput(torch.tensor([float(image.getpixel((0, 0))[0]) for image in images]), {})
+
+        def counters(self):
+            return {"counting/images": self.images}
+
+    REWARDS["counting"] = lambda args, device, dtype: Counting()
+    try:
+        def recorded(out):
+            return json.loads((out / "checkpoint-4" / "training_state.json").read_text())["running"]["reward_counters"]
+
+        run(tmp_path / "straight", max_train_steps=4, checkpointing_steps=2, reward_model="counting")
+        run(tmp_path / "resumed", max_train_steps=2, checkpointing_steps=2, reward_model="counting")
+        run(tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2, reward_model="counting", resume_from_checkpoint="latest")
+        assert recorded(tmp_path / "straight")["counting/images"] > 0
+        assert recorded(tmp_path / "resumed") == recorded(tmp_path / "straight")
+    finally:
+        del REWARDS["counting"]

@@ -174,6 +174,20 @@ def test_counts_are_summed_over_the_window_and_rates_averaged():
     assert logs["implicit_accuracy"] == 0.75
 
 
+def test_per_prompt_logs_are_means_over_the_prompts_of_the_update():
+    """One preferred prompt (accuracy 0, gap 0.1) in one micro-batch, four (accuracy 1, gap 0.5) in the next: the update
+    is 4 of 5 right with a mean gap of 0.42, where a mean of the micro-batches' means said 0.5 and 0.3."""
+    window = training.UpdateWindow()
+    for accuracy, gap in ((torch.tensor([False]), torch.tensor([0.1])), (torch.ones(4, dtype=torch.bool), torch.full((4,), 0.5))):
+        window.add(training.StepResult(torch.ones(4), torch.ones(4, dtype=torch.bool),
+                                       {"implicit_accuracy": training.PooledMean.of(accuracy), "reward/winner_minus_loser": training.PooledMean.of(gap)}))
+    logs = window.logs()
+    assert logs["implicit_accuracy"] == pytest.approx(0.8) and logs["reward/winner_minus_loser"] == pytest.approx(0.42)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), reward=SimpleNamespace(counters=dict))
+    gathered = training.Trainer.gather_logs(trainer, window)
+    assert gathered["implicit_accuracy"] == pytest.approx(0.8) and gathered["reward/winner_minus_loser"] == pytest.approx(0.42)
+
+
 @pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps",
                                   "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images",
                                   "checkpoints_total_limit", "validation_steps"])
@@ -229,6 +243,20 @@ def test_the_model_is_saved_before_the_last_validation_images(tiny_sdxl, tmp_pat
     with pytest.raises(RuntimeError, match="validation failed"):
         trainer.train(sft.sft_step)
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    reset_accelerate_state()
+
+
+def test_each_step_is_validated_once_and_the_last_after_the_export(tiny_sdxl, tmp_path, monkeypatch):
+    """--validation_steps 1 with one update per epoch (--validation_epochs 1) on 2 steps: steps 1 and 2 once each; the
+    last after the model is saved. Step 1 was validated twice and step 2 twice (in the loop and after the export)."""
+    seen = []
+    generate = training.Trainer.generate
+    monkeypatch.setattr(training.Trainer, "generate", lambda self, prompts, seed: (
+        seen.append((self.last_validated_step, (tmp_path / "out" / "unet").is_dir())), generate(self, prompts, seed))[1])
+    trainer = sft_trainer(tiny_sdxl, tmp_path, count=2, max_train_steps=2, validation_prompt="a red square", validation_steps=1,
+                          num_validation_images=1)
+    trainer.train(sft.sft_step)
+    assert seen == [(1, False), (2, True)]
     reset_accelerate_state()
 
 
@@ -695,7 +723,7 @@ def test_dpo_logits_without_the_margin_are_zero_before_the_first_update(tiny_sdx
 
     trainer.train(step)
     assert seen[0].trained.all()
-    assert seen[0].logs["dpo_logits"] == 0.0
+    assert seen[0].logs["dpo_logits"].mean == 0.0
     torch.testing.assert_close(seen[0].prompt_losses, torch.full((2,), 0.6931471805599453), rtol=0, atol=1e-7)  # log 2
 
 
