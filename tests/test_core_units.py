@@ -488,13 +488,17 @@ def test_select_all_nan_prompt_has_no_winner_and_tie_has_no_pair():
 
 
 class FakeReward:
+    name = "fake"
+
     def __init__(self):
         self.calls = []
 
     def evaluate(self, images, prompts):
+        from rewards.base import RewardOutput
+
         self.calls.append((list(images), list(prompts)))
         total = torch.tensor(images, dtype=torch.float64) * 2  # "image" k*100 + row -> reward 2x
-        return SimpleNamespace(total=total, components={"a": total / 2, "b": -total})
+        return RewardOutput(total=total, components={"a": total / 2, "b": -total})
 
 
 def test_score_exploration_scores_all_states_in_one_call_step_major():

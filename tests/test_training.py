@@ -183,7 +183,8 @@ def test_per_prompt_logs_are_means_over_the_prompts_of_the_update():
                                        {"implicit_accuracy": training.PooledMean.of(accuracy), "reward/winner_minus_loser": training.PooledMean.of(gap)}))
     logs = window.logs()
     assert logs["implicit_accuracy"] == pytest.approx(0.8) and logs["reward/winner_minus_loser"] == pytest.approx(0.42)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), reward=SimpleNamespace(counters=dict))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), reward=SimpleNamespace(counters=dict), reward_counters_before={})
+    trainer._run_reward_counters = lambda per_process: training.Trainer._run_reward_counters(trainer, per_process)
     gathered = training.Trainer.gather_logs(trainer, window)
     assert gathered["implicit_accuracy"] == pytest.approx(0.8) and gathered["reward/winner_minus_loser"] == pytest.approx(0.42)
 
