@@ -95,8 +95,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "already train the velocity loss.")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma (Hang et al. 2023; diffusers' --snr_gamma, 5 recommended there): multiply each state's loss by "
-                        "min(1, gamma / SNR(t)), so that states close to the end of sampling, where an x0 error counts with a "
-                        "huge weight, cannot swamp the batch. Applies to every family; off by default.")
+                        "min(1, gamma / SNR(t)) (a v-prediction model, or --loss_weighting v: min(SNR, gamma) / (SNR + 1), as diffusers), "
+                        "so that states close to the end of sampling, where an x0 error counts with a huge weight, cannot "
+                        "swamp the batch. Applies to every family; off by default.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
     g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
     g.add_argument("--decode_batch_size", type=int, default=None,

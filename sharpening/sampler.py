@@ -68,6 +68,21 @@ class DDIM:
         self.scheduler.set_timesteps(num_inference_steps)
         self.grid: torch.Tensor = self.scheduler.timesteps.clone().long()  # descending
         self.stride = self.scheduler.config.num_train_timesteps // num_inference_steps
+        spacing, train_steps = self.scheduler.config.timestep_spacing, self.scheduler.config.num_train_timesteps
+        if int(self.grid.max()) >= train_steps:
+            raise ValueError(f"{num_inference_steps} DDIM steps with timestep_spacing {spacing!r} and steps_offset "
+                             f"{self.scheduler.config.steps_offset} start at t = {int(self.grid.max())}, past the schedule's "
+                             f"{train_steps} timesteps: use fewer steps.")
+        if len(self.grid) > 1 and bool((self.grid[:-1] - self.grid[1:] != self.stride).any()):
+            # DDIMScheduler steps every state to t - stride; on this grid that is not the next grid point, so each
+            # explored state would be labelled (and trained) with another timestep than the one it is at.
+            fix = ("set timestep_spacing to 'leading' or 'trailing' in the checkpoint's scheduler/scheduler_config.json"
+                   if spacing == "linspace" else
+                   f"use a number of steps (--infer_steps, evaluate's --steps) that divides {train_steps}, e.g. "
+                   f"{[k for k in (10, 20, 25, 40, 50) if train_steps % k == 0]}")
+            raise ValueError(f"{num_inference_steps} DDIM steps with timestep_spacing {spacing!r} give a grid not spaced by "
+                             f"{train_steps} // {num_inference_steps} = {self.stride} ({self.grid[:4].tolist()}...), which "
+                             f"diffusers' DDIM steps by: {fix}.")
         self.prediction_type: str = self.scheduler.config.prediction_type
         self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
@@ -166,13 +181,16 @@ def guided(model: ModelFn, uncond, guidance_scale: float) -> ModelFn:
 
 
 @torch.no_grad()
-def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond) -> torch.Tensor:
-    """Sampling over the whole grid from pure noise (scaled by init_noise_sigma = 1 for DDIM and flow matching)."""
-    x = noise
+def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond, clean: bool = False) -> torch.Tensor:
+    """Sampling over the whole grid from pure noise (scaled by init_noise_sigma = 1 for DDIM and flow matching): the
+    latent a pipeline decodes or, with `clean`, the last step's x0 prediction. They differ where the last step does not
+    reach alpha-bar 1: SDXL's config (set_alpha_to_one false) ends at 0.99915, noise of std 0.029 that a latent
+    meant as a clean x0 to re-noise must not carry; flow matching ends at sigma 0, where the two are the same."""
+    x, x0 = noise, noise
     for k in range(len(sampler.grid)):
         index = torch.full((x.shape[0],), k, dtype=torch.long)
-        x, _ = sampler.step(model(x, sampler.grid[index], cond), index, x)
-    return x
+        x, x0 = sampler.step(model(x, sampler.grid[index], cond), index, x)
+    return x0 if clean else x
 
 
 def dynamic_shift_mu(image_seq_len: int, config: dict, max_shift_default: float) -> float:

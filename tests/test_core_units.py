@@ -922,3 +922,46 @@ def test_cleaning_a_shared_dpo_pair_keeps_one_set_of_states():
     assert torch.equal(clean_w.states[[0, 2]], states[[0, 2]]) and torch.equal(clean_l.noise[[0, 2]], rows_l.noise[[0, 2]])
     untouched_w, untouched_l = finite_pair_where_untrained(rows_w, rows_l, torch.tensor([True, True]))
     assert untouched_w is rows_w and untouched_l is rows_l  # nothing untrained: the same rows, no copies
+
+
+@pytest.mark.parametrize("spacing, steps, message", [
+    ("trailing", 30, r"not spaced by 1000 // 30 = 33 .*divides 1000"),
+    ("linspace", 25, r"not spaced by 1000 // 25 = 40 .*timestep_spacing to 'leading' or 'trailing'"),
+    ("leading", 1000, r"start at t = 1000, past the schedule's 1000 timesteps"),
+])
+def test_ddim_grids_whose_states_would_be_mislabelled_are_refused(spacing, steps, message):
+    """DDIMScheduler steps each state to t - 1000 // N. On a grid spaced otherwise the state is not at the next grid
+    point, and exploration labelled and trained it with that grid point's timestep (a target error of up to 74 % on
+    linspace, 25 steps); 1000 leading steps start at t = 1000 and failed with an IndexError."""
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "steps_offset": 1, "timestep_spacing": spacing}
+    with pytest.raises(ValueError, match=message):
+        DDIM(config, steps)
+    for fine in (("leading", 30), ("trailing", 25), ("leading", 25)):
+        ddim = DDIM({**config, "timestep_spacing": fine[0]}, fine[1])
+        assert (ddim.grid[:-1] - ddim.grid[1:] == ddim.stride).all()
+
+
+def test_a_clean_rollout_is_the_last_x0_prediction_not_the_last_noisy_state():
+    """SDXL's scheduler config (set_alpha_to_one false) ends sampling at alpha-bar 0.99915: the last latent still holds
+    noise of std 0.029. RLHF re-noises its rollout as a clean x0, so it takes the last x0 prediction; a model that knows
+    the image (a point mass at c) then gives c exactly."""
+    from sharpening.sampler import sample
+
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False}
+    ddim = DDIM(config, 25)
+    c = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def knows_c(x, t, cond):
+        abar = _per_sample_abar(ddim, t, x)
+        return (x - abar.sqrt() * c) / (1 - abar).sqrt()
+
+    noise = torch.randn(c.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(sample(knows_c, ddim, noise, None, clean=True), c, rtol=0, atol=1e-9)
+    leftover = sample(knows_c, ddim, noise, None) - c
+    assert 0.02 < float(leftover.std()) < 0.04  # what the pipeline decodes: sqrt(1 - 0.99915) = 0.029 of noise
+
+
+def _per_sample_abar(ddim, t, like):
+    return ddim.alpha_bar(t).to(like.dtype).view(-1, *([1] * (like.ndim - 1)))

@@ -183,6 +183,8 @@ def test_snr_gamma_caps_a_foreign_target_near_the_end_of_sampling(ddim, family):
         x0_weight = 1 / (1 - sampler.sigma(timesteps)) ** 2  # velocity target (x_t - c) / sigma
     assert raw[0] > 1000 * raw[1]
     assert torch.allclose(min_snr_weight(sampler.snr(timesteps), 5.0), torch.tensor([5.0 / sampler.snr(timesteps)[0].item(), 1.0], dtype=torch.float64))
+    snr = torch.tensor([0.01, 1.0, 5.0, 100.0], dtype=torch.float64)  # diffusers' v-prediction rule: min(SNR, gamma) / (SNR + 1)
+    assert torch.allclose(min_snr_weight(snr, 5.0, v_loss=True), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1))
     assert torch.allclose(capped[1], raw[1])
     if family == "flow":
         assert torch.allclose(capped[0].double(), 5.0 * x0_weight[0] * distance[0], rtol=1e-5)
