@@ -20,8 +20,8 @@ checkpoint folder, or a `.safetensors` file. `pred` (SDXL only) is the predictio
 checkpoint trained with --prediction_type. `--models_json` takes the same as
 {"NAME": {"base": ..., "unet": ..., "lora": ..., "pred": ...}}.
 
-Pairing: image j of prompt i starts from the same noise (seed `--seed` + j, drawn on the CPU) for every
-model, so differences between models are differences of the models, and the paired difference against
+Pairing: image k of prompt i starts from the same noise (seeded by `--seed` x 1000003 + i x 1009 + k, drawn on the
+CPU) for every model, so differences between models are differences of the models, and the paired difference against
 the baseline removes the prompt and seed variance. Standard errors are over PROMPTS (the images of one
 prompt are averaged first: they are not independent samples of the prompt distribution).
 """
@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline!r} is not one of the models {names}.")
-    if args.images_per_prompt < 1:
-        p.error("--images_per_prompt must be >= 1.")
+    if not 1 <= args.images_per_prompt <= 1009:  # the noise seeds of prompt i + 1 start where 1009 images of prompt i end
+        p.error("--images_per_prompt must be between 1 and 1009.")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num_prompts must be >= 1 (leave it out to use every prompt).")
     if args.grid_prompts < 0:
@@ -211,6 +212,9 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
             "train_pairs": lambda: world.train_prompts("pairs"),
             "single": world.single_prompts,
         }[args.toy_split]()
+    if args.num_prompts is not None and args.num_prompts > len(prompts):
+        source = f"--prompt_file {args.prompt_file}" if args.prompt_file else f"the toy world's {args.toy_split} split"
+        raise ValueError(f"--num_prompts {args.num_prompts}: {source} has only {len(prompts)} prompts.")
     return prompts[: args.num_prompts] if args.num_prompts is not None else prompts
 
 
@@ -471,11 +475,14 @@ def image_grid(rows: list[list], row_labels: list[str], col_labels: list[str]):
 
     cells = [[_upscale(i) for i in row] for row in rows]
     w, h = cells[0][0].size
-    label_w, label_h = 260, 16
+    # Column labels wrapped to the column's width, never cut: the benchmarks' names share long prefixes
+    # ("jpeg_compressibility/sft@60"), and cut to the width they could not be told apart.
+    headers = ["\n".join(textwrap.wrap(text, max(1, w // 6), break_on_hyphens=False)) for text in col_labels]
+    label_w, label_h = 260, 4 + 12 * max(text.count("\n") + 1 for text in headers)
     grid = Image.new("RGB", (label_w + w * len(cells[0]), label_h + h * len(cells)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, text in enumerate(col_labels):
-        draw.text((label_w + c * w + 2, 2), text[: w // 6], fill="black")
+    for c, text in enumerate(headers):
+        draw.text((label_w + c * w + 2, 2), text, fill="black")
     for r, row in enumerate(cells):
         draw.text((2, label_h + r * h + 2), _wrap(row_labels[r], 42), fill="black")
         for c, image in enumerate(row):

@@ -136,7 +136,7 @@ def main(args: argparse.Namespace) -> dict:
             "--steps", str(args.steps), "--guidance_scale", str(args.guidance_scale), "--seed", str(args.seed),
             "--device", args.device, "--output_dir", str(out / "eval"), "--reward_model", args.rewards[0]]
     argv += [f"--also_score={r}" for r in args.rewards[1:]]
-    if args.num_prompts:
+    if args.num_prompts is not None:
         argv += ["--num_prompts", str(args.num_prompts)]
     record = evaluate.main(evaluate.parse_args(argv))
     scores = record["scores"]["model"]

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, launch, override_target, overrides_for, write_data  # noqa: E402
+from toyworld.recipe import COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, check_spec_parts, check_trained_with, checkpoint_spec, cpu_threads, launch, override_target, overrides_for, write_data  # noqa: E402
 
 SFT_SCRIPT = "train_sft_diffusion_sharpening_sdxl.py"
 RLHF_SCRIPT = "train_rlhf_diffusion_sharpening_sdxl.py"
@@ -67,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="Evaluation device; training uses what accelerate finds.")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip_training", action="store_true", help="Re-evaluate the runs already in --work_dir.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_spec_parts([], {"--work_dir": args.work_dir, "--model": args.model})
+    return args
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -100,6 +102,8 @@ def main(args: argparse.Namespace) -> dict:
         run_flags[name] = flags | overrides_for(name, args.overrides)  # --set last: it may name other data
         check_evaluable(run_flags[name])
     seconds = {}
+    for name, (script, _) in (runs if args.skip_training else {}).items():
+        check_trained_with(script, run_flags[name])
     for name, (script, _) in ({} if args.skip_training else runs).items():
         print(f"[quality] training {name} for {args.steps} steps (log {work / (name + '.log')})", flush=True)
         seconds[name] = round(launch(script, run_flags[name], work / f"{name}.log", threads), 1)
@@ -122,8 +126,11 @@ def main(args: argparse.Namespace) -> dict:
 
     final = args.steps
     split_name = {"heldout": "Held-out prompts", "train_pairs": "TRAIN prompts (diagnostic, not the benchmark)"}[args.eval_split]
-    lines = [f"{split_name}: {args.eval_prompts} x {args.images_per_prompt} seeds; {args.steps} optimizer steps of batch "
-             f"{COMMON['train_batch_size']} for every fine-tune; toy reward (mean ± SE over prompts; Δ paired vs base).", "",
+    batches = {name: int(flags["train_batch_size"]) * int(flags.get("gradient_accumulation_steps", 1)) for name, flags in run_flags.items()}
+    batch = (f"batch {next(iter(batches.values()))} for every fine-tune" if len(set(batches.values())) == 1
+             else "batch " + ", ".join(f"{size} ({name})" for name, size in batches.items()))
+    lines = [f"{split_name}: {len(record['prompts'])} x {args.images_per_prompt} seeds; {args.steps} optimizer steps of "
+             f"{batch}; toy reward (mean ± SE over prompts; Δ paired vs base).", "",
              "| model | toy reward | objects | relation | Δ vs base | train s |", "|---|---|---|---|---|---|",
              f"| base | {cell(summary['base']['toy'])} | {cell(summary['base']['toy/objects'])} | {cell(summary['base']['toy/relation'])} | — | — |"]
     for name in runs:

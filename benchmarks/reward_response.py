@@ -57,7 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, checkpoint_spec, cpu_threads, flag_value, launch, override_target, overrides_for, training_captions, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, check_settable, check_spec_parts, check_trained_with, checkpoint_spec, cpu_threads, flag_value, launch, override_target, overrides_for, training_captions, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -86,6 +86,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--variant {text!r}: {item!r} is not FLAG=VALUE")
+        check_settable(key.lstrip("-"), f"--variant {text!r}")
         settings[key.lstrip("-")] = flag_value(value)
     return name, (kind, settings)
 
@@ -122,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**QUICK)
         args = p.parse_args(argv)
     args.rewards = args.rewards or list(BENCHMARK_REWARDS)
+    check_spec_parts(args.rewards, {"--work_dir": args.work_dir, "--model": args.model})
     names = args.variants if args.variants is not None else list(VARIANTS)
     unknown = set(names) - set(VARIANTS)
     if unknown:
@@ -133,7 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
     for name in args.runs:
-        check_evaluable(args.runs[name][1] | overrides_for(name, args.overrides))
+        flags = args.runs[name][1] | overrides_for(name, args.overrides)
+        if "reward_model" in flags:
+            p.error(f"variant {name}: the benchmark trains each run on one of --rewards; name the reward there, not with --set or --variant")
+        check_evaluable(flags)
     try:
         training_captions(args.train_prompts)
     except ValueError as error:
@@ -164,12 +169,17 @@ def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file:
     return flags
 
 
+def all_runs(args, work: Path, data: Path, prompt_file: Path) -> list[tuple[str, str, dict]]:
+    """(label, script, flags) of every (reward, variant, training seed) run."""
+    return [(run_label(reward, name, j), SCRIPTS[args.runs[name][0]], run_flags(args, work, reward, name, data, prompt_file, j))
+            for reward in args.rewards for name in args.runs for j in range(args.train_seeds)]
+
+
 def train_all(args, work: Path, data: Path, prompt_file: Path) -> dict[str, float]:
     """Every (reward, variant) run, `--jobs` at a time; returns seconds per run."""
     total_threads = args.threads or cpu_threads()
     threads = max(1, total_threads // args.jobs)
-    jobs = [(run_label(reward, name, j), SCRIPTS[args.runs[name][0]], run_flags(args, work, reward, name, data, prompt_file, j))
-            for reward in args.rewards for name in args.runs for j in range(args.train_seeds)]
+    jobs = all_runs(args, work, data, prompt_file)
 
     def run(job):
         label, script, flags = job
@@ -348,6 +358,8 @@ def main(args: argparse.Namespace) -> dict:
     data, prompt_file = write_data(work / "data", args.train_images, prompts=args.train_prompts)
     previous = work / "reward_response.json"
     if args.skip_training:  # a re-evaluation keeps the training times the runs were measured with
+        for _, script, flags in all_runs(args, work, data, prompt_file):
+            check_trained_with(script, flags)
         seconds = json.loads(previous.read_text()).get("train_seconds", {}) if previous.exists() else {}
     else:
         seconds = train_all(args, work, data, prompt_file)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from toyworld.recipe import COMMON, RLHF, SFT, cpu_threads, launch, write_data  # noqa: E402
+from toyworld.recipe import COMMON, RLHF, SFT, check_spec_parts, cpu_threads, launch, write_data  # noqa: E402
 
 # 40 steps each (the reward-response benchmark's recipe runs 60): the four fine-tunes and the evaluation must fit
 # in 15 minutes on a 2-core CPU; both defaults pass +3 SE on the pixel rewards by 20 steps (README).
@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps of the evaluation samples.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the idle cores).")
     p.add_argument("--device", default="cpu", help="Evaluation device (training uses what accelerate finds).")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_spec_parts([args.pixel_reward], {"--work_dir": args.work_dir})
+    return args
 
 
 def gains_table(summary: dict, runs: dict[str, str]) -> str:

@@ -59,8 +59,8 @@ def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path)
               "--eval_prompts", "2", "--images_per_prompt", "1", "--eval_steps", "2", "--threads", "1",
               "--only", "standard-ft", "rlhf-sharpening", "--set", "rlhf-sharpening:use_lora=true"]
     own = write_image_folder(tmp_path / "own", count=4)
-    quality.main(quality.parse_args(common + ["--set", "train_batch_size=2", "--set", "rlhf-sharpening:dpo_target=endpoint",
-                                              "--set", f"standard-ft:train_data_dir={own}"]))
+    trained = common + ["--set", "train_batch_size=2", "--set", "rlhf-sharpening:dpo_target=endpoint", "--set", f"standard-ft:train_data_dir={own}"]
+    quality.main(quality.parse_args(trained))
     sft_cmd = (work / "standard-ft.log").read_text().splitlines()[0]
     rlhf_cmd = (work / "rlhf-sharpening.log").read_text().splitlines()[0]
     assert "--train_batch_size 2" in sft_cmd and "--train_batch_size 2" in rlhf_cmd
@@ -73,8 +73,13 @@ def test_quality_benchmark_runs_its_variants_with_overrides(tiny_sdxl, tmp_path)
                                    f"standard-ft:train_data_dir={own}"]
     assert "| standard-ft |" in (work / "quality.md").read_text()
 
-    # The diagnostic split re-evaluates the same checkpoints on training prompts, beside the held-out files.
-    quality.main(quality.parse_args(common + ["--skip_training", "--eval_split", "train_pairs"]))
+    assert "batch 2 for every fine-tune" in (work / "quality.md").read_text()  # the runs' batch, not the recipe's 8
+
+    # The diagnostic split re-evaluates the same checkpoints on training prompts, beside the held-out files; only
+    # with the flags they were trained with (without the --set values it would report them as if trained so).
+    with pytest.raises(SystemExit, match=r"--skip_training: .*standard-ft was trained with other flags \(.*train_batch_size: '2' then, 8 now"):
+        quality.main(quality.parse_args(common + ["--skip_training", "--eval_split", "train_pairs"]))
+    quality.main(quality.parse_args(trained + ["--skip_training", "--eval_split", "train_pairs"]))
     assert "TRAIN prompts" in (work / "quality_train_pairs.md").read_text()
     assert (work / "eval_train_pairs" / "results.json").is_file() and (work / "eval" / "results.json").is_file()
 
@@ -91,6 +96,23 @@ def test_quality_benchmark_refuses_overrides_for_unknown_variants(tmp_path):
     assert quality.overrides_for("rlhf-sharpening", [mix]) == {"reward_model": "toy:1.0,brightness:0.5"}
     assert quality.overrides_for("rlhf-sharpening", [f"rlhf-sharpening:{mix}"]) == {"reward_model": "toy:1.0,brightness:0.5"}
     assert quality.overrides_for("sft-sharpening", [f"rlhf-sharpening:{mix}"]) == {}
+
+
+def test_benchmark_options_that_would_mislabel_a_run_or_leak_a_key_are_refused(tmp_path):
+    quality, response = load_benchmark("quality"), load_benchmark("reward_response")
+    for item, message in (("max_train_steps=120", "sets --max_train_steps itself; use its --steps"),
+                          ("rlhf-sharpening:output_dir=x", "sets --output_dir itself; use its --work_dir"),
+                          ("api_key=sk-123", "would be written to the logs")):
+        with pytest.raises(SystemExit, match=message):
+            quality.overrides_for("rlhf-sharpening", [item])
+    with pytest.raises(SystemExit, match="sets --pretrained_model_name_or_path itself"):
+        response.parse_args(["--variant", "mine=sft:pretrained_model_name_or_path=other"])
+    with pytest.raises(SystemExit):  # the reward of a run is --rewards'; the report would name the wrong one
+        response.parse_args(["--rewards", "toy", "--set", "reward_model=brightness"])
+    with pytest.raises(SystemExit, match="a weighted mix is not one of them"):  # its ',' broke evaluate's model specs after training
+        response.parse_args(["--rewards", "brightness:1.0,saturation:1.0"])
+    with pytest.raises(SystemExit, match="a ',' in a path"):
+        response.parse_args(["--rewards", "toy", "--work_dir", str(tmp_path / "a,b")])
 
 
 def test_reward_response_benchmark_end_to_end(tiny_sdxl, tmp_path):

@@ -291,3 +291,11 @@ def test_bases_of_different_sizes_need_resolution_before_any_model_runs(tiny_sdx
             "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
     with pytest.raises(ValueError, match=r"different resolutions \(sdxl: \d+ px, sd3: \d+ px\).*give --resolution"):
         evaluate.main(evaluate.parse_args(argv))
+
+
+def test_more_prompts_than_the_split_holds_is_an_error_not_a_silent_cut():
+    """The benchmarks print the number they asked for: 320 held-out prompts gave 112 while the reports said 320."""
+    args = evaluate.parse_args(["--model", "base=x", "--num_prompts", "320"])
+    with pytest.raises(ValueError, match="--num_prompts 320: the toy world's heldout split has only 112 prompts"):
+        evaluate.load_prompts(args)
+    assert len(evaluate.load_prompts(evaluate.parse_args(["--model", "base=x", "--num_prompts", "112"]))) == 112

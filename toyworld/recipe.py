@@ -2,6 +2,7 @@
 the two training scripts, how they are launched, and the training data they read."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +108,40 @@ def override_target(item: str) -> str:
     return item[:colon] if colon != -1 and (equals == -1 or colon < equals) else ""
 
 
+# Training flags the benchmarks set themselves, with the benchmark option that sets them: a --set or --variant value
+# would replace them unseen while the report still names the harness's value (another reward, step count or model).
+HARNESS_FLAGS = {"output_dir": "--work_dir", "max_train_steps": "--steps", "checkpointing_steps": "--eval_every",
+                 "pretrained_model_name_or_path": "--model", "resume_from_checkpoint": None}
+
+
+def check_settable(key: str, where: str) -> None:
+    """Refuse a training flag that the harness owns, or that holds a secret (it would be written to the run's log and
+    the report's JSON)."""
+    from rewards.base import SECRET_ARG_NAMES
+
+    if key in SECRET_ARG_NAMES:
+        raise SystemExit(f"{where}: --{key} would be written to the logs and the report; set it in the environment "
+                         "(OPENAI_API_KEY) instead.")
+    if key in HARNESS_FLAGS:
+        option = HARNESS_FLAGS[key]
+        raise SystemExit(f"{where}: the benchmark sets --{key} itself" + (f"; use its {option} option." if option else "."))
+
+
+def check_spec_parts(rewards: list[str], paths: dict[str, str]) -> None:
+    """Before any training: each benchmark reward must be one known reward (its name becomes a run folder and a model
+    name in evaluate.py's NAME=BASE,unet=PATH specs, where a ',' splits options), and no folder may hold a ','."""
+    from reward import parse_reward_spec
+
+    for reward in rewards:
+        entries = parse_reward_spec(reward)  # an unknown name fails here, not after the training
+        if len(entries) != 1 or entries[0][1] != 1.0 or reward != entries[0][0]:
+            raise SystemExit(f"reward {reward!r}: each benchmark run trains on one reward, named alone (its tables score "
+                             "each reward by itself); a weighted mix is not one of them.")
+    for flag, path in paths.items():
+        if "," in str(path):
+            raise SystemExit(f"{flag} {path!r}: a ',' in a path breaks evaluate.py's model specs; choose a folder without one.")
+
+
 def overrides_for(name: str, overrides: list[str]) -> dict:
     """The --set values that apply to variant `name`."""
     out = {}
@@ -116,6 +151,7 @@ def overrides_for(name: str, overrides: list[str]) -> dict:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
+        check_settable(key.lstrip("-"), f"--set {item!r}")
         if target in ("", name):
             out[key.lstrip("-")] = flag_value(value)
     return out
@@ -164,7 +200,27 @@ def launch(script: str, settings: dict, log: Path, threads: int | None = None) -
     if result.returncode != 0:
         tail = log.read_text().splitlines()[-40:]
         raise SystemExit(f"{script} failed (exit {result.returncode}); the end of {log}:\n" + "\n".join(tail))
+    (output / RUN_FLAGS_FILE).write_text(json.dumps({"script": script, **settings}, default=str, sort_keys=True, indent=1))
     return time.time() - started
+
+
+RUN_FLAGS_FILE = "benchmark_run_flags.json"  # what launch() trained a run with, for --skip_training to check
+
+
+def check_trained_with(script: str, settings: dict) -> None:
+    """--skip_training re-scores a run already in its folder: refuse unless it was trained with exactly these flags
+    (another --steps, --set or --variant would be reported as if the run had used it)."""
+    path = Path(settings["output_dir"]) / RUN_FLAGS_FILE
+    if not path.is_file():
+        raise SystemExit(f"--skip_training: {settings['output_dir']} holds no run this benchmark trained ({RUN_FLAGS_FILE} is "
+                         "missing); run without --skip_training.")
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps({"script": script, **settings}, default=str))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise SystemExit(f"--skip_training: {settings['output_dir']} was trained with other flags ("
+                         + "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+                         + "); rerun with the options it was trained with, or without --skip_training.")
 
 
 def training_captions(prompts: int | None = None) -> list[str]:
