@@ -256,8 +256,8 @@ def test_pred_on_a_flow_matching_model_fails_before_loading(tiny_sd3, tmp_path):
 
 def test_prompts_outside_the_toy_grammar_fail_or_warn_before_loading(tiny_sdxl, tmp_path, capsys):
     real = tmp_path / "real.txt"
-    real.write_text("a photo of a cat\na watercolour of a lighthouse\n")
-    with pytest.raises(ValueError, match="None of the 2 prompts is a toy-world caption.*--reward_model"):
+    real.write_text("a photo of a cat\na watercolour of a lighthouse\na city at night\n")
+    with pytest.raises(ValueError, match="None of the 3 prompts is a toy-world caption.*--reward_model"):
         _run(tmp_path, ["base=/no/such/model"], "--prompt_file", str(real))  # fails before the base would be read
 
     mixed = tmp_path / "mixed.txt"
