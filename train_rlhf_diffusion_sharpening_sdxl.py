@@ -23,7 +23,7 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening.data import DATASET_CAPTION_COLUMN, PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns
+from sharpening.data import DATASET_CAPTION_COLUMN, PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns, subset_rows
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
@@ -132,9 +132,10 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         caption_column = args.caption_column or DATASET_CAPTION_COLUMN
         require_columns(data, {"--caption_column": caption_column})
         prompts, stats = prompts_from_dataset(data, caption_column)
-    logger.warning("Prompts: %d (blank or missing skipped: %d, duplicates kept: %d).", stats["prompts"], stats["blank_skipped"], stats["duplicates"])
-    if args.max_train_samples is not None:
-        prompts = prompts[: args.max_train_samples]
+    if args.max_train_samples is not None and args.max_train_samples < len(prompts):
+        prompts = [prompts[i] for i in subset_rows(len(prompts), args.max_train_samples)]
+        logger.warning("--max_train_samples %d: training on %d of the %d prompts.", args.max_train_samples, len(prompts), stats["prompts"])
+    logger.warning("Prompts: %d (blank or missing skipped: %d, duplicates kept: %d).", len(prompts), stats["blank_skipped"], stats["duplicates"])
     return prompts
 
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening.data import DATASET_CAPTION_COLUMN, ImageTextDataset, collate_image_text, load_hf_dataset, require_columns
+from sharpening.data import DATASET_CAPTION_COLUMN, ImageTextDataset, collate_image_text, load_hf_dataset, require_columns, subset_rows
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> None:
     caption_column = args.caption_column or DATASET_CAPTION_COLUMN
     require_columns(data, {"--image_column": args.image_column, "--caption_column": caption_column})
     if args.max_train_samples is not None:
-        data = data.select(range(min(args.max_train_samples, len(data))))
+        data = data.select(subset_rows(len(data), args.max_train_samples))
     dataset = ImageTextDataset(data, args.image_column, caption_column, args.resolution, args.center_crop, args.random_flip, args.seed)
     trainer = Trainer(args, dataset, collate_image_text, needs_reference=False, variant="SFT")
     trainer.train(sft_step)

@@ -252,18 +252,27 @@ MODEL_CARD_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDi
 
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int, pipeline_class: str) -> None:
     kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else f"a complete {pipeline_class} with the trained denoiser"
+    # Sampled in the precision it was trained in: bf16 runs (and FLUX.1, whose activations overflow fp16) in bf16.
+    dtype = "torch.bfloat16" if args.mixed_precision == "bf16" or pipeline_class == "FluxPipeline" else "torch.float16"
+    where = json.dumps(str(Path(out).resolve()))  # from anywhere, not only from the folder the run started in
+    imports = f"import torch\nfrom diffusers import {pipeline_class}"
     if args.use_lora:
-        load = (f'pipe = {pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16)\n'
-                f'pipe.load_lora_weights("{out}")')
+        # The base exactly as trained on: its revision and weight variant, and a replacement VAE if one was used.
+        extra = "".join(f", {name}={json.dumps(value)}" for name, value in (("revision", args.revision), ("variant", args.variant)) if value)
+        if args.pretrained_vae_model_name_or_path:
+            imports = f"import torch\nfrom diffusers import AutoencoderKL, {pipeline_class}"
+            extra += f", vae=AutoencoderKL.from_pretrained({json.dumps(args.pretrained_vae_model_name_or_path)}, torch_dtype={dtype})"
+        load = (f"pipe = {pipeline_class}.from_pretrained({json.dumps(args.pretrained_model_name_or_path)}{extra}, torch_dtype={dtype})\n"
+                f"pipe.load_lora_weights({where})")
         if getattr(args, "prediction_type", None):  # the adapters were trained for it; the base's scheduler may say otherwise
             load += f'\npipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{args.prediction_type}")'
     else:
-        load = f'pipe = {pipeline_class}.from_pretrained("{out}", torch_dtype=torch.float16)'
+        load = f"pipe = {pipeline_class}.from_pretrained({where}, torch_dtype={dtype})"
     # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).
     tokens = getattr(args, "max_sequence_length", None)
     t5_row = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if tokens is not None and pipeline_class != "StableDiffusionXLPipeline" else ""
     text = f"""---
-base_model: {args.pretrained_model_name_or_path}
+base_model: {json.dumps(str(args.pretrained_model_name_or_path))}
 library_name: diffusers
 tags: [{MODEL_CARD_TAGS.get(pipeline_class, "diffusers")}, text-to-image, diffusion-sharpening, {variant.lower()}]
 ---
@@ -287,8 +296,7 @@ This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 250
 | seed | {args.seed} |
 
 ```python
-import torch
-from diffusers import {pipeline_class}
+{imports}
 {load}
 ```
 """

@@ -45,7 +45,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--caption_column", default=None,
                    help=f"Column of captions. Default: {DATASET_CAPTION_COLUMN!r} in a dataset; in a --prompt_file the first of "
                         "prompt, prompts, text, caption. Given, that column is required.")
-    g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the dataset (debugging, quick runs).")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on N rows (RLHF: prompts) drawn at random, the same N in every run (debugging, quick runs).")
     g.add_argument("--cache_dir", default=None)
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true")
@@ -172,7 +173,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--infer_steps must be between 1 and 1000.")
     for flag in ("checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps", "num_train_epochs",
                  "train_batch_size", "gradient_accumulation_steps", "lora_rank", "num_validation_images",
-                 "checkpoints_total_limit", "validation_steps"):
+                 "checkpoints_total_limit", "validation_steps", "max_train_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1.")
     for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every"):

@@ -60,15 +60,31 @@ def require_columns(dataset, wanted: dict[str, str]) -> None:
 
 
 def caption_text(value, rng: np.random.Generator) -> str | None:
-    """A usable caption, or None for a bad row. Lists of captions pick one (as diffusers does)."""
+    """A usable caption, or None for a bad row. Lists of captions pick one of their usable entries (as diffusers
+    picks one). Numbers are kept as text; a value that is not text (a dict, bytes, a struct column) is an error
+    naming the column, since its Python repr would be trained on as a caption."""
     if isinstance(value, (list, tuple)):
-        value = value[rng.integers(len(value))] if len(value) else None
-    if value is None:
+        usable = [text for text in (caption_text(v, rng) for v in value) if text is not None]
+        return usable[rng.integers(len(usable))] if usable else None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if not isinstance(value, str):
-        value = str(value)  # numbers etc. are kept, never dropped
-    value = value.strip()
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise CaptionTypeError(f"a caption of type {type(value).__name__} ({str(value)[:60]!r}): --caption_column must "
+                               "name a column of text (or of lists of texts)")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a numeric CSV column reads as float: 1984 -> "1984", not "1984.0"
+    value = str(value).strip()
     return value or None
+
+
+class CaptionTypeError(TypeError):
+    """The caption column does not hold text: a wrong --caption_column, not a bad row."""
+
+
+def caption_variants(value) -> list[str]:
+    """Every usable caption of a row (a list gives each of its entries), for prompts-only training."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [text for text in (caption_text(v, np.random.default_rng(0)) for v in values) if text is not None]
 
 
 def _open_image(value) -> Image.Image:
@@ -86,13 +102,38 @@ def _open_image(value) -> Image.Image:
         raise ValueError(f"unsupported image value {type(value).__name__} {str(value)[:80]!r}")
     image.load()  # decode now, so a truncated file fails here and not in the middle of a batch
     # Upright as the camera meant it (an EXIF Orientation tag), as datasets' own Image decoder does.
-    return ImageOps.exif_transpose(image).convert("RGB")
+    return to_rgb_on_white(ImageOps.exif_transpose(image))
+
+
+def to_rgb_on_white(image: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows the image: transparency (RGBA, LA, a palette's transparent index) over white, not
+    the black its transparent pixels usually store; 16-bit and float greyscale scaled into 0-255, where convert("RGB")
+    clips (a mid-grey 16-bit PNG became pure white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _row_name(value, index: int) -> str:
     if isinstance(value, dict) and value.get("path"):
         return f"row {index} ({value['path']})"
     return f"row {index}"
+
+
+def subset_rows(total: int, wanted: int) -> list[int]:
+    """--max_train_samples: `wanted` of `total` rows drawn at random, in their order, the same in every run and on
+    every process (a fixed seed: --seed differs between processes when it is not given). The first rows would not be
+    a sample of a dataset sorted by source, style or length."""
+    if wanted >= total:
+        return list(range(total))
+    return sorted(np.random.default_rng(0).choice(total, wanted, replace=False).tolist())
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -121,6 +162,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __init__(self, hf_dataset, image_column: str, caption_column: str, resolution: int, center_crop: bool, random_flip: bool, seed: int):
         import datasets
 
+        # Only the two columns read: another image column (a ControlNet condition, a mask) would be decoded on every
+        # row, and a bad file there would fail the row's read outside the bad-row accounting.
+        hf_dataset = hf_dataset.select_columns([image_column, caption_column])
         if isinstance(hf_dataset.features.get(image_column), datasets.Image):
             # Decode ourselves, so one corrupt file is a counted skip instead of a crash inside `datasets`.
             hf_dataset = hf_dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -175,6 +219,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, i])
             try:
                 return {**self._load(i, rng), "bad_rows": errors[:1]}
+            except CaptionTypeError as err:  # the column's fault, not the row's
+                raise ValueError(f"--caption_column {self.caption_column!r}, row {i}: {err}.") from None
             except Exception as err:  # a corrupt file or caption is the row's fault; it is named and counted
                 errors.append(f"{_row_name(self.data[i][self.image_column], i)}: {err}")
                 if offset == 0:
@@ -283,12 +329,16 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
         values = file_lines(path)
     else:
         raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")
-    rng = np.random.default_rng(0)
-    texts = [caption_text(v, rng) for v in values]
-    prompts = [t for t in texts if t is not None]
+    records = []  # each record's usable prompts: a list of them gives each (as a dataset's caption lists do)
+    for number, value in enumerate(values, start=1):
+        try:
+            records.append(caption_variants(value))
+        except CaptionTypeError as err:
+            raise ValueError(f"--prompt_file {str(path)!r}, record {number}: {err}.") from None
+    prompts = [text for texts in records for text in texts]
     if not prompts:
         raise ValueError(f"--prompt_file {str(path)!r} holds no prompt.")
-    stats = {"prompts": len(prompts), "blank_skipped": len(texts) - len(prompts), "duplicates": len(prompts) - len(set(prompts))}
+    stats = {"prompts": len(prompts), "blank_skipped": sum(not texts for texts in records), "duplicates": len(prompts) - len(set(prompts))}
     return prompts, stats
 
 
@@ -311,16 +361,16 @@ def collate_prompts(examples: list[dict]) -> dict:
 
 
 def prompts_from_dataset(hf_dataset, caption_column: str) -> tuple[list[str], dict]:
-    """Captions of a dataset as RLHF prompts (images are never decoded). Rows without a usable caption
-    are skipped and counted."""
+    """Captions of a dataset as RLHF prompts (images are never decoded): every usable caption, so a row with a list
+    of captions (COCO's five) gives each of them. Rows without a usable caption are skipped and counted."""
     prompts, bad = [], 0
-    rng = np.random.default_rng(0)
-    for value in hf_dataset.select_columns([caption_column])[caption_column]:
-        text = caption_text(value, rng)
-        if text is None:
-            bad += 1
-        else:
-            prompts.append(text)
+    for row, value in enumerate(hf_dataset.select_columns([caption_column])[caption_column]):
+        try:
+            texts = caption_variants(value)
+        except CaptionTypeError as err:
+            raise ValueError(f"--caption_column {caption_column!r}, row {row}: {err}.") from None
+        bad += not texts
+        prompts.extend(texts)
     if not prompts:
         raise ValueError(f"Column {caption_column!r} holds no usable prompt.")
     return prompts, {"prompts": len(prompts), "blank_skipped": bad, "duplicates": len(prompts) - len(set(prompts))}

@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -965,3 +966,61 @@ def test_a_clean_rollout_is_the_last_x0_prediction_not_the_last_noisy_state():
 
 def _per_sample_abar(ddim, t, like):
     return ddim.alpha_bar(t).to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def test_images_become_rgb_as_a_viewer_shows_them():
+    """Transparent pixels over white (they store black: convert('RGB') showed black corners), 16-bit greyscale
+    scaled (convert('RGB') clipped a mid-grey 16-bit PNG to pure white)."""
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((1, 1), (255, 0, 0, 255))
+    out = np.asarray(sdata.to_rgb_on_white(rgba))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [255, 0, 0]
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([0, 0, 0, 0, 128, 0])
+    palette.putpixel((1, 1), 1)
+    palette.info["transparency"] = 0
+    out = np.asarray(sdata.to_rgb_on_white(palette))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [0, 128, 0]
+    grey16 = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert abs(int(np.asarray(sdata.to_rgb_on_white(grey16))[0, 0, 0]) - 128) <= 1
+    assert sdata.to_rgb_on_white(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_captions_that_are_not_text_are_refused_and_lists_skip_empty_entries(tmp_path):
+    rng = np.random.default_rng(0)
+    assert sdata.caption_text(1984.0, rng) == "1984" and sdata.caption_text(float("nan"), rng) is None
+    assert {sdata.caption_text(["", "a cat", None], np.random.default_rng(s)) for s in range(20)} == {"a cat"}
+    for value in ({"en": "a cat"}, b"a cat", [{"raw": "a cat"}]):
+        with pytest.raises(sdata.CaptionTypeError, match="--caption_column must name a column of text"):
+            sdata.caption_text(value, rng)
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": [["a cat", "a dog"], [], ["a fox"]]})
+    assert sdata.prompts_from_dataset(rows, "text") == (["a cat", "a dog", "a fox"], {"prompts": 3, "blank_skipped": 1, "duplicates": 0})
+    structs = datasets.Dataset.from_dict({"meta": [{"en": "a cat"}]})
+    with pytest.raises(ValueError, match="--caption_column 'meta', row 0: a caption of type dict"):
+        sdata.prompts_from_dataset(structs, "meta")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": ["a cat", "a dog"]}\n{"prompt": {"en": "x"}}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl', record 2: a caption of type dict"):
+        sdata.read_prompt_file(jsonl)
+
+
+def test_only_the_image_and_caption_columns_are_read(tmp_path):
+    """Another image column (a ControlNet condition, a mask) was decoded on every row, and a missing file there
+    failed the read outside the bad-row accounting."""
+    import datasets
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(good)
+    rows = datasets.Dataset.from_dict({"image": [str(good)] * 2, "mask": [str(good), str(tmp_path / "gone.png")],
+                                       "text": ["a red square"] * 2}).cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    dataset = sdata.ImageTextDataset(rows, "image", "text", 8, True, False, seed=0)
+    assert dataset[1]["bad_rows"] == [] and dataset[1]["caption"] == "a red square"
+
+
+def test_max_train_samples_draws_the_same_random_rows_everywhere():
+    """A random subset (the first N of a sorted dataset are no sample of it), identical across runs and processes."""
+    rows = sdata.subset_rows(1000, 10)
+    assert rows == sdata.subset_rows(1000, 10) and rows == sorted(rows) and len(set(rows)) == 10
+    assert rows != list(range(10)) and sdata.subset_rows(5, 10) == [0, 1, 2, 3, 4]

@@ -191,7 +191,7 @@ def test_per_prompt_logs_are_means_over_the_prompts_of_the_update():
 
 @pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps",
                                   "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images",
-                                  "checkpoints_total_limit", "validation_steps"])
+                                  "checkpoints_total_limit", "validation_steps", "max_train_samples"])
 def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag} must be >= 1"):
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **{flag: 0}))
@@ -929,3 +929,25 @@ def test_a_reward_that_breaks_the_contract_fails_with_a_message():
         with pytest.raises(ValueError, match=f"reward '{broken.name}' returned total of shape {shape} for 4 images"):
             WeightedSumReward([(Fine(), 1.0), (broken, 0.5)]).evaluate(images, ["p"] * 4)
     assert WeightedSumReward([(Fine(), 2.0)]).evaluate(images, ["p"] * 4).total.tolist() == [2.0] * 4
+
+
+def test_the_model_cards_snippet_loads_the_model_as_it_was_trained(tiny_sdxl, tmp_path, monkeypatch):
+    """bf16 runs load in bf16; a LoRA's base at its revision and variant, with the VAE it was trained with; the
+    output by its absolute path; a base path holding ': ' keeps the YAML front matter valid."""
+    import yaml
+
+    from sharpening.checkpoint import write_model_card
+
+    monkeypatch.chdir(tmp_path)
+    args = sft.parse_args(tiny_args(tiny_sdxl, "out", train_data_dir=write_image_folder(tmp_path / "data"), use_lora=True,
+                                    mixed_precision="bf16", revision="abc123", variant="fp16",
+                                    pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix"))
+    args.pretrained_model_name_or_path = "/models/sdxl: base"
+    (tmp_path / "out").mkdir()
+    write_model_card(args, Path("out"), "SFT", 3, "StableDiffusionXLPipeline")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["base_model"] == "/models/sdxl: base"
+    code = card.split("```python\n")[1].split("```")[0]
+    compile(code, "card", "exec")
+    assert 'revision="abc123", variant="fp16", vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in code
+    assert "torch_dtype=torch.bfloat16" in code and f'load_lora_weights("{tmp_path / "out"}")' in code
