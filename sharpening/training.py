@@ -346,8 +346,8 @@ class Trainer:
 
     def gather_logs(self, window: "UpdateWindow") -> dict[str, float]:
         """The update's logs over ALL processes (every rank calls this): the loss is the mean over every trained
-        prompt of the window, trained_prompts and the reward's counters are sums, other metrics the mean of the
-        processes' values. Without it a tracker would show rank 0's share only."""
+        prompt of the window, trained_prompts and the reward's counters are sums, per-prompt metrics (PooledMean) the
+        mean over every prompt or candidate of the window, other metrics the mean of the processes' values. Without it a tracker would show rank 0's share only."""
         from accelerate.utils import gather_object
 
         local = {"logs": window.logs(), "pooled": window.pooled, "loss_sum": window.loss_sum, "num_trained": window.num_trained,
