@@ -109,7 +109,7 @@ def override_target(item: str) -> str:
 
 
 # Training flags the benchmarks set themselves, with the benchmark option that sets them: a --set or --variant value
-# would replace them unseen while the report still names the harness's value (another reward, step count or model).
+# would replace them unseen while the report still names the harness's value (another step count, folder or model).
 HARNESS_FLAGS = {"output_dir": "--work_dir", "max_train_steps": "--steps", "checkpointing_steps": "--eval_every",
                  "pretrained_model_name_or_path": "--model", "resume_from_checkpoint": None}
 
