@@ -269,6 +269,10 @@ def resolve_models(args) -> None:
     native = {}
     for spec in args.models:
         family = family_of(spec.base, args.revision)
+        if spec.unet:
+            denoiser_folder(spec, family.DENOISER)
+        if spec.lora:
+            lora_weights(spec)
         check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale, f"--model {spec.name} ({family.PIPELINE_CLASS})")
         if args.resolution is not None:
             check_resolution(family, spec.base, args.resolution, args.revision)
@@ -297,24 +301,53 @@ def resolve_models(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------- models
+def denoiser_folder(spec: ModelSpec, name: str) -> Path:
+    """unet=PATH: a full fine-tune's output (PATH/unet or PATH/transformer) or that folder itself."""
+    path = Path(spec.unet)
+    folder = path / name if (path / name / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {spec.name}: unet={spec.unet} holds no {name}/config.json nor config.json: give a "
+                                f"full fine-tune's output or its checkpoint-N folder (a LoRA's output goes in lora=).")
+    return folder
+
+
+def lora_weights(spec: ModelSpec) -> Path:
+    path = Path(spec.lora)
+    weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--model {spec.name}: no LoRA weights at {weights}.")
+    return weights
+
+
 def load_unet(spec: ModelSpec, family, args, device, dtype):
     """The base denoiser (SDXL's UNet, SD3's transformer), with a full fine-tune's weights or LoRA adapters applied."""
     cls, name = family.denoiser_class(), family.DENOISER
     if spec.unet:
-        path = Path(spec.unet)
-        folder = path / name if (path / name / "config.json").is_file() else path
-        unet = cls.from_pretrained(folder)
+        unet = cls.from_pretrained(denoiser_folder(spec, name))
     else:
         unet = cls.from_pretrained(spec.base, subfolder=name, revision=args.revision, variant=args.variant)
     unet = _move(unet, device, dtype)
     if spec.lora:
-        path = Path(spec.lora)
-        weights = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"--model {spec.name}: no LoRA weights at {weights}.")
+        weights = lora_weights(spec)
         unet.load_lora_adapter(str(weights), prefix=name, adapter_name="evaluated")
+        check_lora_applied(spec, weights, unet, name)
         unet.fuse_lora()  # inference cost of the base model, as after merging
     return unet.eval().requires_grad_(False)
+
+
+def check_lora_applied(spec: ModelSpec, weights: Path, denoiser, name: str) -> None:
+    """Every adapted layer of the file found its module. diffusers only warns when no key matches the prefix ("safe
+    to ignore"), and the model would then be scored as its base."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as handle:
+        keys = list(handle.keys())
+    wanted = {key.rsplit(".lora_A", 1)[0] for key in keys if key.startswith(f"{name}.") and ".lora_A" in key}
+    found = sum(1 for _, module in denoiser.named_modules() if "evaluated" in getattr(module, "lora_A", {}))
+    if not wanted or found < len(wanted):
+        prefixes = sorted({key.split(".")[0] for key in keys})
+        raise ValueError(f"--model {spec.name}: the LoRA {weights} adapts {found} of {len(wanted)} layers of {spec.base}'s {name} "
+                         f"(its keys start with {prefixes}): a LoRA of another model family or base?")
 
 
 def _move(module, device, dtype):

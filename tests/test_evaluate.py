@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -299,3 +300,22 @@ def test_more_prompts_than_the_split_holds_is_an_error_not_a_silent_cut():
     with pytest.raises(ValueError, match="--num_prompts 320: the toy world's heldout split has only 112 prompts"):
         evaluate.load_prompts(args)
     assert len(evaluate.load_prompts(evaluate.parse_args(["--model", "base=x", "--num_prompts", "112"]))) == 112
+
+
+def test_a_lora_or_unet_that_does_not_fit_fails_before_any_model_is_scored(tiny_sdxl, tmp_path, monkeypatch):
+    """A LoRA of another family (keys 'transformer.') loaded with diffusers' 'safe to ignore' warning and was scored
+    as the base (+0.000 ± 0.000); a LoRA or unet= folder without weights failed after the models before it."""
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}, str(wrong / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match=r"--model ft: the LoRA .* adapts 0 of 0 layers .*\['transformer'\]\): a LoRA of another model family"):
+        _run(tmp_path, [f"base={tiny_sdxl}", f"ft={tiny_sdxl},lora={wrong}"])
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("a model was sampled before the specs were checked"))
+    with pytest.raises(FileNotFoundError, match=r"--model ft: no LoRA weights at"):
+        _run(tmp_path, [f"base={tiny_sdxl}", f"ft={tiny_sdxl},lora={tmp_path / 'empty'}"])
+    with pytest.raises(FileNotFoundError, match=r"--model ft: unet=.* holds no unet/config.json nor config.json"):
+        _run(tmp_path, [f"base={tiny_sdxl}", f"ft={tiny_sdxl},unet={tmp_path / 'empty'}"])
