@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline!r} is not one of the models {names}.")
+    if args.steps < 1:
+        p.error("--steps must be >= 1.")
     if not 1 <= args.images_per_prompt <= 1009:  # the noise seeds of prompt i + 1 start where 1009 images of prompt i end
         p.error("--images_per_prompt must be between 1 and 1009.")
     if args.num_prompts is not None and args.num_prompts < 1:

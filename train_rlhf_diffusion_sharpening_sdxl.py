@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir; its captions: --caption_column, default text)")
     if args.num_noisy_latents < 2:
         parser.error("--num_noisy_latents must be >= 2 in RLHF: the loss compares the best and the worst trajectory")
+    if not args.beta_dpo > 0 or args.reward_margin_scale < 0:
+        parser.error("--beta_dpo must be > 0 and --reward_margin_scale >= 0: a negative one trains away from the preferred "
+                     "trajectories, beta 0 trains nothing.")
     if args.dpo_target != "fresh":
         refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
                             f"they shape freshly drawn noise levels (--dpo_target fresh); --dpo_target {args.dpo_target} trains on the states its paths visit")

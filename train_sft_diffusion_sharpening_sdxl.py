@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
              "reward-seeking target from drifting away from the data; 0 = off).",
     )
     args = parser.parse_args(argv)
+    if args.data_anchor_weight < 0:
+        parser.error("--data_anchor_weight must be >= 0 (a negative weight pushes away from the data).")
     refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
                         "they shape freshly drawn noise levels (RLHF's --dpo_target fresh); SFT trains on the states its paths visit")
     validate_training_args(args)

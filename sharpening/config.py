@@ -3,6 +3,7 @@ train_text_to_image_sdxl.py where they exist there."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 
@@ -200,8 +201,16 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:
         raise ValueError("--decode_batch_size must be >= 1 (or left out for the resolution's default).")
-    if args.resolution % 8:
-        raise ValueError("--resolution must be divisible by 8.")
+    if args.resolution < 8 or args.resolution % 8:
+        raise ValueError("--resolution must be a positive multiple of 8.")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise ValueError("--lora_alpha must be > 0 (leave it out for alpha = rank).")
+    trackers = [] if args.report_to in (None, "all", "none", "") else [name.strip() for name in args.report_to.split(",")]
+    for tracker in trackers:
+        if tracker in ("wandb", "tensorboard", "comet_ml", "mlflow", "aim", "clearml", "dvclive") and importlib.util.find_spec(tracker) is None:
+            # accelerate only warns and trains on with no tracking at all
+            raise ValueError(f"--report_to {tracker}: the package is not installed; `pip install {tracker}`, or use "
+                             "--report_to tensorboard / none.")
     if args.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401

@@ -209,6 +209,9 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag)
     ({"learning_rate": 0}, "--learning_rate must be > 0"),
     ({"adam_beta1": 1.0}, "--adam_beta1 and --adam_beta2 must be in \\[0, 1\\)"),
     ({"lr_warmup_steps": -1}, "--lr_warmup_steps must be >= 0"),
+    ({"resolution": 0}, "--resolution must be a positive multiple of 8"),  # was blamed on the data after loading
+    ({"use_lora": True, "lora_alpha": 0}, "--lora_alpha must be > 0"),  # `alpha or rank` turned 0 into the rank
+    ({"report_to": "aim"}, "--report_to aim: the package is not installed"),  # accelerate trained on with no tracking
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
@@ -217,6 +220,19 @@ def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_s
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **flags))
     with pytest.raises(SystemExit):  # argparse's choices: diffusers' get_scheduler would fail after loading
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, lr_scheduler="cosine_annealing"))
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("rlhf", {"beta_dpo": 0}, "--beta_dpo must be > 0"),  # beta 0: the UNet stayed bit-identical while steps 'updated'
+    ("rlhf", {"reward_margin_scale": -1}, "--reward_margin_scale >= 0"),
+    ("sft", {"data_anchor_weight": -1}, "--data_anchor_weight must be >= 0"),
+])
+def test_objective_weights_that_invert_or_cancel_training_are_refused(tiny_sdxl, tmp_path, capsys, script, flags, message):
+    module = {"sft": sft, "rlhf": rlhf}[script]
+    data = {"train_data_dir": tmp_path} if script == "sft" else {"prompt_file": tmp_path / "p.txt"}
+    with pytest.raises(SystemExit):
+        module.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", **data, **flags))
+    assert message in capsys.readouterr().err
 
 
 def test_family_only_flags_are_refused_before_any_weight_loads(tiny_sd3, tmp_path, monkeypatch):
