@@ -119,6 +119,9 @@ def load_scoring_items(images_dir: Path, prompts_file: Path | None) -> list[tupl
 def _items_from_prompt_lines(images_dir: Path, prompts_file: Path) -> list[tuple[Path, str]]:
     if not prompts_file.is_file():
         raise FileNotFoundError(f"--prompts {prompts_file}: no such file.")
+    if prompts_file.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
+        raise ValueError(f"--prompts {prompts_file}: give a text file, one prompt per line in sorted image-name order; for "
+                         f"records, write {images_dir}/metadata.jsonl with file_name and text and leave --prompts out.")
     prompts = file_lines(prompts_file)  # as the training scripts read prompt files
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -126,6 +129,9 @@ def _items_from_prompt_lines(images_dir: Path, prompts_file: Path) -> list[tuple
     if len(prompts) != len(images):
         raise ValueError(f"--prompts {prompts_file} has {len(prompts)} lines but {images_dir} has {len(images)} "
                          "images; give one prompt per image, in sorted file-name order.")
+    blank = [number for number, prompt in enumerate(prompts, start=1) if not prompt.strip()]
+    if blank:  # scored against "" the image would get a number that says nothing about its prompt
+        raise ValueError(f"--prompts {prompts_file}: line(s) {blank[:10]} are blank; every image needs its prompt.")
     return list(zip(images, prompts))
 
 
@@ -141,8 +147,8 @@ def _items_from_metadata(images_dir: Path, metadata: Path) -> list[tuple[Path, s
         missing = [column for column in ("file_name", "text") if not isinstance(row, dict) or column not in row]
         if missing:
             raise ValueError(f"{metadata}:{number}: missing column(s) {missing}; each line needs file_name and text.")
-        if not isinstance(row["text"], str):
-            raise ValueError(f"{metadata}:{number}: text is {row['text']!r}; give each image its prompt as a string.")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError(f"{metadata}:{number}: text is {row['text']!r}; give each image its prompt as a non-empty string.")
         path = images_dir / str(row["file_name"])
         if not path.is_file():
             raise FileNotFoundError(f"{metadata}:{number}: image {row['file_name']!r} not found in {images_dir}.")
@@ -156,21 +162,28 @@ def score_items(reward: Reward, items: list[tuple[Path, str]], chunk: int) -> li
     rows: list[dict[str, Any]] = []
     for s in chunks(len(items), chunk):
         batch = items[s]
-        images = []
+        images, readable = [], []
         for path, _ in batch:
             try:
                 with Image.open(path) as image:
                     image.load()
                     images.append(image.copy())
+                readable.append(True)
             except (OSError, SyntaxError) as err:  # PIL raises these for truncated or non-image files
-                raise ValueError(f"{path}: cannot read the image ({err}).") from None
-        out = checked_evaluate(reward, images, [prompt for _, prompt in batch])
-        for i, (path, prompt) in enumerate(batch):
+                print(f"[reward] skipped {path}: cannot read the image ({err}); scored NaN", file=sys.stderr, flush=True)
+                readable.append(False)
+        out = checked_evaluate(reward, images, [prompt for (_, prompt), ok in zip(batch, readable) if ok]) if images else None
+        scored = iter(range(len(images)))
+        for (path, prompt), ok in zip(batch, readable):
             row: dict[str, Any] = {"file": path.name, "prompt": prompt}
-            row.update({name: float(values[i]) for name, values in out.components.items()})
-            row["total"] = float(out.total[i])
+            i = next(scored) if ok else None
+            if out is not None and i is not None:
+                row.update({name: float(values[i]) for name, values in out.components.items()})
+                row["total"] = float(out.total[i])
             rows.append(row)
-    return rows
+    # One set of columns for every row: an unreadable image's row (and a batch of only such) is NaN in each.
+    columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("file", "prompt", "total"))) + ["total"]
+    return [{"file": row["file"], "prompt": row["prompt"], **{c: row.get(c, float("nan")) for c in columns}} for row in rows]
 
 
 def _column_means(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, float]:

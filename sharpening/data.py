@@ -252,9 +252,15 @@ DATASET_CAPTION_COLUMN = "text"  # a dataset's caption column when --caption_col
 
 def file_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file, without a byte-order mark (utf-8-sig: Windows editors write one, which would
-    start the first line), split on "\n" alone (a "\r" before it dropped). str.splitlines also splits on U+2028,
-    U+0085, \x0c and others, which can sit inside a prompt and would make two prompts of one."""
-    lines = Path(path).read_text(encoding="utf-8-sig").split("\n")
+    start the first line), or of a UTF-16 one that starts with its byte-order mark (PowerShell 5's `>` writes those),
+    split on "\n" alone (a "\r" before it dropped). str.splitlines also splits on U+2028, U+0085, \x0c and others,
+    which can sit inside a prompt and would make two prompts of one."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-16") if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8.") from None
+    lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line starts no new one
     return [line.removesuffix("\r") for line in lines]

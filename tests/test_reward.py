@@ -403,8 +403,12 @@ def test_command_with_prompts_file(clip_twin, tmp_path, capsys):
     ("missing_column", ValueError, r"metadata.jsonl:2: missing column\(s\) \['text'\]"),
     ("missing_image", FileNotFoundError, "metadata.jsonl:1: image 'nope.png' not found"),
     ("bad_json", ValueError, "metadata.jsonl:1: not valid JSON"),
-    ("null_text", ValueError, "metadata.jsonl:1: text is None; give each image its prompt as a string"),
+    ("null_text", ValueError, "metadata.jsonl:1: text is None; give each image its prompt as a non-empty string"),
+    ("empty_text", ValueError, "metadata.jsonl:1: text is ''; give each image its prompt as a non-empty string"),
     ("line_count", ValueError, "has 2 lines but .* has 3 images"),
+    ("blank_line", ValueError, r"line\(s\) \[2\] are blank; every image needs its prompt"),  # was scored against ""
+    ("jsonl_prompts", ValueError, "give a text file, one prompt per line"),  # its lines were scored as prompts, JSON and all
+    ("latin1", ValueError, "p.txt is not UTF-8 text .* save it as UTF-8"),
 ])
 def test_command_input_errors(tmp_path, setup, error, match):
     folder = _folder(tmp_path)
@@ -417,9 +421,20 @@ def test_command_input_errors(tmp_path, setup, error, match):
         (folder / "metadata.jsonl").write_text('{"file_name": "img_0.png", "text": null}\n')
     elif setup == "bad_json":
         (folder / "metadata.jsonl").write_text('{"file_name": \n')
+    elif setup == "empty_text":
+        (folder / "metadata.jsonl").write_text('{"file_name": "img_0.png", "text": ""}\n')
     elif setup == "line_count":
         prompts = tmp_path / "p.txt"
         prompts.write_text("a\nb\n")
+    elif setup == "blank_line":
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a\n \nc\n")
+    elif setup == "jsonl_prompts":
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    elif setup == "latin1":
+        prompts = tmp_path / "p.txt"
+        prompts.write_bytes("caf\xe9\nb\nc\n".encode("latin-1"))
     with pytest.raises(error, match=match):
         R.load_scoring_items(folder, prompts)
 
@@ -435,6 +450,29 @@ def test_command_prompt_readers_split_lines_on_newline_only(tmp_path):
     (folder / "metadata.jsonl").write_bytes(("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)).encode())
     items = R.load_scoring_items(folder, None)
     assert [(path.name, text) for path, text in items] == [("img_1.png", "x\u2028y"), ("img_2.png", "z")]
+
+
+def test_a_utf16_prompt_file_reads_like_utf8(tmp_path):
+    """PowerShell 5's `>` writes UTF-16 with a byte-order mark: it failed with a bare UnicodeDecodeError naming no file."""
+    folder = _folder(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("a cat\r\nb\r\nc\r\n".encode("utf-16"))
+    assert [text for _, text in R.load_scoring_items(folder, prompts)] == ["a cat", "b", "c"]
+
+
+def test_an_unreadable_image_is_scored_nan_and_the_rest_are_scored(clip_twin, tmp_path, capsys):
+    """One truncated file ended the whole run (and, with a paid grader, every batch before it) without a table."""
+    folder = _folder(tmp_path)
+    data = (folder / "img_1.png").read_bytes()
+    (folder / "img_1.png").write_bytes(data[: len(data) // 2])
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"img_{i}.png", "text": f"a cat {i}"}) for i in range(3)))
+    out_json = tmp_path / "scores.json"
+    assert R.main(["--reward_model", "clip", "--images", str(folder), "--json", str(out_json), "--device", "cpu", "--chunk_size", "1",
+                   "--clip_model", clip_twin.clip_model, "--clip_pretrained", clip_twin.clip_pretrained]) == 0
+    captured = capsys.readouterr()
+    assert "mean (3 images, 1 NaN)" in captured.out and "skipped" in captured.err and "img_1.png" in captured.err
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["total"] is None for r in results] == [False, True, False] and set(results[1]) == set(results[0])
 
 
 def test_command_rejects_unknown_reward_before_loading(capsys):
