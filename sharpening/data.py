@@ -37,6 +37,9 @@ def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, datase
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             data = datasets.load_from_disk(str(path))
         elif path.is_dir() and train_data_dir:
+            for metadata in (path / "metadata.jsonl", path / "metadata.csv"):
+                if metadata.is_file() and not metadata.read_bytes().strip():
+                    raise ValueError(f"{metadata} is empty: it needs a row per image with file_name and its caption")
             data = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         else:
             # A hub id, or a local folder given as --dataset_name: often a copy of a hub dataset (data/train-*.parquet,
@@ -56,7 +59,11 @@ def require_columns(dataset, wanted: dict[str, str]) -> None:
     missing = {flag: col for flag, col in wanted.items() if col not in dataset.column_names}
     if missing:
         detail = ", ".join(f"{flag}={col!r}" for flag, col in missing.items())
-        raise ValueError(f"Column(s) not in the dataset: {detail}. Available columns: {dataset.column_names}.")
+        hint = ""
+        if "--caption_column" in missing and set(dataset.column_names) <= {"image", "label"}:
+            hint = (" An imagefolder gets its captions from a metadata.jsonl or metadata.csv beside the images, with a "
+                    "file_name column and a caption column (`text`, or the one --caption_column names).")
+        raise ValueError(f"Column(s) not in the dataset: {detail}. Available columns: {dataset.column_names}.{hint}")
 
 
 def caption_text(value, rng: np.random.Generator) -> str | None:

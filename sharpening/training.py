@@ -141,6 +141,9 @@ class Trainer:
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         )
+        if len(dataset) < args.train_batch_size * acc.num_processes:  # known now: say so before minutes of loading
+            raise ValueError(f"The data ({len(dataset)} rows) do not fill one batch of --train_batch_size {args.train_batch_size} on "
+                             f"each of the {acc.num_processes} process(es): lower --train_batch_size or give more data.")
         # Every rank must share one seed (data order is sharded from it); without --seed each drew its own.
         args.seed = broadcast_object_list([args.seed])[0]
         if hasattr(dataset, "seed"):

@@ -1024,3 +1024,16 @@ def test_max_train_samples_draws_the_same_random_rows_everywhere():
     rows = sdata.subset_rows(1000, 10)
     assert rows == sdata.subset_rows(1000, 10) and rows == sorted(rows) and len(set(rows)) == 10
     assert rows != list(range(10)) and sdata.subset_rows(5, 10) == [0, 1, 2, 3, 4]
+
+
+def test_an_imagefolder_without_captions_says_where_captions_come_from(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    data = sdata.load_hf_dataset(None, str(folder))
+    with pytest.raises(ValueError, match=r"--caption_column='text'.*metadata.jsonl or metadata.csv beside the images"):
+        sdata.require_columns(data, {"--image_column": "image", "--caption_column": "text"})
+    (folder / "metadata.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"metadata.jsonl is empty: it needs a row per image"):  # was an IndexError from datasets
+        sdata.load_hf_dataset(None, str(folder))

@@ -235,6 +235,15 @@ def test_objective_weights_that_invert_or_cancel_training_are_refused(tiny_sdxl,
     assert message in capsys.readouterr().err
 
 
+def test_data_smaller_than_one_batch_is_refused_before_the_models_load(tiny_sdxl, tmp_path, monkeypatch):
+    from sharpening import sdxl
+
+    monkeypatch.setattr(sdxl, "load", lambda *a, **k: pytest.fail("loaded the model before counting the data"))
+    with pytest.raises(ValueError, match=r"The data \(1 rows\) do not fill one batch of --train_batch_size 2 .* lower --train_batch_size"):
+        sft_trainer(tiny_sdxl, tmp_path, count=1)
+    reset_accelerate_state()
+
+
 def test_family_only_flags_are_refused_before_any_weight_loads(tiny_sd3, tmp_path, monkeypatch):
     from sharpening import sd3
 
