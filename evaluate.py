@@ -149,10 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         models = [parse_model_spec(m) for m in args.model]
         if args.models_json:
-            for name, spec in json.loads(Path(args.models_json).read_text()).items():
-                models.append(ModelSpec(name, spec["base"], spec.get("unet"), spec.get("lora"), spec.get("pred")))
-                check_pred(models[-1])
-    except ValueError as error:
+            models += models_from_json(Path(args.models_json))
+    except (ValueError, OSError) as error:
         p.error(str(error))
     if args.pretrained_model_name_or_path:
         models.append(ModelSpec("model", args.pretrained_model_name_or_path, args.unet, args.lora, args.prediction_type))
@@ -192,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for label, path in (("unet", m.unet), ("lora", m.lora)):
             if path and not Path(path).exists():
                 p.error(f"--model {m.name}: {label} path {path!r} does not exist.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        p.error(f"--output_dir {args.output_dir} is a file; give a folder.")
     return args
 
 
@@ -319,6 +319,27 @@ def lora_weights(spec: ModelSpec) -> Path:
     if not weights.is_file():
         raise FileNotFoundError(f"--model {spec.name}: no LoRA weights at {weights}.")
     return weights
+
+
+def models_from_json(path: Path) -> list[ModelSpec]:
+    """--models_json: {"NAME": {"base": ..., "unet": ..., "lora": ..., "pred": ...}, ...}."""
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--models_json {path}: no such file.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--models_json {path}: not valid JSON ({err.msg}, line {err.lineno}).") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"--models_json {path}: expected an object of NAME: {{\"base\": ...}}, got {type(document).__name__}.")
+    models = []
+    for name, spec in document.items():
+        unknown = set(spec) - {"base", "unet", "lora", "pred"} if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or "base" not in spec or unknown:
+            raise ValueError(f"--models_json {path}: model {name!r} needs an object with \"base\" and optionally \"unet\", \"lora\", "
+                             f"\"pred\" (got {json.dumps(spec)[:80]}).")
+        models.append(ModelSpec(name, spec["base"], spec.get("unet"), spec.get("lora"), spec.get("pred")))
+        check_pred(models[-1])
+    return models
 
 
 def load_unet(spec: ModelSpec, family, args, device, dtype):

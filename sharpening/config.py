@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -201,6 +202,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:
         raise ValueError("--decode_batch_size must be >= 1 (or left out for the resolution's default).")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"--output_dir {args.output_dir} is a file; give a folder.")
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError("--resolution must be a positive multiple of 8.")
     if args.lora_alpha is not None and not args.lora_alpha > 0:

@@ -3,6 +3,7 @@ difference is exactly 0), every way of naming a model, and the files it writes."
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import torch
@@ -319,3 +320,25 @@ def test_a_lora_or_unet_that_does_not_fit_fails_before_any_model_is_scored(tiny_
         _run(tmp_path, [f"base={tiny_sdxl}", f"ft={tiny_sdxl},lora={tmp_path / 'empty'}"])
     with pytest.raises(FileNotFoundError, match=r"--model ft: unet=.* holds no unet/config.json nor config.json"):
         _run(tmp_path, [f"base={tiny_sdxl}", f"ft={tiny_sdxl},unet={tmp_path / 'empty'}"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--models_json .*: no such file"),
+    ('{"a": "path"}', "model 'a' needs an object with \"base\""),  # was TypeError: string indices must be integers
+    ('{"a": {"bse": "x"}}', "model 'a' needs an object with \"base\""),  # was KeyError: 'base'
+    ('{"a": ', "not valid JSON"),
+])
+def test_a_bad_models_json_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "models.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--models_json", str(path)])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "base=x", "--output_dir", str(tmp_path / "afile")])
+    assert "is a file; give a folder" in capsys.readouterr().err
