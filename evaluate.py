@@ -365,7 +365,8 @@ def check_lora_applied(spec: ModelSpec, weights: Path, denoiser, name: str) -> N
 
     with safe_open(str(weights), "pt") as handle:
         keys = list(handle.keys())
-    wanted = {key.rsplit(".lora_A", 1)[0] for key in keys if key.startswith(f"{name}.") and ".lora_A" in key}
+    # the adapted layers the file names: "unet.<module>.lora_A.weight" (peft) or "unet.<module>.lora.down.weight" (diffusers)
+    wanted = {key.split(".lora", 1)[0] for key in keys if key.startswith(f"{name}.") and ".lora" in key}
     found = sum(1 for _, module in denoiser.named_modules() if "evaluated" in getattr(module, "lora_A", {}))
     if not wanted or found < len(wanted):
         prefixes = sorted({key.split(".")[0] for key in keys})
