@@ -159,31 +159,34 @@ def _items_from_metadata(images_dir: Path, metadata: Path) -> list[tuple[Path, s
 
 
 def score_items(reward: Reward, items: list[tuple[Path, str]], chunk: int) -> list[dict[str, Any]]:
+    """One row per image: its file, prompt, the reward's components and total; an unreadable image is logged and
+    scored NaN while the rest are scored."""
     rows: list[dict[str, Any]] = []
     for s in chunks(len(items), chunk):
         batch = items[s]
-        images, readable = [], []
-        for path, _ in batch:
-            try:
-                with Image.open(path) as image:
-                    image.load()
-                    images.append(image.copy())
-                readable.append(True)
-            except (OSError, SyntaxError) as err:  # PIL raises these for truncated or non-image files
-                print(f"[reward] skipped {path}: cannot read the image ({err}); scored NaN", file=sys.stderr, flush=True)
-                readable.append(False)
-        out = checked_evaluate(reward, images, [prompt for (_, prompt), ok in zip(batch, readable) if ok]) if images else None
-        scored = iter(range(len(images)))
-        for (path, prompt), ok in zip(batch, readable):
+        images = [_read_image(path) for path, _ in batch]
+        readable = [i for i, image in enumerate(images) if image is not None]
+        out = checked_evaluate(reward, [images[i] for i in readable], [batch[i][1] for i in readable]) if readable else None
+        scored = {i: k for k, i in enumerate(readable)}  # batch position -> position in the reward's output
+        for i, (path, prompt) in enumerate(batch):
             row: dict[str, Any] = {"file": path.name, "prompt": prompt}
-            i = next(scored) if ok else None
-            if out is not None and i is not None:
-                row.update({name: float(values[i]) for name, values in out.components.items()})
-                row["total"] = float(out.total[i])
+            if i in scored:
+                row.update({name: float(values[scored[i]]) for name, values in out.components.items()})
+                row["total"] = float(out.total[scored[i]])
             rows.append(row)
     # One set of columns for every row: an unreadable image's row (and a batch of only such) is NaN in each.
     columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("file", "prompt", "total"))) + ["total"]
     return [{"file": row["file"], "prompt": row["prompt"], **{c: row.get(c, float("nan")) for c in columns}} for row in rows]
+
+
+def _read_image(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, SyntaxError) as err:  # PIL raises these for truncated or non-image files
+        print(f"[reward] skipped {path}: cannot read the image ({err}); scored NaN", file=sys.stderr, flush=True)
+        return None
 
 
 def _column_means(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, float]:

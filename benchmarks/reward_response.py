@@ -57,7 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toyworld.recipe import BENCHMARK_REWARDS, COMMON, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, check_settable, check_spec_parts, check_trained_with, checkpoint_spec, cpu_threads, flag_value, launch, override_target, overrides_for, training_captions, write_data  # noqa: E402
+from toyworld.recipe import BENCHMARK_REWARDS, COMMON, HARNESS_FLAGS, MODEL, RLHF, SFT, STANDARD_FT, check_evaluable, check_settable, check_spec_parts, check_trained_with, checkpoint_spec, cpu_threads, flag_value, launch, override_target, overrides_for, training_captions, write_data  # noqa: E402
 
 SCRIPTS = {"sft": "train_sft_diffusion_sharpening.py", "rlhf": "train_rlhf_diffusion_sharpening.py",
            "best_of_n": "benchmarks/best_of_n_control.py"}
@@ -75,6 +75,10 @@ QUICK = {"rewards": ["brightness", "jpeg_incompressibility"], "variants": ["stan
          "eval_prompts": 32, "images_per_prompt": 2}
 
 
+# The flags this benchmark sets for every run: the recipe harness's, and the reward each run trains on (--rewards).
+OWNED_FLAGS = HARNESS_FLAGS | {"reward_model": "--rewards"}
+
+
 def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
     """NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...] -> (NAME, (script kind, recipe settings + flags))."""
     name, sep, rest = text.partition("=")
@@ -86,7 +90,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict]]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--variant {text!r}: {item!r} is not FLAG=VALUE")
-        check_settable(key.lstrip("-"), f"--variant {text!r}")
+        check_settable(key.lstrip("-"), f"--variant {text!r}", OWNED_FLAGS)
         settings[key.lstrip("-")] = flag_value(value)
     return name, (kind, settings)
 
@@ -135,10 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--set names unknown variants {sorted(unknown)}; variants: {sorted(args.runs)}")
     for name in args.runs:
-        flags = args.runs[name][1] | overrides_for(name, args.overrides)
-        if "reward_model" in flags:
-            p.error(f"variant {name}: the benchmark trains each run on one of --rewards; name the reward there, not with --set or --variant")
-        check_evaluable(flags)
+        check_evaluable(args.runs[name][1] | overrides_for(name, args.overrides, OWNED_FLAGS))
     try:
         training_captions(args.train_prompts)
     except ValueError as error:
@@ -164,7 +165,7 @@ def run_flags(args, work: Path, reward: str, name: str, data: Path, prompt_file:
              "output_dir": str(work / run_label(reward, name, replica)), "max_train_steps": args.steps,
              "checkpointing_steps": args.eval_every}
     flags |= {"train_data_dir": str(data)} if kind == "sft" else {"prompt_file": str(prompt_file)}
-    flags |= overrides_for(name, args.overrides)
+    flags |= overrides_for(name, args.overrides, OWNED_FLAGS)
     flags["seed"] = int(flags["seed"]) + replica
     return flags
 

@@ -88,10 +88,15 @@ class CaptionTypeError(TypeError):
     """The caption column does not hold text: a wrong --caption_column, not a bad row."""
 
 
-def caption_variants(value) -> list[str]:
-    """Every usable caption of a row (a list gives each of its entries), for prompts-only training."""
+def caption_variants(value, where: str) -> list[str]:
+    """Every usable caption of a row (a list gives each of its entries), for prompts-only training; `where` names the
+    row in the error for a value that is not text."""
     values = value if isinstance(value, (list, tuple)) else [value]
-    return [text for text in (caption_text(v, np.random.default_rng(0)) for v in values) if text is not None]
+    rng = np.random.default_rng(0)  # only a list nested in the list picks from it
+    try:
+        return [text for text in (caption_text(v, rng) for v in values) if text is not None]
+    except CaptionTypeError as err:
+        raise ValueError(f"{where}: {err}.") from None
 
 
 def _open_image(value) -> Image.Image:
@@ -342,12 +347,8 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
         values = file_lines(path)
     else:
         raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")
-    records = []  # each record's usable prompts: a list of them gives each (as a dataset's caption lists do)
-    for number, value in enumerate(values, start=1):
-        try:
-            records.append(caption_variants(value))
-        except CaptionTypeError as err:
-            raise ValueError(f"--prompt_file {str(path)!r}, record {number}: {err}.") from None
+    # each record's usable prompts: a list of them gives each (as a dataset's caption lists do)
+    records = [caption_variants(value, f"--prompt_file {str(path)!r}, record {number}") for number, value in enumerate(values, start=1)]
     prompts = [text for texts in records for text in texts]
     if not prompts:
         raise ValueError(f"--prompt_file {str(path)!r} holds no prompt.")
@@ -378,10 +379,7 @@ def prompts_from_dataset(hf_dataset, caption_column: str) -> tuple[list[str], di
     of captions (COCO's five) gives each of them. Rows without a usable caption are skipped and counted."""
     prompts, bad = [], 0
     for row, value in enumerate(hf_dataset.select_columns([caption_column])[caption_column]):
-        try:
-            texts = caption_variants(value)
-        except CaptionTypeError as err:
-            raise ValueError(f"--caption_column {caption_column!r}, row {row}: {err}.") from None
+        texts = caption_variants(value, f"--caption_column {caption_column!r}, row {row}")
         bad += not texts
         prompts.extend(texts)
     if not prompts:

@@ -79,8 +79,8 @@ class PooledMean:
     a sum and a count so that the update logs the mean over every such item of the window and of all processes: a
     plain mean of the micro-batches' means would weigh a micro-batch's one preferred prompt like another's eight."""
 
-    total: float
-    count: int
+    total: float = 0.0
+    count: int = 0
 
     @classmethod
     def of(cls, values: torch.Tensor) -> "PooledMean":
@@ -360,11 +360,18 @@ class Trainer:
         logs = {k: float(sum(p["logs"].get(k, 0.0) for p in parts)) if k in SUMMED_LOGS
                 else finite_mean([p["logs"].get(k, np.nan) for p in parts]) for k in keys}
         for k in dict.fromkeys(k for part in parts for k in part["pooled"]):
-            logs[k] = sum((p["pooled"].get(k, PooledMean(0.0, 0)) for p in parts), PooledMean(0.0, 0)).mean
+            logs[k] = sum((p["pooled"].get(k, PooledMean()) for p in parts), PooledMean()).mean
         trained = sum(p["num_trained"] for p in parts)
         logs["loss"] = sum(p["loss_sum"] for p in parts) / trained if trained else float("nan")
         logs["trained_prompts"] = float(trained)
         return logs | {f"reward_model/{k}": v for k, v in self._run_reward_counters([p["counters"] for p in parts]).items()}
+
+    def gathered_reward_counters(self) -> dict:
+        """_run_reward_counters of every process's reward (every rank calls this)."""
+        from accelerate.utils import gather_object
+
+        local = [self.reward.counters()]
+        return self._run_reward_counters(gather_object(local) if self.accelerator.num_processes > 1 else local)
 
     def _run_reward_counters(self, per_process: list[dict]) -> dict:
         """The reward's cumulative counters (grader failures, unscored images) over all processes and the whole run:
@@ -443,11 +450,7 @@ class Trainer:
                 window = UpdateWindow()
                 stop = self._any_process(self.stop_requested)
                 if global_step % args.checkpointing_steps == 0 or stop:
-                    from accelerate.utils import gather_object
-
-                    local = [self.reward.counters()]
-                    reward_counters = self._run_reward_counters(gather_object(local) if acc.num_processes > 1 else local)
-                    self.checkpoints.save(global_step, self.counters, self.running | {"reward_counters": reward_counters})
+                    self.checkpoints.save(global_step, self.counters, self.running | {"reward_counters": self.gathered_reward_counters()})
                 if stop:
                     self.checkpoints.mark_preempted(global_step)
                     logger.warning("SIGTERM: checkpoint-%d written; exiting with %d.", global_step, SIGTERM_EXIT_CODE)
@@ -649,7 +652,7 @@ class UpdateWindow:
         self.num_trained += result.num_trained
         for k, v in result.logs.items():
             if isinstance(v, PooledMean):
-                self.pooled[k] = self.pooled.get(k, PooledMean(0.0, 0)) + v
+                self.pooled[k] = self.pooled.get(k, PooledMean()) + v
             else:
                 self.extra.setdefault(k, []).append(v)
 

@@ -114,16 +114,16 @@ HARNESS_FLAGS = {"output_dir": "--work_dir", "max_train_steps": "--steps", "chec
                  "pretrained_model_name_or_path": "--model", "resume_from_checkpoint": None}
 
 
-def check_settable(key: str, where: str) -> None:
-    """Refuse a training flag that the harness owns, or that holds a secret (it would be written to the run's log and
-    the report's JSON)."""
+def check_settable(key: str, where: str, owned: dict = HARNESS_FLAGS) -> None:
+    """Refuse a training flag that the harness owns (`owned`: flag -> the benchmark option that sets it), or that holds
+    a secret (it would be written to the run's log and the report's JSON)."""
     from rewards.base import SECRET_ARG_NAMES
 
     if key in SECRET_ARG_NAMES:
         raise SystemExit(f"{where}: --{key} would be written to the logs and the report; set it in the environment "
                          "(OPENAI_API_KEY) instead.")
-    if key in HARNESS_FLAGS:
-        option = HARNESS_FLAGS[key]
+    if key in owned:
+        option = owned[key]
         raise SystemExit(f"{where}: the benchmark sets --{key} itself" + (f"; use its {option} option." if option else "."))
 
 
@@ -142,8 +142,8 @@ def check_spec_parts(rewards: list[str], paths: dict[str, str]) -> None:
             raise SystemExit(f"{flag} {path!r}: a ',' in a path breaks evaluate.py's model specs; choose a folder without one.")
 
 
-def overrides_for(name: str, overrides: list[str]) -> dict:
-    """The --set values that apply to variant `name`."""
+def overrides_for(name: str, overrides: list[str], owned: dict = HARNESS_FLAGS) -> dict:
+    """The --set values that apply to variant `name` (a flag in `owned` is refused, see check_settable)."""
     out = {}
     for item in overrides:
         target = override_target(item)
@@ -151,7 +151,7 @@ def overrides_for(name: str, overrides: list[str]) -> dict:
         key, sep, value = assignment.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set {item!r}: expected [VARIANT:]FLAG=VALUE")
-        check_settable(key.lstrip("-"), f"--set {item!r}")
+        check_settable(key.lstrip("-"), f"--set {item!r}", owned)
         if target in ("", name):
             out[key.lstrip("-")] = flag_value(value)
     return out
@@ -184,7 +184,7 @@ def launch(script: str, settings: dict, log: Path, threads: int | None = None) -
     --output_dir belongs to this harness: what an earlier run left there is removed first, so no checkpoint of it is
     evaluated as this run's (and the trainer refuses to start a run among another run's checkpoints)."""
     output = Path(settings["output_dir"])
-    if output.exists() and not settings.get("resume_from_checkpoint"):
+    if output.exists():
         shutil.rmtree(output)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script), *flags(settings)]
@@ -200,11 +200,16 @@ def launch(script: str, settings: dict, log: Path, threads: int | None = None) -
     if result.returncode != 0:
         tail = log.read_text().splitlines()[-40:]
         raise SystemExit(f"{script} failed (exit {result.returncode}); the end of {log}:\n" + "\n".join(tail))
-    (output / RUN_FLAGS_FILE).write_text(json.dumps({"script": script, **settings}, default=str, sort_keys=True, indent=1))
+    (output / RUN_FLAGS_FILE).write_text(json.dumps(run_record(script, settings), sort_keys=True, indent=1))
     return time.time() - started
 
 
 RUN_FLAGS_FILE = "benchmark_run_flags.json"  # what launch() trained a run with, for --skip_training to check
+
+
+def run_record(script: str, settings: dict) -> dict:
+    """The script and flags of a run as its RUN_FLAGS_FILE holds them (paths as text)."""
+    return json.loads(json.dumps({"script": script, **settings}, default=str))
 
 
 def check_trained_with(script: str, settings: dict) -> None:
@@ -214,8 +219,7 @@ def check_trained_with(script: str, settings: dict) -> None:
     if not path.is_file():
         raise SystemExit(f"--skip_training: {settings['output_dir']} holds no run this benchmark trained ({RUN_FLAGS_FILE} is "
                          "missing); run without --skip_training.")
-    saved = json.loads(path.read_text())
-    now = json.loads(json.dumps({"script": script, **settings}, default=str))
+    saved, now = json.loads(path.read_text()), run_record(script, settings)
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
         raise SystemExit(f"--skip_training: {settings['output_dir']} was trained with other flags ("
