@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
     if args.dpo_target != "fresh":
         refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
                             f"they shape freshly drawn noise levels (--dpo_target fresh); --dpo_target {args.dpo_target} trains on the states its paths visit")
-    validate_training_args(args)
+    validate_training_args(parser, args)
     for flag in ("center_crop", "random_flip"):
         if getattr(args, flag):
             logger.warning("--%s has no effect in RLHF: it trains on prompts and generates its own images.", flag)

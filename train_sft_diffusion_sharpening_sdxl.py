@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
         parser.error("--data_anchor_weight must be >= 0 (a negative weight pushes away from the data).")
     refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
                         "they shape freshly drawn noise levels (RLHF's --dpo_target fresh); SFT trains on the states its paths visit")
-    validate_training_args(args)
+    validate_training_args(parser, args)
     return args
 
 

@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.objective == "ddpo":
         refuse_unused_flags(parser, args, ["snr_gamma", "loss_weighting", "weighting_scheme", "logit_mean", "logit_std"],
                             "they weight or draw diffusion-loss rows; --objective ddpo trains a policy gradient on its own sampling steps")
-    validate_training_args(args)
+    validate_training_args(parser, args)
     return args
 
 

@@ -163,8 +163,16 @@ def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"{', '.join(changed)}: {why}; drop {'them' if len(changed) > 1 else 'it'}.")
 
 
-def validate_training_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked before a model is loaded."""
+def validate_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded; a bad value is a usage error (argparse's message
+    and exit status 2), not a traceback."""
+    try:
+        _check_training_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+
+
+def _check_training_args(args: argparse.Namespace) -> None:
     from reward import validate_reward_args
 
     # --reward_plugin files were imported by add_reward_args, before parsing, so their rewards and flags exist.

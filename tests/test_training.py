@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,9 +193,10 @@ def test_per_prompt_logs_are_means_over_the_prompts_of_the_update():
 @pytest.mark.parametrize("flag", ["checkpointing_steps", "validation_epochs", "max_nonfinite_steps", "max_train_steps",
                                   "num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "num_validation_images",
                                   "checkpoints_total_limit", "validation_steps", "max_train_samples"])
-def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag):
-    with pytest.raises(ValueError, match=f"--{flag} must be >= 1"):
+def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **{flag: 0}))
+    assert exit_info.value.code == 2 and f"--{flag} must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -213,11 +215,14 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, flag)
     ({"use_lora": True, "lora_alpha": 0}, "--lora_alpha must be > 0"),  # `alpha or rank` turned 0 into the rank
     ({"report_to": "aim"}, "--report_to aim: the package is not installed"),  # accelerate trained on with no tracking
 ])
-def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, flags, message):
+def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, capsys, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
-    (a negative bad fraction) or did nothing at all (LoRA shape without --use_lora: a full fine-tune at a LoRA rate)."""
-    with pytest.raises(ValueError, match=message):
+    (a negative bad fraction) or did nothing at all (LoRA shape without --use_lora: a full fine-tune at a LoRA rate).
+    Each is argparse's usage error (status 2, the message on stderr), not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, **flags))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, error) and "Traceback" not in error
     with pytest.raises(SystemExit):  # argparse's choices: diffusers' get_scheduler would fail after loading
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", train_data_dir=tmp_path, lr_scheduler="cosine_annealing"))
 
