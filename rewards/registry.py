@@ -22,6 +22,7 @@ ValidateHook = Callable[[argparse.Namespace], None]
 REWARDS: dict[str, RewardFactory] = {}
 REWARD_FLAGS: dict[str, FlagsHook] = {}  # name -> adds that reward's own flags to its argument group
 REWARD_VALIDATORS: dict[str, ValidateHook] = {}  # name -> checks its flags before any model is loaded
+_registrations = 0  # register_reward calls so far: a plugin file that makes none is refused
 
 
 def register_reward(name: str, *, flags: FlagsHook | None = None,
@@ -37,6 +38,8 @@ def register_reward(name: str, *, flags: FlagsHook | None = None,
         raise ValueError(f"reward name {name!r} must be letters, digits, '_' or '-' (it appears in --reward_model).")
 
     def decorator(factory: RewardFactory) -> RewardFactory:
+        global _registrations
+        _registrations += 1
         existing = REWARDS.get(name)
         if existing is not None and _qualname(existing) != _qualname(factory):
             raise ValueError(f"reward {name!r} is already registered by {_qualname(existing)}.")
@@ -50,6 +53,11 @@ def register_reward(name: str, *, flags: FlagsHook | None = None,
     return decorator
 
 
+class RewardPluginError(ValueError):
+    """A --reward_plugin path that is no file, or a file that registers no reward: a usage error. (An exception the
+    file's own code raises keeps its traceback.)"""
+
+
 def load_reward_plugins(paths: Sequence[str] | None) -> None:
     """Import each `--reward_plugin` file; it registers its rewards (and their flags) with `register_reward`."""
     import hashlib
@@ -58,18 +66,23 @@ def load_reward_plugins(paths: Sequence[str] | None) -> None:
     for path in paths or []:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"--reward_plugin {path!r} does not exist.")
+            raise RewardPluginError(f"--reward_plugin {path!r}: no such file.")
         name = "reward_plugin_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
         # Imported again on every call (registering the same functions again is allowed), so a registry
         # that was reset still gets the plugin's rewards.
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
+        before = _registrations
         try:
             spec.loader.exec_module(module)
         except BaseException:
             del sys.modules[name]
             raise
+        if _registrations == before:
+            # otherwise the run would only say later that the reward it names is unknown, not which file is wrong
+            raise RewardPluginError(f"--reward_plugin {path!r} registered no reward: decorate its builder with "
+                             "@register_reward(\"name\") (from reward import register_reward) and pass --reward_model name.")
 
 
 def register_lazy_reward(name: str, target: str, *, flags: FlagsHook | None = None,
@@ -139,7 +152,10 @@ def add_reward_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     g.add_argument("--reward_plugin", action="append", default=[], metavar="FILE.py",
                    help="A Python file that registers extra rewards with reward.register_reward (and may add their "
                         "flags); repeatable.")
-    load_reward_plugins(_plugin_paths(sys.argv[1:] if argv is None else argv))
+    try:
+        load_reward_plugins(_plugin_paths(sys.argv[1:] if argv is None else argv))
+    except RewardPluginError as error:
+        parser.error(str(error))
     for name, add_flags in REWARD_FLAGS.items():
         add_flags(parser.add_argument_group(f"reward: {name}"))
 

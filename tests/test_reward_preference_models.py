@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -255,3 +256,14 @@ def test_every_reward_is_listed_in_help():
         assert name in text
     for flag in ("--pickscore_model", "--hpsv2_checkpoint", "--hpsv2_version", "--aesthetic_model"):
         assert flag in text
+
+
+def test_a_plugin_path_that_is_no_file_or_registers_nothing_is_a_usage_error(tmp_path, capsys):
+    """Both used to surface later or as a traceback: a mistyped path as FileNotFoundError from inside argparse's setup,
+    a file without @register_reward (the wrong file, a forgotten decorator) only as 'unknown reward' for its name."""
+    empty = tmp_path / "forgot_the_decorator.py"
+    empty.write_text("def build(args, device, dtype):\n    return None\n")
+    for path, message in ((tmp_path / "nope.py", "nope.py'?: no such file"), (empty, "registered no reward: decorate its builder")):
+        with pytest.raises(SystemExit) as exit_info:
+            add_reward_args(argparse.ArgumentParser(), ["--reward_plugin", str(path)])
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
