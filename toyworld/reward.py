@@ -197,6 +197,12 @@ class ToyReward(Reward):
     def evaluate(self, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"toy reward: {len(images)} images but {len(prompts)} prompts")
+        sizes = sorted({image.size for image in images} - {(world.IMAGE_SIZE, world.IMAGE_SIZE)})
+        if sizes:
+            # every threshold (minimum area, size words, extents, the relation's lead) is in pixels of the toy canvas:
+            # a 64 px render of a perfect image scores 0 on its size words
+            raise ValueError(f"toy reward: it reads {world.IMAGE_SIZE} x {world.IMAGE_SIZE} px images (the toy world's "
+                             f"canvas), got {' '.join(f'{w}x{h}' for w, h in sizes)}; sample at --resolution {world.IMAGE_SIZE}.")
         self.calls += 1
         self.images_scored += len(images)
         rows = [score_image(image, prompt) for image, prompt in zip(images, prompts)]
