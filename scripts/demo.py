@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="Evaluation device (training uses what accelerate finds).")
     args = p.parse_args(argv)
     check_spec_parts([args.pixel_reward], {"--work_dir": args.work_dir})
+    if args.pixel_reward == "toy":
+        p.error("--pixel_reward toy: the demo trains on the toy reward already; name a pixel reward (brightness, saturation, ...).")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        p.error("--learning_rate must be > 0 (leave it out for the recipe's).")
     return args
 
 
@@ -83,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     timings["data"] = time.time() - t
 
     base = {**COMMON, "pretrained_model_name_or_path": str(model), "train_batch_size": args.train_batch_size}
-    lr = {"learning_rate": args.learning_rate} if args.learning_rate else {}
+    lr = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     runs = {}  # model name -> the reward it was trained on
     for reward in ("toy", args.pixel_reward):
         for variant, script, settings, steps, data_flag in (

@@ -1,11 +1,14 @@
 """`make demo` end to end on the tiny SDXL: data written, both trainers launched through accelerate,
-three models evaluated, results where the demo says they are. (The real demo's numbers are measured by
+five models evaluated, results where the demo says they are. (The real demo's numbers are measured by
 running it; this only checks that every stage connects.)"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -28,3 +31,15 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tiny_sdxl, tmp_path):
     assert all(p in __import__("toyworld.world", fromlist=["x"]).heldout_prompts() for p in record["prompts"])
     assert (work / "eval" / "compare.png").is_file()
     assert "| base |" in result.stdout and "[demo] results:" in result.stdout
+
+
+def test_demo_flags_that_would_waste_or_silently_drop_a_run_are_refused(capsys):
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.parse_args(["--learning_rate", "3e-5"]).learning_rate == 3e-5
+    # toy twice trained and overwrote sft-toy / rlhf-toy; a rate of 0 was dropped and the runs trained at the recipe's
+    for argv, message in ((["--pixel_reward", "toy"], "trains on the toy reward already"), (["--learning_rate", "0"], "must be > 0")):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+        assert message in capsys.readouterr().err
