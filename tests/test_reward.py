@@ -319,7 +319,7 @@ def test_weighted_mix_keeps_the_toy_score_beside_its_sub_scores(batch):
     """The toy reward reports objects / relation / clean as components; in a mix its own score must not vanish."""
     from toyworld import world
 
-    images, prompts = batch[0][:2], world.train_prompts("pairs")[:2]
+    images, prompts = (list(column) for column in zip(*world.generate(world.train_prompts("pairs")[:2], 2, seed=0)))
     toy = build_reward("toy", None).evaluate(images, prompts)
     assert torch.isfinite(toy.total).all()
     out = build_reward("toy:1,brightness:1", None).evaluate(images, prompts)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from toyworld import world
@@ -204,15 +205,17 @@ def test_an_object_the_caption_does_not_name_costs_clean_and_size_words_are_read
         assert score_image(image, caption)["total"] > 0.85 and score_image(image, swapped)["total"] < 0.2, caption
 
 
-def test_toy_reward_refuses_images_that_are_not_the_toy_canvas():
+def test_toy_reward_reads_multiples_of_the_canvas_at_the_canvas_size_and_refuses_other_sizes():
     """Its thresholds are in pixels of the 32 px canvas: an upscaled perfect "a small blue square" scored 0."""
     import reward
 
     image, caption = world.generate(["a small blue square"], 1, seed=0)[0]
     model = reward.build_reward("toy", None)
-    assert model.evaluate([image], [caption]).total.item() > 0.85
-    with pytest.raises(ValueError, match="reads 32 x 32 px images .* got 64x64; sample at --resolution 32"):
-        model.evaluate([image, image.resize((64, 64))], [caption] * 2)
+    scores = model.evaluate([image, image.resize((64, 64), Image.NEAREST), image.resize((128, 128), Image.NEAREST)], [caption] * 3)
+    assert scores.total[0] > 0.85 and torch.equal(scores.total, scores.total[:1].repeat(3))
+    for size in ((48, 48), (64, 32)):
+        with pytest.raises(ValueError, match=f"square images of 32 px .* got {size[0]}x{size[1]}; sample at --resolution 32"):
+            model.evaluate([image, image.resize(size)], [caption] * 2)
 
 
 def test_size_guard_flags_a_canvas_flooded_with_the_named_colours():

@@ -186,6 +186,20 @@ def plausible_extent(region: np.ndarray) -> float:
     return score
 
 
+def on_canvas(image):
+    """The image at the toy canvas's size, which every threshold (minimum area, size words, extents, the relation's
+    lead) is measured in: a square image k times the canvas is averaged over k x k blocks (a 64 px render of a
+    perfect image scored 0 on its size words as it was); any other size is refused."""
+    side = world.IMAGE_SIZE
+    width, height = image.size
+    if (width, height) == (side, side):
+        return image
+    if width == height and width % side == 0:
+        return image.convert("RGB").reduce(width // side)
+    raise ValueError(f"toy reward: it reads square images of {side} px (the toy world's canvas) or a multiple of it, got "
+                     f"{width}x{height}; sample at --resolution {side} (or {2 * side}, {4 * side}, ...).")
+
+
 class ToyReward(Reward):
     """`--reward_model toy`: the toy world's caption checker (see the module docstring)."""
 
@@ -197,15 +211,9 @@ class ToyReward(Reward):
     def evaluate(self, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"toy reward: {len(images)} images but {len(prompts)} prompts")
-        sizes = sorted({image.size for image in images} - {(world.IMAGE_SIZE, world.IMAGE_SIZE)})
-        if sizes:
-            # every threshold (minimum area, size words, extents, the relation's lead) is in pixels of the toy canvas:
-            # a 64 px render of a perfect image scores 0 on its size words
-            raise ValueError(f"toy reward: it reads {world.IMAGE_SIZE} x {world.IMAGE_SIZE} px images (the toy world's "
-                             f"canvas), got {' '.join(f'{w}x{h}' for w, h in sizes)}; sample at --resolution {world.IMAGE_SIZE}.")
         self.calls += 1
         self.images_scored += len(images)
-        rows = [score_image(image, prompt) for image, prompt in zip(images, prompts)]
+        rows = [score_image(on_canvas(image), prompt) for image, prompt in zip(images, prompts)]
         self.unparseable += sum(math.isnan(r["total"]) for r in rows)
         total = torch.tensor([r["total"] for r in rows], dtype=torch.float32)
         components = {f"toy/{k}": torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in COMPONENTS}
