@@ -139,7 +139,7 @@ def forward(transformer) -> Callable[[torch.Tensor, torch.Tensor, Conditioning],
 def make_sampler(parts: FluxParts, num_inference_steps: int, resolution: int) -> FlowMatchEuler:
     """FluxPipeline's grid at this resolution: sigmas linspace(1, 1/N, N), shifted by mu of the packed sequence length."""
     latent_side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    mu = dynamic_shift_mu((latent_side // 2) ** 2, parts.scheduler_config, max_shift_default=1.15)
+    mu = dynamic_shift_mu((latent_side // 2) ** 2, parts.scheduler_config)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps).tolist()
     return FlowMatchEuler(parts.scheduler_config, num_inference_steps, mu=mu, sigmas=sigmas)
 

@@ -193,12 +193,16 @@ def sample(model: ModelFn, sampler: Sampler, noise: torch.Tensor, cond, clean: b
     return x0 if clean else x
 
 
-def dynamic_shift_mu(image_seq_len: int, config: dict, max_shift_default: float) -> float:
-    """mu of the resolution-dependent shift (diffusers' calculate_shift, from the scheduler config): linear in the
-    transformer's image sequence length between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
-    The pipelines' fallbacks differ where a config leaves max_shift out: FluxPipeline 1.15, StableDiffusion3Pipeline 1.16."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", max_shift_default)
+def dynamic_shift_mu(image_seq_len: int, scheduler_config: dict) -> float:
+    """mu of the resolution-dependent shift (diffusers' calculate_shift): linear in the transformer's image sequence
+    length between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift). The pipelines read these from
+    the scheduler they built, whose config holds the constructor's defaults (max_shift 1.15) for every key the file
+    leaves out, so their own fallbacks (StableDiffusion3Pipeline's 1.16) never apply; read the same way here."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).config
+    base_len, max_len = config.base_image_seq_len, config.max_image_seq_len
+    base_shift, max_shift = config.base_shift, config.max_shift
     slope = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * slope + base_shift - slope * base_len
 
@@ -242,9 +246,12 @@ class FlowMatchEuler:
     def step(self, model_output: torch.Tensor, index: torch.Tensor, sample: torch.Tensor):
         """One Euler step from per-sample grid `index` to index + 1. Returns (x_next, x0_hat)."""
         index = index.long().cpu()
-        s, s_next = _per_sample(self.sigmas[index], sample), _per_sample(self.sigmas[index + 1], sample)
-        x0 = sample - s * model_output
-        return sample + (s_next - s) * model_output, x0
+        # In float32 as FlowMatchEulerDiscreteScheduler.step computes it: in bf16 the step size σ_next - σ of a
+        # 28-step SD3.5 grid is off by up to 18 %.
+        x, velocity = sample.float(), model_output.float()
+        s, s_next = _per_sample(self.sigmas[index], x), _per_sample(self.sigmas[index + 1], x)
+        x0 = x - s * velocity
+        return (x + (s_next - s) * velocity).to(sample.dtype), x0.to(sample.dtype)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The velocity ε - x0 (the same at every timestep)."""

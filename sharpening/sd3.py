@@ -127,7 +127,7 @@ def make_sampler(parts: SD3Parts, num_inference_steps: int, resolution: int | No
         raise ValueError("this SD3 checkpoint's scheduler shifts its grid by resolution (use_dynamic_shifting): give the resolution.")
     latent_side = resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
     patch = int(parts.denoiser.config.patch_size)
-    mu = dynamic_shift_mu((latent_side // patch) ** 2, parts.scheduler_config, max_shift_default=1.16)
+    mu = dynamic_shift_mu((latent_side // patch) ** 2, parts.scheduler_config)
     return FlowMatchEuler(parts.scheduler_config, num_inference_steps, mu=mu)
 
 
