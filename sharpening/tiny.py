@@ -206,8 +206,9 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
     """Save a randomly initialised tiny SD3.5-style model (diffusers layout, loadable with
     `StableDiffusion3Pipeline.from_pretrained`): an MMDiT with one dual-attention block and RMS qk-norm, two CLIP text
     encoders with projection, a real (tiny) T5 encoder and a VAE with shift and scale factors. The VAE downsamples
-    by 2, so `--resolution 32` gives 16x16 latents. T5's width (64) equals the two CLIP widths combined, or SD3 would
-    truncate the CLIP embeddings when padding them to T5's width."""
+    by 2, so `--resolution 32` gives 16x16 latents. T5 (96 wide) is wider than the two CLIP widths combined (64), as
+    in SD3 (4096 against 2048), so the CLIP embeddings are zero-padded to its width; a narrower T5 would make SD3
+    truncate them."""
     import shutil
 
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -217,7 +218,7 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm",
     )
     vae = _tiny_flow_vae(0.0609, 1.5305, seed + 1)  # SD3's factors
@@ -226,7 +227,7 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sample_size: int =
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config())
     build = out / "_tokenizer_build"
-    tokenizer, tokenizer_3, text_encoder_3 = tokenizers_and_t5(build, 64, seed + 4)
+    tokenizer, tokenizer_3, text_encoder_3 = tokenizers_and_t5(build, 96, seed + 4)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,

@@ -51,7 +51,8 @@ def test_conditioning_equals_the_pipelines_encode_prompt(pipe, parts):
     prompts = ["a red circle left of a blue square", ""]
     ours = sd3.encode_prompts(parts, prompts, None, "cpu")
     embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
-    assert ours.prompt_embeds.shape == (2, 77 + T5_TOKENS, 64) and ours.pooled.shape == (2, 64)
+    assert ours.prompt_embeds.shape == (2, 77 + T5_TOKENS, 96) and ours.pooled.shape == (2, 64)
+    assert (ours.prompt_embeds[:, :77, 64:] == 0).all()  # the two CLIPs' 64 channels, zero-padded to T5's 96
     torch.testing.assert_close(ours.prompt_embeds, embeds, rtol=0, atol=1e-5)  # float32 matmul order
     torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=1e-6)
     torch.testing.assert_close(sd3.unconditional(parts, ours, "cpu").pooled, ours.pooled[1:].repeat(2, 1), rtol=0, atol=1e-6)
@@ -79,9 +80,13 @@ def test_guided_sampling_and_decoding_equal_the_pipeline(pipe, parts):
         assert np.abs(np.asarray(ours, dtype=int) - np.asarray(theirs, dtype=int)).max() <= 1  # rounding only
 
 
-def test_dynamic_shifting_scheduler_gets_the_pipelines_grid(pipe, parts):
+@pytest.mark.parametrize("latent_side, minimal", [(16, False), (24, True)])
+def test_dynamic_shifting_scheduler_gets_the_pipelines_grid(pipe, parts, latent_side, minimal):
     """A checkpoint whose scheduler shifts by resolution (use_dynamic_shifting): the grid needs mu from the image
-    sequence length, as StableDiffusion3Pipeline computes it; without it diffusers refuses to set the timesteps."""
+    sequence length, as StableDiffusion3Pipeline computes it; without it diffusers refuses to set the timesteps.
+    At 16 x 16 latents the sequence is base_image_seq_len (256), where mu is base_shift whatever the slope; at 24 x 24,
+    with a scheduler file that names no shift bounds (as the published SD3 ones), the pipeline reads the scheduler's
+    constructor defaults (max_shift 1.15), not its own 1.16 fallback, which a raw config would have given."""
     import dataclasses
 
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -90,15 +95,17 @@ def test_dynamic_shifting_scheduler_gets_the_pipelines_grid(pipe, parts):
     from sharpening.sampler import guided, sample
 
     config = dict(parts.scheduler_config, use_dynamic_shifting=True)
+    if minimal:
+        config = {key: config[key] for key in ("_class_name", "num_train_timesteps", "shift", "use_dynamic_shifting")}
     dynamic = dataclasses.replace(parts, scheduler_config=config)
     shifted = StableDiffusion3Pipeline(**(pipe.components | {"scheduler": FlowMatchEulerDiscreteScheduler.from_config(config)}))
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    resolution = 16 * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    noise = torch.randn(1, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(1))
+    resolution = latent_side * 2 ** (len(parts.vae.config.block_out_channels) - 1)
     expected = shifted(["a red square"], num_inference_steps=4, guidance_scale=5.0, latents=noise.clone(), height=resolution,
                        width=resolution, output_type="latent", max_sequence_length=T5_TOKENS).images
     cond = sd3.encode_prompts(dynamic, ["a red square"], None, "cpu")
     sampler = sd3.make_sampler(dynamic, 4, resolution)
-    assert not torch.allclose(sampler.sigmas, sd3.make_sampler(parts, 4).sigmas)  # the shift does change the grid
+    torch.testing.assert_close(sampler.sigmas.float(), shifted.scheduler.sigmas.float(), rtol=0, atol=1e-7)
     latents = sample(guided(sd3.forward(parts.denoiser), sd3.unconditional(dynamic, cond, "cpu"), 5.0), sampler, noise, cond)
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="resolution"):
