@@ -252,8 +252,11 @@ MODEL_CARD_TAGS = {"StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDi
 
 def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_steps: int, pipeline_class: str) -> None:
     kind = "LoRA adapters (load with `pipe.load_lora_weights(...)`)" if args.use_lora else f"a complete {pipeline_class} with the trained denoiser"
-    # Sampled in the precision it was trained in: bf16 runs (and FLUX.1, whose activations overflow fp16) in bf16.
-    dtype = "torch.bfloat16" if args.mixed_precision == "bf16" or pipeline_class == "FluxPipeline" else "torch.float16"
+    # Sampled in the precision it was trained in (args.mixed_precision is what the Accelerator used, set by the flag,
+    # `accelerate launch` or its config); FLUX.1's activations overflow fp16, so it never gets fp16.
+    dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}.get(args.mixed_precision, "torch.float32")
+    if pipeline_class == "FluxPipeline" and dtype == "torch.float16":
+        dtype = "torch.bfloat16"
     where = json.dumps(str(Path(out).resolve()))  # from anywhere, not only from the folder the run started in
     imports = f"import torch\nfrom diffusers import {pipeline_class}"
     if args.use_lora:

@@ -45,8 +45,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl or metadata.csv.")
     g.add_argument("--image_column", default="image")
     g.add_argument("--caption_column", default=None,
-                   help=f"Column of captions. Default: {DATASET_CAPTION_COLUMN!r} in a dataset; in a --prompt_file the first of "
-                        "prompt, prompts, text, caption. Given, that column is required.")
+                   help=f"Column of captions. Default: {DATASET_CAPTION_COLUMN!r} in a dataset; in an RLHF --prompt_file the first "
+                        "of prompt, prompts, text, caption. Given, that column is required.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Train on N rows (RLHF: prompts) drawn at random, the same N in every run (debugging, quick runs).")
     g.add_argument("--cache_dir", default=None)
@@ -229,6 +229,9 @@ def _check_training_args(args: argparse.Namespace) -> None:
             raise ValueError("--enable_xformers_memory_efficient_attention needs `pip install xformers` (CUDA only); without the flag PyTorch SDPA is used.") from None
         if not torch.cuda.is_available():
             raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop the flag on CPU (SDPA is used).")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU (the CPU's half-precision matmuls fail on the first step); "
+                         "use --mixed_precision no or bf16 on CPU.")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401

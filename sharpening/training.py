@@ -141,6 +141,10 @@ class Trainer:
             log_with=log_with,
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         )
+        if acc.mixed_precision == "fp16" and acc.device.type == "cpu":  # set by `accelerate launch` or its config
+            raise ValueError("fp16 mixed precision needs a CUDA GPU (the CPU's half-precision matmuls fail on the first "
+                             "step); use --mixed_precision no or bf16 on CPU.")
+        args.mixed_precision = acc.mixed_precision  # what was used, wherever it was set: trackers and the model card
         if len(dataset) < args.train_batch_size * acc.num_processes:  # known now: say so before minutes of loading
             raise ValueError(f"The data ({len(dataset)} rows) do not fill one batch of --train_batch_size {args.train_batch_size} on "
                              f"each of the {acc.num_processes} process(es): lower --train_batch_size or give more data.")

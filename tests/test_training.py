@@ -981,3 +981,25 @@ def test_the_model_cards_snippet_loads_the_model_as_it_was_trained(tiny_sdxl, tm
     compile(code, "card", "exec")
     assert 'revision="abc123", variant="fp16", vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in code
     assert "torch_dtype=torch.bfloat16" in code and f'load_lora_weights("{tmp_path / "out"}")' in code
+
+
+def test_the_model_card_and_trackers_get_the_precision_the_accelerator_used(tiny_sdxl, tmp_path, monkeypatch, capsys):
+    """--mixed_precision left out (accelerate's config or launcher decides): the card said float16 and 'None' for an fp32
+    run. fp16 on a CPU used to load the models and then fail in the UNet's first matmul."""
+    from sharpening.checkpoint import write_model_card
+
+    trainer = sft_trainer(tiny_sdxl, tmp_path)
+    assert trainer.args.mixed_precision == "no" and trainer.weight_dtype == torch.float32
+    write_model_card(trainer.args, tmp_path / "out", "SFT", 1, "StableDiffusionXLPipeline")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "torch_dtype=torch.float32" in card and "| mixed precision | no |" in card
+    reset_accelerate_state()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "o2", train_data_dir=tmp_path, mixed_precision="fp16"))
+    assert "--mixed_precision fp16 needs a CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --mixed_precision fp16` sets
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
+        sft_trainer(tiny_sdxl, tmp_path / "o3")
+    reset_accelerate_state()
