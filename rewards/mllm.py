@@ -375,6 +375,13 @@ def _api_key(args: argparse.Namespace) -> Secret | None:
     return Secret(env) if env else None
 
 
+def _is_http_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
 def _check_mllm_args(args: argparse.Namespace) -> None:
     if args.mllm_concurrency < 1:
         raise ValueError("--mllm_concurrency must be >= 1.")
@@ -384,6 +391,11 @@ def _check_mllm_args(args: argparse.Namespace) -> None:
         raise ValueError("--mllm_max_retries must be >= 0.")
     if args.mllm_retry_backoff < 0 or args.mllm_max_backoff < 0:
         raise ValueError("--mllm_retry_backoff and --mllm_max_backoff must be >= 0.")
+    where, url = ("--base_url", args.base_url) if args.base_url else ("OPENAI_BASE_URL", os.environ.get("OPENAI_BASE_URL"))
+    if url and not _is_http_url(url):
+        # e.g. the placeholder "your_base_url": every request would fail to connect and score NaN, skipping every update
+        raise ValueError(f"{where} {strip_userinfo(url)!r} is not an http(s) URL; give the server's address, e.g. "
+                         "https://api.openai.com/v1 or http://localhost:8000/v1, or leave it out for OpenAI's.")
     if _api_key(args) is None and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         raise ValueError("the mllm reward needs an API key: set OPENAI_API_KEY (preferred) or pass --api_key; for a "
                          "local OpenAI-compatible server without authentication pass --base_url.")

@@ -275,6 +275,7 @@ def test_local_server_needs_no_key(server):
     ("mllm_timeout", 0.0, "--mllm_timeout"),
     ("mllm_max_retries", -1, "--mllm_max_retries"),
     ("mllm_template", "no-such-template", "--mllm_template"),
+    ("base_url", "your_base_url", "--base_url 'your_base_url' is not an http\\(s\\) URL"),  # the seed's placeholder
 ])
 def test_bad_grader_flags_fail_before_any_request(server, flag, value, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
