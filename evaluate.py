@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--baseline", default=None, help="Model name the paired differences are taken against (default: the first).")
 
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt_file", default=None, help="One prompt per line (.txt) or JSON lines (.jsonl). Default: the toy world's held-out prompts.")
+    g.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt), JSON lines (.jsonl) or a .csv/.tsv column; the field is --caption_column, else the first of prompt, prompts, text, caption. Default: the toy world's held-out prompts.")
     g.add_argument("--toy_split", default="heldout", choices=["heldout", "train", "train_pairs", "single"], help="Toy prompt set when no --prompt_file.")
     g.add_argument("--num_prompts", type=int, default=None, help="Use the first N prompts.")
     g.add_argument("--images_per_prompt", type=int, default=2)

@@ -143,9 +143,9 @@ def add_reward_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     in `argv` (default: sys.argv) are imported first, so their flags are part of the parser too."""
     g = parser.add_argument_group("reward model")
     g.add_argument("--reward_model", default="clip",
-                   help="Reward to optimise: one of " + ", ".join(sorted(REWARDS)) + " (or a reward registered by "
+                   help="The reward (trained toward, or scored): one of " + ", ".join(sorted(REWARDS)) + " (or a reward registered by "
                         "--reward_plugin), or a weighted sum such as 'clip:1.0,image_reward:0.5' (components are "
-                        "logged separately).")
+                        "reported separately).")
     g.add_argument("--reward_batch_size", type=int, default=32,
                    help="Images per forward pass of the local reward models (clip, pickscore, hpsv2, aesthetic, "
                         "image_reward, compositional).")

@@ -69,7 +69,8 @@ def check_family_flags(family: ModuleType, args) -> None:
         raise ValueError("--loss_weighting v is for epsilon-prediction families (SDXL); flow families (SD3, FLUX) already train "
                          "the velocity loss: drop the flag.")
     if args.weighting_scheme != "none" and sdxl:
-        raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly.")
+        raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly: "
+                         "drop the flag.")
     check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale)
 
 

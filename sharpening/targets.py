@@ -35,8 +35,8 @@ DPO_TARGETS = {
     "endpoint": "winner states onto the winner's endpoint, loser states onto the loser's endpoint.",
     "shared": "the states of ALL n candidates, regressed onto the winner's endpoint (w) and onto the loser's "
               "endpoint (l): the same states, two outcomes, so the preference is between outcomes, not states.",
-    "fresh": "Diffusion-DPO between the winner's and the loser's endpoints, noised with one fresh noise at one "
-             "fresh timestep per prompt (as Diffusion-DPO trains on image pairs).",
+    "fresh": "Diffusion-DPO between the winner's and the loser's endpoints, noised m (--trajectory_nums) times per "
+             "prompt, each with a fresh noise and timestep that both endpoints share (as Diffusion-DPO trains on image pairs).",
 }
 
 
