@@ -2,8 +2,6 @@
 trajectory grid of a step (which candidate won, and on which previews), reward histograms, validation images."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -29,8 +27,9 @@ def trajectory_grid(candidates: Candidates, prompt: int, cell: int = 96) -> Imag
     for i in range(n):
         row = i * candidates.selection.winner.shape[0] + prompt
         top = label_h + i * (cell + label_h)
-        sel = candidates.selection  # no winner is marked when no candidate of the prompt was scored
-        mark = " (winner)" if i == winner and sel.has_winner[prompt] else " (loser)" if i == loser and sel.has_pair[prompt] else ""
+        # Marked only where the prompt trains: with all candidates tied or unscored, candidate 0 is no winner.
+        sel = candidates.selection
+        mark = " (winner)" if i == winner and sel.sft_trains[prompt] else " (loser)" if i == loser and sel.has_pair[prompt] else ""
         draw.text((2, top + 2), f"candidate {i}{mark}\npath {float(candidates.path_rewards[row]):.4g}\nt = {int(exploration.timesteps[0, row])}", fill="black")
         for k in range(m):
             image = exploration.images[k * rows + row].convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
@@ -79,6 +78,8 @@ def log_trajectories(accelerator, candidates: Candidates, prompts: list[str], st
 
 
 def _caption(prompt: str, candidates: Candidates, b: int) -> str:
-    gap = float(candidates.selection.winner_reward[b] - candidates.selection.loser_reward[b])
-    return f"{prompt} | winner {int(candidates.selection.winner[b])}, loser {int(candidates.selection.loser[b])}, gap {gap:.4g}" + (
-        "" if math.isfinite(gap) else " (no preference)")
+    sel = candidates.selection
+    if not sel.sft_trains[b]:  # tied or unscored: the step skips this prompt
+        return f"{prompt} | no preference (not trained)"
+    gap = float(sel.winner_reward[b] - sel.loser_reward[b])
+    return f"{prompt} | winner {int(sel.winner[b])}, loser {int(sel.loser[b])}, gap {gap:.4g}"

@@ -301,10 +301,9 @@ def test_draw_start_indices_only_and_all_legal_starts():
         drawn = ddim.grid[index]
         assert drawn.shape == (3200,)
         assert set(drawn.tolist()) == legal, m
-        # every state visited (start - k * stride, k < m) is on the grid
-        assert min(legal) - (m - 1) * ddim.stride == 1 if m > 1 else True
-    # 3 steps from 81 visit 81, 41, 1: the last legal start
-    assert min(set(range(961, 80, -40))) == 81
+        # every state visited (start - k * stride, k < m) is on the grid: the drawn path's states, not the table's
+        visited = ddim.grid[index.unique()[:, None] + torch.arange(m)]
+        assert set(visited.flatten().tolist()) <= set(ddim.grid.tolist()) and int(visited.min()) == 1
 
 
 def test_max_start_timestep_limits_starts_to_the_later_grid():
@@ -1037,3 +1036,31 @@ def test_an_imagefolder_without_captions_says_where_captions_come_from(tmp_path)
     (folder / "metadata.jsonl").write_text("\n")
     with pytest.raises(ValueError, match=r"metadata.jsonl is empty: it needs a row per image"):  # was an IndexError from datasets
         sdata.load_hf_dataset(None, str(folder))
+
+
+def test_trajectory_grids_frame_the_winner_and_loser_only_where_the_prompt_trains():
+    """Frames land on the ranked candidates (candidate-major rows); a prompt whose candidates all tie trains nothing, so
+    nothing is framed and its caption says so (candidate 0 used to be framed as its winner)."""
+    from PIL import Image
+
+    from sharpening import tracking, trajectory
+
+    n, prompts, m, cell = 3, 2, 2, 96
+
+    def grid_frames(rewards):
+        exploration = trajectory.Exploration(torch.zeros(m, n * prompts, 1, 1, 1), torch.full((m, n * prompts), 500),
+                                             torch.zeros(m, n * prompts, 1, 1, 1))
+        exploration.images = [Image.new("RGB", (8, 8), (128, 128, 128)) for _ in range(m * n * prompts)]
+        exploration.step_rewards = torch.stack([rewards / 2, rewards / 2])
+        candidates = trajectory.Candidates(torch.zeros(prompts, 1, 1, 1), torch.zeros(n * prompts, 1, 1, 1), exploration,
+                                           rewards, trajectory.select(rewards, n))
+        frames = [[tracking.trajectory_grid(candidates, b, cell).getpixel((110, 14 + i * (cell + 14) + 40)) for i in range(n)]
+                  for b in range(prompts)]
+        return frames, [tracking._caption("p", candidates, b) for b in range(prompts)]
+
+    grey, win, lose = (128, 128, 128), tracking.WINNER, tracking.LOSER
+    frames, captions = grid_frames(torch.tensor([1.0, 9.0, 5.0, 2.0, 3.0, 4.0]))  # prompt 0: 1, 5, 3; prompt 1: 9, 2, 4
+    assert frames == [[lose, win, grey], [win, lose, grey]]
+    assert captions == ["p | winner 1, loser 0, gap 4", "p | winner 0, loser 1, gap 7"]
+    frames, captions = grid_frames(torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0, 2.0]))  # prompt 0 all 1, prompt 1 all 2
+    assert frames == [[grey] * n] * prompts and captions == ["p | no preference (not trained)"] * prompts
