@@ -134,7 +134,9 @@ class Trainer:
         check_family_flags(self.family, args)  # before loading
         check_resolution(self.family, args.pretrained_model_name_or_path, args.resolution, args.revision)  # before loading
         check_fresh_output_dir(args)  # before loading
-        log_with = None if args.report_to in (None, "none", "") else args.report_to
+        # accelerate takes "all", one tracker, or a list: "tensorboard,wandb" (accepted by the flag check) is a list
+        log_with = None if args.report_to in (None, "none", "") else "all" if args.report_to == "all" else \
+            [name.strip() for name in args.report_to.split(",")]
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,

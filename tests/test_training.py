@@ -788,10 +788,13 @@ def test_trajectory_grids_and_histograms_reach_tensorboard(tiny_sdxl, tmp_path, 
 
 
 def test_trajectory_grids_reach_wandb_offline(tiny_sdxl, tmp_path, monkeypatch):
+    """Through a list of trackers, as --report_to takes it (accelerate refused the string "tensorboard,wandb")."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=2, report_to="wandb", log_trajectories_every=1, log_trajectories_prompts=1)
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=2, report_to="tensorboard, wandb", log_trajectories_every=1,
+                          log_trajectories_prompts=1)
+    assert sorted(tracker.name for tracker in trainer.accelerator.trackers) == ["tensorboard", "wandb"]
     trainer.train(sft.sft_step)
     media = list(tmp_path.rglob("media/images/trajectories_*.png"))
     assert len(media) == 2, sorted(p.name for p in tmp_path.rglob("*"))[:50]
