@@ -80,7 +80,9 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
     scores = torch.where(finite, scores, torch.full_like(scores, float("nan")))
     sel = select(scores, n)
     pick = lambda which: images[which.to(images.device) * size + torch.arange(size, device=images.device)]  # noqa: E731
-    rows_w = fresh_rows(trainer.sampler, pick(sel.winner), trainer.num_steps, generator)
+    # A prompt that does not train may hold an overflowed (NaN) image: zeroed, or backward turns every gradient NaN.
+    trains = sel.has_winner if args.objective == "raft" else sel.has_pair
+    rows_w = fresh_rows(trainer.sampler, pick(sel.winner), trainer.num_steps, generator).finite_where_untrained(trains)
     train_cond = trainer.caption_dropout(cond, generator)
     finite_scores = scores[torch.isfinite(scores)]
     logs = {"reward/candidate_mean": finite_scores.mean().item() if finite_scores.numel() else float("nan"),
@@ -91,7 +93,7 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
         return StepResult(losses, sel.has_winner.to(losses.device), logs)
 
     # Diffusion-DPO: the loser's image under the winner's noise and timesteps, policy vs frozen reference.
-    rows_l = rows_w.renoised(trainer.sampler, pick(sel.loser)[rows_w.prompt])
+    rows_l = rows_w.renoised(trainer.sampler, pick(sel.loser)[rows_w.prompt]).finite_where_untrained(trains)
     policy_w, policy_l = pair_errors(trainer, trainer.policy(grad=True), rows_w, rows_l, train_cond)
     with torch.no_grad():
         ref_w, ref_l = pair_errors(trainer, trainer.reference, rows_w, rows_l, train_cond)
@@ -103,10 +105,10 @@ def best_of_n_step(trainer: Trainer, batch: dict, generator: torch.Generator) ->
 
 def flow_diffusion_squared(sampler, index: torch.Tensor, noise_level: float) -> torch.Tensor:
     """(N,) float64 g^2 = a^2 s / (1 - s) of the flow SDE at per-row grid `index` (Flow-GRPO's; at s = 1, where it is
-    infinite, the next sigma's)."""
+    infinite, the denominator takes the next sigma)."""
     s = sampler.sigmas[index.long().cpu()]
     s_g = torch.where(s >= 1, sampler.sigmas[1], s)
-    return noise_level**2 * s_g / (1 - s_g)
+    return noise_level**2 * s / (1 - s_g)  # Flow-GRPO swaps the next sigma into the denominator only
 
 
 def sde_variance(sampler, index: torch.Tensor, noise_level: float) -> torch.Tensor:
@@ -130,7 +132,7 @@ def sde_step(sampler, model_output: torch.Tensor, index: torch.Tensor, sample: t
     (1 - abar / abar_prev). Flow matching (x_t = (1 - s) x0 + s eps, v = eps - x0): the reverse SDE whose
     diffusion is g = a sqrt(s / (1 - s)); its drift is v - g^2/2 times the score, the score being
     -(x + (1 - s) v) / s, so with dt = s_next - s < 0 the mean is x + [v + g^2 / (2 s) (x + (1 - s) v)] dt and the
-    std g sqrt(-dt), as Flow-GRPO samples (g at s = 1 uses the next sigma, where sqrt(s / (1 - s)) is infinite).
+    std g sqrt(-dt), as Flow-GRPO samples (at s = 1, where s / (1 - s) is infinite, 1 - s takes the next sigma).
     """
     index = index.long().cpu()
     var = sde_variance(sampler, index, noise_level)
@@ -199,9 +201,12 @@ def ddpo_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     image = torch.arange(n * size).repeat_interleave(m)
     rows_cond = cond.select(image)
     training = with_guidance(trainer.family, trainer.parts, trainer.policy(grad=True), rows_cond, scale, trainer.device)
-    x = states[steps, image]
+    # Rows of a prompt that does not train may hold an overflowed (NaN) path: zeroed, or backward turns every gradient NaN.
+    untrained = (~trained)[image % size].view(-1, *[1] * (states.dim() - 2))
+    x, x_next = (values[steps, image] for values in (states, nexts))
+    x, x_next = (values.masked_fill(untrained.to(values.device) & ~torch.isfinite(values), 0.0) for values in (x, x_next))
     mean, std = sde_step(sampler, training(x, sampler.grid[steps], rows_cond), steps, x, args.noise_level)
-    log_prob = step_log_prob(nexts[steps, image], mean, std)
+    log_prob = step_log_prob(x_next, mean, std)
     # PPO's surrogate at ratio 1 (on-policy): value -advantage, gradient -advantage x grad log-likelihood.
     ratio = torch.exp(log_prob - log_prob.detach())
     row_losses = -advantages.to(ratio.device)[image] * ratio

@@ -190,3 +190,107 @@ def test_ddpo_update_makes_the_best_image_more_likely_than_the_worst(family, req
 
     gain = (log_likelihood(recorded["cond"], recorded["states"], recorded["nexts"]) - recorded["before"]).view(n, size)
     assert (gain[n - 1] > gain[0]).all(), gain  # candidate n - 1 scored best, candidate 0 worst, in every prompt
+
+
+def test_sde_step_at_eta_1_is_diffusers_ddim_step_with_the_same_noise():
+    """DDPO samples DDIMScheduler.step(eta=1): the mean and std here, with the noise z it draws, give its prev_sample at
+    every step (the marginal test above cannot see a wrong variance: any variance up to 1 - abar_prev keeps them)."""
+    from diffusers import DDIMScheduler
+
+    control = load_benchmark("best_of_n_control")
+    sampler = _ddim_sampler(20)
+    scheduler = DDIMScheduler.from_config(sampler.scheduler.config)
+    scheduler.set_timesteps(20)
+    g = torch.Generator().manual_seed(0)
+    for k, t in enumerate(scheduler.timesteps):
+        x, out, z = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+        mean, std = control.sde_step(sampler, out, torch.full((2,), k), x, 1.0)
+        expected = scheduler.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(mean + std * z, expected, rtol=0, atol=2e-6)
+
+
+def test_flow_sde_step_is_flow_grpos():
+    """Flow-GRPO's SDE step (its sd3_sde_with_logprob): std_dev = a sqrt(s / (1 - s')) with s' = the next sigma where
+    s = 1, mean = x (1 + std_dev^2 dt / (2 s)) + v (1 + std_dev^2 (1 - s) / (2 s)) dt, std = std_dev sqrt(-dt)."""
+    control = load_benchmark("best_of_n_control")
+    sampler, a = _flow_sampler(10, shift=1.0), 0.7
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(10, 4, 3, 3, generator=g).double(), torch.randn(10, 4, 3, 3, generator=g).double()
+    index = torch.arange(10)
+    mean, std = control.sde_step(sampler, v, index, x, a)
+    s, s_next = sampler.sigmas[:-1].view(-1, 1, 1, 1), sampler.sigmas[1:].view(-1, 1, 1, 1)
+    std_dev = a * (s / (1 - torch.where(s == 1, sampler.sigmas[1], s))).sqrt()
+    dt = s_next - s
+    torch.testing.assert_close(mean, x * (1 + std_dev**2 / (2 * s) * dt) + v * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt)
+    torch.testing.assert_close(std, std_dev * (-dt).sqrt())
+
+
+def _control_trainer(control, model, tmp_path, **flags):
+    from reward import RewardOutput
+    from sharpening.data import PromptDataset, collate_prompts
+    from sharpening.training import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    args = control.parse_args(tiny_args(model, tmp_path / "out", prompt_file=prompts, max_train_steps=1,
+                                        proportion_empty_prompts=0.0, **flags))
+    trainer = Trainer(args, PromptDataset(control.load_prompts(args)), collate_prompts,
+                      needs_reference=flags.get("objective") == "dpo", variant="test")
+    # Candidate i of every prompt scores i: the last candidate is the best, the first the worst (undecodable images
+    # score NaN in the step itself).
+    trainer.reward.evaluate = lambda images, texts: RewardOutput(torch.arange(len(images), dtype=torch.float32) // 2, {})
+    return trainer
+
+
+def test_raft_trains_toward_the_best_image(tiny_sdxl, tmp_path):
+    """The default control (RAFT): after one update the policy denoises noisings of the best-scored generation better,
+    relative to before, than the same noisings of the worst one."""
+    from sharpening.losses import per_sample_mse
+
+    control = load_benchmark("best_of_n_control")
+    trainer = _control_trainer(control, tiny_sdxl, tmp_path, objective="raft", learning_rate=1e-4)
+    n, size = trainer.args.num_noisy_latents, 2
+    recorded = {}
+    rollout, predict = trainer.rollout, trainer.predict
+    trainer.rollout = lambda cond, generator: recorded.setdefault("images", rollout(cond, generator))
+
+    def recording_predict(model, rows, cond):
+        if "rows" not in recorded:
+            worst = rows.renoised(trainer.sampler, recorded["images"][:size][rows.prompt])
+            with torch.no_grad():
+                before = [per_sample_mse(predict(model, r, cond), r.target(trainer.sampler)) for r in (rows, worst)]
+            recorded.update(rows=(rows, worst, cond), before=before)
+        return predict(model, rows, cond)
+
+    trainer.predict = recording_predict
+    seen = []
+    trainer.train(lambda tr, batch, generator: seen.append(control.best_of_n_step(tr, batch, generator)) or seen[-1])
+    assert seen[0].trained.all()
+    best, worst, cond = recorded["rows"]
+    assert (best.clean == recorded["images"][(n - 1) * size:][best.prompt]).all()  # it trained on the best images
+    with torch.no_grad():
+        after = [per_sample_mse(predict(trainer.policy(grad=False), r, cond), r.target(trainer.sampler)) for r in (best, worst)]
+    gain_best, gain_worst = (a - b for a, b in zip(after, recorded["before"]))
+    assert gain_best.mean() < gain_worst.mean() and gain_best.mean() < 0
+
+
+@pytest.mark.parametrize("objective", ["raft", "dpo", "ddpo"])
+def test_an_overflowed_prompt_does_not_cancel_the_others_update(tiny_sdxl, tmp_path, objective):
+    """Prompt 0's generations overflow (NaN): it does not train, and prompt 1 still updates the model (its NaN
+    activations used to turn every gradient NaN, so the whole update was skipped as non-finite)."""
+    control = load_benchmark("best_of_n_control")
+    trainer = _control_trainer(control, tiny_sdxl, tmp_path, objective=objective, trajectory_nums=2)
+    size = 2
+    if objective == "ddpo":  # (steps, candidate-major rows, ...): prompt 0's rows are 0, 2, 4
+        rollout = control.sde_rollout
+        control.sde_rollout = lambda *args: tuple(t.index_fill(1, torch.arange(0, t.shape[1], size), float("nan")) for t in rollout(*args))
+        step = control.ddpo_step
+    else:
+        rollout = trainer.rollout
+        trainer.rollout = lambda cond, generator: (lambda t: t.index_fill(0, torch.arange(0, len(t), size), float("nan")))(rollout(cond, generator))
+        step = control.best_of_n_step
+    before = {k: v.detach().clone() for k, v in trainer.model.raw_unet.named_parameters()}
+    seen = []
+    trainer.train(lambda tr, batch, generator: seen.append(step(tr, batch, generator)) or seen[-1])
+    assert seen[0].trained.tolist() == [False, True] and trainer.counters["nonfinite_skips"] == 0
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.model.raw_unet.named_parameters())
