@@ -82,7 +82,7 @@ def load_reward_plugins(paths: Sequence[str] | None) -> None:
         if _registrations == before:
             # otherwise the run would only say later that the reward it names is unknown, not which file is wrong
             raise RewardPluginError(f"--reward_plugin {path!r} registered no reward: decorate its builder with "
-                             "@register_reward(\"name\") (from reward import register_reward) and pass --reward_model name.")
+                                    "@register_reward(\"name\") (from reward import register_reward) and pass --reward_model name.")
 
 
 def register_lazy_reward(name: str, target: str, *, flags: FlagsHook | None = None,
