@@ -710,7 +710,7 @@ def run_gpu_preset(args: argparse.Namespace) -> dict:
                 print(f"=== {label}: failed ({code})", flush=True)
                 runs.append({"mixed_precision": precision, "gradient_checkpointing": checkpointing, "error": f"exit {code}", "wall_s": wall})
     print("\nSummary (sdxl-random, 512 px, n=%d, m=%d, batch 1; ours/baseline):" % (args.n, args.m))
-    print(f"  {'precision':<9} {'ckpt':<4} {'variant':<7} {'ours s':>8} {'base s':>8} {'time':>7} {'grad rows':>9} {'ours peak':>11} {'base peak':>11} {'peak':>7} {'w/o grads':>9}")
+    print(f"  {'precision':<9} {'ckpt':<4} {'variant':<7} {'ours s':>8} {'base s':>8} {'time':>7} {'grad rows':>9} {'ours grow':>11} {'base grow':>11} {'growth':>7} {'w/o grads':>9}")
     for r in runs:
         if "error" in r:
             print(f"  {r['mixed_precision']:<9} {'on' if r['gradient_checkpointing'] else 'off':<4} {r['error']}")
