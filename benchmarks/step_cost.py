@@ -11,7 +11,8 @@ body of `Trainer.train` for one micro-batch with no accumulation.
 
 "Baseline" does the same work the way the upstream release does (Gen-Verse/Diffusion-Sharpening at commit 78c79f9), on the SAME
 Trainer: same UNet, VAE, text encoders, reward, optimizer, accelerate autocast / loss scaler, batch, n, m,
-resolution and random draws (t and the noises come from the same per-step generator, in the same order):
+resolution and per-step generator (SFT draws t and the noises from it in the same order as ours; RLHF draws its
+n*B rollout noises first, so its starts and noises differ from ours, at the same cost per step):
   * every one of the n candidates runs through the UNet WITH grad at each of the m steps, no CFG;
   * the DDIM state is NOT detached along the chain, so the loss back-propagates through the sampler;
   * the x0 preview of every step is decoded with autograd on, n*B images per decode call, in fp32;
