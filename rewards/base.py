@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -21,7 +21,7 @@ class RewardOutput:
     """Scores for a batch. `total` is what training optimises; `components` are logged separately."""
 
     total: torch.Tensor  # float32, CPU, shape [N]; NaN where no score could be had
-    components: dict[str, torch.Tensor]  # unweighted scores, same shape; a single reward gives {name: total}
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted scores, same shape (may be empty)
 
 
 class Reward(abc.ABC):

@@ -203,6 +203,8 @@ def build_reward(spec: str, args: argparse.Namespace | None, device: torch.devic
         if not isinstance(built, Reward):  # else it fails at the first training step, after the models have loaded
             raise TypeError(f"reward {name!r}: its builder returned {type(built).__name__}; a reward builder must return a "
                             "rewards.base.Reward, whose evaluate(images, prompts) gives a RewardOutput (total: one score per image).")
+        if built.name == Reward.name:  # a class that names nothing: logs and error messages use the registered name
+            built.name = name
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSumReward(parts)

@@ -267,3 +267,40 @@ def test_a_plugin_path_that_is_no_file_or_registers_nothing_is_a_usage_error(tmp
         with pytest.raises(SystemExit) as exit_info:
             add_reward_args(argparse.ArgumentParser(), ["--reward_plugin", str(path)])
         assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_the_readme_plugin_example_runs_as_written(tmp_path, monkeypatch, batch, capsys):
+    """The README's complete plugin, copied from its code block: its flag, its check, a builder named by its
+    registered name; and a RewardOutput without components."""
+    from conftest import ROOT
+
+    monkeypatch.setattr(registry, "REWARDS", dict(registry.REWARDS))
+    monkeypatch.setattr(registry, "REWARD_FLAGS", dict(registry.REWARD_FLAGS))
+    monkeypatch.setattr(registry, "REWARD_VALIDATORS", dict(registry.REWARD_VALIDATORS))
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n# my_rewards.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_rewards.py").write_text(block)
+    argv = ["--reward_plugin", str(tmp_path / "my_rewards.py"), "--reward_model", "redness", "--redness_channel", "0"]
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser, argv)
+    args = parser.parse_args(argv)
+    images, prompts = batch
+    scores = R.checked_evaluate(build_reward(args.reward_model, args), images, prompts).total
+    expected = [np.asarray(image.convert("RGB"), dtype=np.float32)[..., 0].mean() / 255 for image in images]
+    torch.testing.assert_close(scores, torch.tensor(expected))
+    with pytest.raises(ValueError, match="--redness_channel must be 0, 1 or 2"):
+        R.validate_reward_args(argparse.Namespace(**{**vars(args), "redness_channel": 5}))
+
+
+def test_a_reward_class_without_a_name_takes_its_registered_name(monkeypatch, batch):
+    """Logs and shape errors name the reward; a class that set no name was called 'reward' in them."""
+    monkeypatch.setattr(registry, "REWARDS", dict(registry.REWARDS))
+
+    class Unnamed(R.Reward):
+        def evaluate(self, images, prompts):
+            return R.RewardOutput(total=torch.zeros(1))  # one score for the whole batch: refused, by name
+
+    registry.register_reward("unnamed_test")(lambda args, device, dtype: Unnamed())
+    built = build_reward("unnamed_test", None)
+    with pytest.raises(ValueError, match="reward 'unnamed_test' returned total of shape"):
+        R.checked_evaluate(built, *batch)
