@@ -162,8 +162,8 @@ class Checkpoints:
             said = ", ".join(f"--{name} {getattr(self.args, name)} (checkpoint: {value})" for name, value in changed.items())
             raise ValueError(f"This run says {said}, but resuming from {path} restores the checkpoint's values with the optimizer "
                              "and its schedule, so the flags would be ignored. Resume with the checkpoint's values to continue "
-                             f"exactly; to train on with others, start a new run (another --output_dir) from its weights "
-                             f"({path}/{self.family.DENOISER} or its LoRA weights).")
+                             "exactly, or start a new run with the new values in another --output_dir (there is no flag to "
+                             "start from a checkpoint's weights with a fresh optimizer).")
 
     def check_layout(self, saved: dict[str, int] | None, path: Path) -> None:
         """A checkpoint continues exactly only under the layout that wrote it: with another number of processes,
@@ -273,7 +273,10 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
         load = f"pipe = {pipeline_class}.from_pretrained({where}, torch_dtype={dtype})"
     # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).
     tokens = getattr(args, "max_sequence_length", None)
-    t5_row = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if tokens is not None and pipeline_class != "StableDiffusionXLPipeline" else ""
+    t5 = tokens is not None and pipeline_class != "StableDiffusionXLPipeline"
+    t5_row = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if t5 else ""
+    # at the resolution and T5 length it was trained with (StableDiffusion3Pipeline's own default is 256 tokens)
+    call = f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}' + (f", max_sequence_length={tokens}" if t5 else "") + ").images[0]"
     text = f"""---
 base_model: {json.dumps(str(args.pretrained_model_name_or_path))}
 library_name: diffusers
@@ -301,6 +304,7 @@ This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 250
 ```python
 {imports}
 {load}
+{call}
 ```
 """
     (out / "README.md").write_text(text)

@@ -102,8 +102,8 @@ def model_index(pretrained: str, revision: str | None = None) -> dict:
         # the hub unreachable, and the file not cached), which is a failure to read like any other.
         if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
             return {}
-        raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): "
-                         f"{type(err).__name__}: {err}") from err
+        raise ValueError(f"Could not read model_index.json of {pretrained!r} (which says the model family): there is no "
+                         f"such local folder, and as a Hugging Face Hub id: {type(err).__name__}: {err}") from err
 
 
 def load(pretrained: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None) -> SDXLParts:

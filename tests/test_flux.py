@@ -142,6 +142,7 @@ def test_sft_one_process_lora(tiny_flux, tmp_path):
     assert lora and all(k.startswith("transformer.") for k in lora) and any(".ff.net." in k for k in lora)
     card = (out / "README.md").read_text()  # how to sample it as it was trained
     assert f"| T5 tokens (max_sequence_length) | {T5_TOKENS} |" in card and "| guidance scale (rollouts, validation) | 3.5 |" in card
+    assert f'image = pipe("your prompt", height=32, width=32, max_sequence_length={T5_TOKENS}).images[0]' in card
     assert not (flux_image(tiny_flux) == flux_image(tiny_flux, lora_dir=out)).all()
 
 

@@ -984,6 +984,7 @@ def test_the_model_cards_snippet_loads_the_model_as_it_was_trained(tiny_sdxl, tm
     compile(code, "card", "exec")
     assert 'revision="abc123", variant="fp16", vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in code
     assert "torch_dtype=torch.bfloat16" in code and f'load_lora_weights("{tmp_path / "out"}")' in code
+    assert code.rstrip().endswith(f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}).images[0]')
 
 
 def test_the_model_card_and_trackers_get_the_precision_the_accelerator_used(tiny_sdxl, tmp_path, monkeypatch, capsys):
