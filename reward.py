@@ -96,7 +96,17 @@ __all__ = [
 
 # The toy world's programmatic reward: how well a demo image's colours, shapes and positions match its caption,
 # in [0, 1]; NaN for captions outside the toy grammar. Runs on the CPU.
-register_lazy_reward("toy", "toyworld.reward:make_toy_reward")
+def _check_toy_args(args: argparse.Namespace) -> None:
+    """Before any model loads: the toy reward reads its canvas or a multiple of it (toyworld.reward.on_canvas)."""
+    from toyworld.world import IMAGE_SIZE
+
+    resolution = getattr(args, "resolution", None)  # training and evaluate take one; reward.py scores given images
+    if resolution and resolution % IMAGE_SIZE:
+        raise ValueError(f"--reward_model toy reads the toy world's {IMAGE_SIZE} px canvas, or a multiple of it averaged "
+                         f"down; --resolution {resolution} is neither: use {IMAGE_SIZE}.")
+
+
+register_lazy_reward("toy", "toyworld.reward:make_toy_reward", validate=_check_toy_args)
 
 
 # ============================================================================================= command

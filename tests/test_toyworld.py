@@ -532,3 +532,14 @@ def test_train_base_max_seconds_stops_early_saves_and_says_where(tmp_path):
     assert summary["unet_steps_done"] == 1 and summary["flags"]["unet_steps"] == 50
     assert [entry["step"] for entry in summary["unet_loss"]] == [1]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_a_resolution_the_toy_reward_cannot_read_is_refused_before_any_model_loads(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_sft_diffusion_sharpening_sdxl as sft
+
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "none"), "--train_data_dir", str(tmp_path), "--reward_model", "toy"]
+    with pytest.raises(SystemExit):
+        sft.parse_args([*argv, "--resolution", "48"])
+    assert "--reward_model toy reads the toy world's 32 px canvas" in capsys.readouterr().err
+    assert sft.parse_args([*argv, "--resolution", "64"]).resolution == 64  # averaged down to the canvas
