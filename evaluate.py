@@ -97,6 +97,9 @@ def file_stem(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sharpening.config import check_output_folder
+    from sharpening.data import PROMPT_FILE_HELP
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--model", action="append", default=[], metavar=MODEL_SPEC,
@@ -113,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--baseline", default=None, help="Model name the paired differences are taken against (default: the first).")
 
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt), JSON lines (.jsonl) or a .csv/.tsv column; the field is --caption_column, else the first of prompt, prompts, text, caption. Default: the toy world's held-out prompts.")
+    g.add_argument("--prompt_file", default=None, help=PROMPT_FILE_HELP + " Default: the toy world's held-out prompts.")
     g.add_argument("--toy_split", default="heldout", choices=["heldout", "train", "train_pairs", "single"], help="Toy prompt set when no --prompt_file.")
     g.add_argument("--num_prompts", type=int, default=None, help="Use the first N prompts.")
     g.add_argument("--images_per_prompt", type=int, default=2)
@@ -190,8 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for label, path in (("unet", m.unet), ("lora", m.lora)):
             if path and not Path(path).exists():
                 p.error(f"--model {m.name}: {label} path {path!r} does not exist.")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        p.error(f"--output_dir {args.output_dir} is a file; give a folder.")
+    try:
+        check_output_folder(args.output_dir)
+    except ValueError as error:
+        p.error(str(error))
     return args
 
 

@@ -98,10 +98,11 @@ __all__ = [
 # in [0, 1]; NaN for captions outside the toy grammar. Runs on the CPU.
 def _check_toy_args(args: argparse.Namespace) -> None:
     """Before any model loads: the toy reward reads its canvas or a multiple of it (toyworld.reward.on_canvas)."""
+    from toyworld.reward import canvas_factor
     from toyworld.world import IMAGE_SIZE
 
     resolution = getattr(args, "resolution", None)  # training and evaluate take one; reward.py scores given images
-    if resolution and resolution % IMAGE_SIZE:
+    if resolution and canvas_factor(resolution, resolution) is None:
         raise ValueError(f"--reward_model toy reads the toy world's {IMAGE_SIZE} px canvas, or a multiple of it averaged "
                          f"down; --resolution {resolution} is neither: use {IMAGE_SIZE}.")
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from reward import add_reward_args
-from sharpening.data import DATASET_CAPTION_COLUMN, PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns, subset_rows
+from sharpening.data import DATASET_CAPTION_COLUMN, PROMPT_FILE_HELP, PromptDataset, collate_prompts, load_hf_dataset, prompts_from_dataset, read_prompt_file, require_columns, subset_rows
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss
 from sharpening.targets import DPO_TARGETS, Rows, dpo_rows, per_prompt_mean
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser)
     add_reward_args(parser, argv)
-    parser.add_argument("--prompt_file", default=None, help="Prompts: one per line (.txt), JSON lines (.jsonl) or a .csv/.tsv column; the field is --caption_column, else the first of prompt, prompts, text, caption.")
+    parser.add_argument("--prompt_file", default=None, help=PROMPT_FILE_HELP)
     parser.add_argument("--beta_dpo", type=float, default=2500.0, help="beta of Eq. 11 (= Diffusion-DPO's beta / 2).")
     parser.add_argument("--reward_margin_scale", type=float, default=1.0, help="gamma of Eq. 11; 0 gives Diffusion-DPO on trajectories.")
     parser.add_argument(

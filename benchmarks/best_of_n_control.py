@@ -36,7 +36,7 @@ from reward import add_reward_args, checked_evaluate  # noqa: E402
 from sharpening.losses import reward_dpo_logits, reward_dpo_loss  # noqa: E402
 from sharpening.families import cfg_scale, with_guidance  # noqa: E402
 from sharpening.sampler import DDIM, FlowMatchEuler, _per_sample  # noqa: E402
-from sharpening.targets import fresh_rows, per_prompt_mean  # noqa: E402
+from sharpening.targets import fresh_rows, nonfinite_zeroed, per_prompt_mean  # noqa: E402
 from sharpening.trajectory import select  # noqa: E402
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args  # noqa: E402
 from sharpening.training import StepResult, Trainer  # noqa: E402
@@ -202,9 +202,7 @@ def ddpo_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> Step
     rows_cond = cond.select(image)
     training = with_guidance(trainer.family, trainer.parts, trainer.policy(grad=True), rows_cond, scale, trainer.device)
     # Rows of a prompt that does not train may hold an overflowed (NaN) path: zeroed, or backward turns every gradient NaN.
-    untrained = (~trained)[image % size].view(-1, *[1] * (states.dim() - 2))
-    x, x_next = (values[steps, image] for values in (states, nexts))
-    x, x_next = (values.masked_fill(untrained.to(values.device) & ~torch.isfinite(values), 0.0) for values in (x, x_next))
+    x, x_next = (nonfinite_zeroed(values[steps, image], (~trained)[image % size]) for values in (states, nexts))
     mean, std = sde_step(sampler, training(x, sampler.grid[steps], rows_cond), steps, x, args.noise_level)
     log_prob = step_log_prob(x_next, mean, std)
     # PPO's surrogate at ratio 1 (on-policy): value -advantage, gradient -advantage x grad log-likelihood.

@@ -396,7 +396,7 @@ def _check_mllm_args(args: argparse.Namespace) -> None:
         # e.g. the placeholder "your_base_url": every request would fail to connect and score NaN, skipping every update
         raise ValueError(f"{where} {strip_userinfo(url)!r} is not an http(s) URL; give the server's address, e.g. "
                          "https://api.openai.com/v1 or http://localhost:8000/v1, or leave it out for OpenAI's.")
-    if _api_key(args) is None and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+    if _api_key(args) is None and not url:
         raise ValueError("the mllm reward needs an API key: set OPENAI_API_KEY (preferred) or pass --api_key; for a "
                          "local OpenAI-compatible server without authentication pass --base_url.")
     template = load_mllm_template(args.mllm_template)

@@ -163,6 +163,17 @@ def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"{', '.join(changed)}: {why}; drop {'them' if len(changed) > 1 else 'it'}.")
 
 
+def named_trackers(report_to: str | None) -> list[str]:
+    """The trackers --report_to names ("tensorboard,wandb" names two); none for "none" or "all"."""
+    return [] if report_to in (None, "all", "none", "") else [name.strip() for name in report_to.split(",")]
+
+
+def check_output_folder(output_dir: str) -> None:
+    """--output_dir is created where missing; a file there cannot hold the outputs."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder.")
+
+
 def validate_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded; a bad value is a usage error (argparse's message
     and exit status 2), not a traceback."""
@@ -210,14 +221,12 @@ def _check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:
         raise ValueError("--decode_batch_size must be >= 1 (or left out for the resolution's default).")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise ValueError(f"--output_dir {args.output_dir} is a file; give a folder.")
+    check_output_folder(args.output_dir)
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError("--resolution must be a positive multiple of 8.")
     if args.lora_alpha is not None and not args.lora_alpha > 0:
         raise ValueError("--lora_alpha must be > 0 (leave it out for alpha = rank).")
-    trackers = [] if args.report_to in (None, "all", "none", "") else [name.strip() for name in args.report_to.split(",")]
-    for tracker in trackers:
+    for tracker in named_trackers(args.report_to):
         if tracker in ("wandb", "tensorboard", "comet_ml", "mlflow", "aim", "clearml", "dvclive") and importlib.util.find_spec(tracker) is None:
             # accelerate only warns and trains on with no tracking at all
             raise ValueError(f"--report_to {tracker}: the package is not installed; `pip install {tracker}`, or use "

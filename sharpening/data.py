@@ -295,6 +295,10 @@ def _prompt_field(record: dict, where: str) -> str:
     raise ValueError(f"{where}: no 'prompt', 'prompts', 'text' or 'caption' field in {sorted(record)}; name it with --caption_column.")
 
 
+PROMPT_FILE_HELP = ("Prompts: one per line (.txt), JSON lines (.jsonl) or a .csv/.tsv column; the field is --caption_column, "
+                    "else the first of prompt, prompts, text, caption.")
+
+
 def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple[list[str], dict]:
     """Prompts from .txt (one per line), .jsonl (a field per line) or .csv/.tsv (a column; DrawBench's `Prompts`
     works). `field` is --caption_column: None (not given) uses the first of prompt, prompts, text, caption; given,

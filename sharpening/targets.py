@@ -40,6 +40,12 @@ DPO_TARGETS = {
 }
 
 
+def nonfinite_zeroed(values: torch.Tensor, untrained: torch.Tensor) -> torch.Tensor:
+    """`values` (N, ...) with every non-finite entry of a row whose `untrained` (N,) is True set to 0."""
+    bad = untrained.to(values.device).view(-1, *[1] * (values.dim() - 1)) & ~torch.isfinite(values)
+    return values.masked_fill(bad, 0.0)
+
+
 @dataclass
 class Rows:
     """What one regression call sees: row r is state `states[r]` at `timesteps[r]` of prompt `prompt[r]`
@@ -72,14 +78,10 @@ class Rows:
         no pair) set to 0. Their loss is masked out, but a NaN input (a rollout or a path that overflowed in fp16)
         would still turn every gradient NaN in backward: the mask's zero times a NaN activation is NaN."""
         untrained = ~trained.to(self.prompt.device)[self.prompt]
-
-        def clean(values: torch.Tensor) -> torch.Tensor:
-            bad = untrained.to(values.device).view(-1, *[1] * (values.dim() - 1)) & ~torch.isfinite(values)
-            return values.masked_fill(bad, 0.0)
-
         if not untrained.any() or all(torch.isfinite(t).all() for t in (self.states, self.clean, self.noise)):
             return self  # the same tensors: RLHF's shared rows stay one model call
-        return Rows(clean(self.states), self.timesteps, clean(self.clean), clean(self.noise), self.prompt)
+        return Rows(nonfinite_zeroed(self.states, untrained), self.timesteps, nonfinite_zeroed(self.clean, untrained),
+                    nonfinite_zeroed(self.noise, untrained), self.prompt)
 
     def renoised(self, sampler: Sampler, clean: torch.Tensor) -> "Rows":
         """Other clean latents under the same noises and timesteps (new states): Diffusion-DPO's loser rows."""

@@ -28,7 +28,7 @@ import torch
 
 from . import tracking
 from .checkpoint import SIGTERM_EXIT_CODE, Checkpoints, check_fresh_output_dir
-from .config import public_config, redacted_argv, secret_flag_names
+from .config import named_trackers, public_config, redacted_argv, secret_flag_names
 from .families import apply_text_settings, cfg_scale, check_family_flags, check_resolution, family_of, with_guidance
 from .losses import masked_sum, per_sample_mse
 from .policy import Policy
@@ -134,9 +134,8 @@ class Trainer:
         check_family_flags(self.family, args)  # before loading
         check_resolution(self.family, args.pretrained_model_name_or_path, args.resolution, args.revision)  # before loading
         check_fresh_output_dir(args)  # before loading
-        # accelerate takes "all", one tracker, or a list: "tensorboard,wandb" (accepted by the flag check) is a list
-        log_with = None if args.report_to in (None, "none", "") else "all" if args.report_to == "all" else \
-            [name.strip() for name in args.report_to.split(",")]
+        # accelerate takes "all" or a list of trackers (the string "tensorboard,wandb" it refuses)
+        log_with = "all" if args.report_to == "all" else named_trackers(args.report_to) or None
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,

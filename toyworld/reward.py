@@ -186,18 +186,21 @@ def plausible_extent(region: np.ndarray) -> float:
     return score
 
 
+def canvas_factor(width: int, height: int) -> int | None:
+    """k for a square image k times the toy canvas (the sizes the reward reads); None for any other size."""
+    side = world.IMAGE_SIZE
+    return width // side if width == height and width >= side and width % side == 0 else None
+
+
 def on_canvas(image):
     """The image at the toy canvas's size, which every threshold (minimum area, size words, extents, the relation's
     lead) is measured in: a square image k times the canvas is averaged over k x k blocks (a 64 px render of a
     perfect image scored 0 on its size words as it was); any other size is refused."""
-    side = world.IMAGE_SIZE
-    width, height = image.size
-    if (width, height) == (side, side):
-        return image
-    if width == height and width % side == 0:
-        return image.convert("RGB").reduce(width // side)
-    raise ValueError(f"toy reward: it reads square images of {side} px (the toy world's canvas) or a multiple of it, got "
-                     f"{width}x{height}; sample at --resolution {side} (or {2 * side}, {4 * side}, ...).")
+    side, factor = world.IMAGE_SIZE, canvas_factor(*image.size)
+    if factor is None:
+        raise ValueError(f"toy reward: it reads square images of {side} px (the toy world's canvas) or a multiple of it, got "
+                         f"{image.size[0]}x{image.size[1]}; sample at --resolution {side} (or {2 * side}, {4 * side}, ...).")
+    return image if factor == 1 else image.convert("RGB").reduce(factor)
 
 
 class ToyReward(Reward):
