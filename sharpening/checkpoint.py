@@ -264,13 +264,13 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
         extra = "".join(f", {name}={json.dumps(value)}" for name, value in (("revision", args.revision), ("variant", args.variant)) if value)
         if args.pretrained_vae_model_name_or_path:
             imports = f"import torch\nfrom diffusers import AutoencoderKL, {pipeline_class}"
-            extra += f", vae=AutoencoderKL.from_pretrained({json.dumps(args.pretrained_vae_model_name_or_path)}, torch_dtype={dtype})"
-        load = (f"pipe = {pipeline_class}.from_pretrained({json.dumps(args.pretrained_model_name_or_path)}{extra}, torch_dtype={dtype})\n"
+            extra += f", vae=AutoencoderKL.from_pretrained({json.dumps(args.pretrained_vae_model_name_or_path)}, dtype={dtype})"
+        load = (f"pipe = {pipeline_class}.from_pretrained({json.dumps(args.pretrained_model_name_or_path)}{extra}, dtype={dtype})\n"
                 f"pipe.load_lora_weights({where})")
         if getattr(args, "prediction_type", None):  # the adapters were trained for it; the base's scheduler may say otherwise
             load += f'\npipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="{args.prediction_type}")'
     else:
-        load = f"pipe = {pipeline_class}.from_pretrained({where}, torch_dtype={dtype})"
+        load = f"pipe = {pipeline_class}.from_pretrained({where}, dtype={dtype})"
     # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).
     tokens = getattr(args, "max_sequence_length", None)
     t5 = tokens is not None and pipeline_class != "StableDiffusionXLPipeline"

@@ -37,6 +37,21 @@ def pipeline_image(tiny_sdxl: Path, unet_dir: Path | None = None, lora_dir: Path
     return pipe("a red square", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images[0]
 
 
+def run_model_card_code(out: Path):
+    """The card's Python block as a user pastes it: it loads the output and samples one image, without deprecation
+    warnings (diffusers 0.42 deprecates `torch_dtype` for `dtype`)."""
+    import warnings
+
+    code = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    code = code.replace('pipe("your prompt",', 'pipe("a red square", num_inference_steps=2,')  # 2 steps: a tiny model
+    scope: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, str(out / "README.md"), "exec"), scope)
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning)) and "torch_dtype" in str(w.message)]
+    return scope["image"]
+
+
 def assert_no_secret(out: Path, result: subprocess.CompletedProcess) -> None:
     assert SECRET not in result.stdout and SECRET not in result.stderr
     for path in out.rglob("*"):
@@ -64,6 +79,7 @@ def test_sft_one_process_full_unet(tiny_sdxl, tmp_path):
     assert len(list((out / "validation").glob("*.png"))) >= 2
     image = pipeline_image(tiny_sdxl, unet_dir=out / "unet")
     assert image.shape == (32, 32, 3) and image.std() > 0
+    assert run_model_card_code(out).size == (32, 32)
     assert_no_secret(out, result)
 
 

@@ -983,7 +983,7 @@ def test_the_model_cards_snippet_loads_the_model_as_it_was_trained(tiny_sdxl, tm
     code = card.split("```python\n")[1].split("```")[0]
     compile(code, "card", "exec")
     assert 'revision="abc123", variant="fp16", vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in code
-    assert "torch_dtype=torch.bfloat16" in code and f'load_lora_weights("{tmp_path / "out"}")' in code
+    assert "dtype=torch.bfloat16" in code and "torch_dtype" not in code and f'load_lora_weights("{tmp_path / "out"}")' in code
     assert code.rstrip().endswith(f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}).images[0]')
 
 
@@ -996,7 +996,7 @@ def test_the_model_card_and_trackers_get_the_precision_the_accelerator_used(tiny
     assert trainer.args.mixed_precision == "no" and trainer.weight_dtype == torch.float32
     write_model_card(trainer.args, tmp_path / "out", "SFT", 1, "StableDiffusionXLPipeline")
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "torch_dtype=torch.float32" in card and "| mixed precision | no |" in card
+    assert "dtype=torch.float32" in card and "| mixed precision | no |" in card
     reset_accelerate_state()
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
