@@ -162,13 +162,14 @@ class Trainer:
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
 
+        from reward import build_reward
+
+        # The reward first: weights it cannot find (a hub id offline, a wrong folder) fail before minutes of loading
+        # the diffusion model. Its loading draws nothing from the generators the run uses (LoRA seeds its own).
+        self.reward = build_reward(args.reward_model, args, device=self.device)
         self._load_models(needs_reference)
         self._setup_optimisation(dataset, collate_fn)
         self.checkpoints = Checkpoints(args, acc, self.model, self.family)
-
-        from reward import build_reward
-
-        self.reward = build_reward(args.reward_model, args, device=self.device)
         self.stop_requested = False
         self.last_explored = None
         signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -249,6 +249,19 @@ def test_data_smaller_than_one_batch_is_refused_before_the_models_load(tiny_sdxl
     reset_accelerate_state()
 
 
+def test_reward_weights_that_cannot_be_found_fail_before_the_diffusion_model_loads(tiny_sdxl, tmp_path, monkeypatch):
+    """A hub id offline (the rewards' defaults) or a folder without the weights is only known when the reward is built:
+    it is built first, so the error comes before minutes of loading SDXL, not after."""
+    from sharpening import sdxl
+
+    monkeypatch.setattr(sdxl, "load", lambda *a, **k: pytest.fail("loaded the diffusion model before the reward"))
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--image_reward_model .*no-weights.* lacks ImageReward.pt"):
+        sft_trainer(tiny_sdxl, tmp_path, reward_model="image_reward", image_reward_model=str(empty))
+    reset_accelerate_state()
+
+
 def test_family_only_flags_are_refused_before_any_weight_loads(tiny_sd3, tmp_path, monkeypatch):
     from sharpening import sd3
 
