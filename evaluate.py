@@ -216,7 +216,7 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         prompts = {
             "heldout": world.heldout_prompts,
             "train": world.train_prompts,
-            "train_pairs": lambda: world.train_prompts("pairs"),
+            "train_pairs": world.train_pair_prompts,  # shuffled: --num_prompts N takes a spread of pairs
             "single": world.single_prompts,
         }[args.toy_split]()
     if args.num_prompts is not None and args.num_prompts > len(prompts):

@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "Δ is their mean, its SE adds the variance between runs to the evaluation's.")
     p.add_argument("--train_images", type=int, default=512, help="Images in the SFT imagefolder.")
     p.add_argument("--train_prompts", type=int, default=None,
-                   help="Train on the first N training-pair captions only (default: all of them, 320). With N = --eval_prompts every "
+                   help="Train on the first N training-pair captions (in the world's fixed shuffled order) only (default: all 320). With N = --eval_prompts every "
                         "evaluated caption is trained on about 60 x 8 / N times instead of 1.5 times in 60 steps.")
     p.add_argument("--model", default=str(MODEL), help="The toy model to fine-tune (models/toy-sdxl, models/toy-sd3 or models/toy-sd3-relations).")
     p.add_argument("--work_dir", default=str(ROOT / "output" / "reward_response"))

@@ -66,14 +66,31 @@ def test_recipe_data_can_be_limited_to_the_first_training_pair_captions(tmp_path
     from toyworld.recipe import write_data
 
     images, prompt_file = write_data(tmp_path / "data", images=40, prompts=3)
-    first = world.train_prompts("pairs")[:3]
+    first = world.train_pair_prompts(3)
     assert prompt_file.read_text().splitlines() == first
     captions = [json.loads(line)["text"] for line in (images / "metadata.jsonl").read_text().splitlines()]
     assert len(captions) == 40 and set(captions) == set(first)
     images, prompt_file = write_data(tmp_path / "all", images=4)
-    assert prompt_file.read_text().splitlines() == world.train_prompts("pairs")
+    assert sorted(prompt_file.read_text().splitlines()) == sorted(world.train_prompts("pairs"))
     with pytest.raises(ValueError, match="1..320"):
         write_data(tmp_path / "bad", images=4, prompts=0)
+
+
+@pytest.mark.parametrize("count", [56, 112])
+def test_the_benchmarks_training_pair_subsets_spread_over_colours_relations_and_pairs(count):
+    """The benchmarks train and score the first N training-pair captions. In generation order the first 56 and 112
+    all held a red object, and 7 of the 40 training pairs; in the shuffled order every colour, relation and most of
+    the pairs are there."""
+    import collections
+
+    assert world.train_prompts("pairs")[:count] and all("red" in c for c in world.train_prompts("pairs")[:count])
+    scenes = [world.parse_caption(c) for c in world.train_pair_prompts(count)]
+    colours = collections.Counter(o.colour for scene in scenes for o in scene.objects)
+    relations = collections.Counter(scene.relation for scene in scenes)
+    assert set(colours) == set(world.COLOURS) and min(colours.values()) >= count * 2 / 4 * 0.6
+    assert set(relations) == set(world.RELATIONS) and min(relations.values()) >= count / 4 * 0.6
+    assert len({frozenset(scene.objects) for scene in scenes}) >= 30
+    assert sorted(world.train_pair_prompts()) == sorted(world.train_prompts("pairs"))
 
 
 def _mismatches(caption: str) -> dict[str, str]:

@@ -228,11 +228,12 @@ def check_trained_with(script: str, settings: dict) -> None:
 
 
 def training_captions(prompts: int | None = None) -> list[str]:
-    """Compositions of the TRAIN object pairs only (held-out pairs stay unseen until evaluation); `prompts`: only the
-    first N of them, the ones `evaluate.py --toy_split train_pairs --num_prompts N` scores."""
+    """Compositions of the TRAIN object pairs only (held-out pairs stay unseen until evaluation), in the world's fixed
+    shuffled order; `prompts`: only the first N of them, the ones `evaluate.py --toy_split train_pairs --num_prompts N`
+    scores."""
     from toyworld import world
 
-    pairs = world.train_prompts("pairs")
+    pairs = world.train_pair_prompts()
     if prompts is not None and not 1 <= prompts <= len(pairs):
         raise ValueError(f"prompts must be in 1..{len(pairs)} (the training-pair captions), got {prompts}")
     return pairs[:prompts]

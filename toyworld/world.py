@@ -132,8 +132,17 @@ def train_prompts(kind: str = "all") -> list[str]:
 def heldout_prompts(limit: int | None = None) -> list[str]:
     """Evaluation captions: compositions of held-out pairs, in a fixed shuffled order (so the first `limit`
     cover many pairs and all relations)."""
-    prompts = _pair_captions(heldout_pairs())
-    order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(prompts))
+    return _shuffled(_pair_captions(heldout_pairs()), SPLIT_SEED + 1, limit)
+
+
+def train_pair_prompts(limit: int | None = None) -> list[str]:
+    """The training-pair captions (`train_prompts("pairs")`) in a fixed shuffled order, the one the benchmarks train
+    and score a subset of: in generation order the first 56, and the first 112, all hold a red object."""
+    return _shuffled(train_prompts("pairs"), SPLIT_SEED + 2, limit)
+
+
+def _shuffled(prompts: list[str], seed: int, limit: int | None) -> list[str]:
+    order = np.random.default_rng(seed).permutation(len(prompts))
     prompts = [prompts[i] for i in order]
     return prompts[:limit] if limit else prompts
 
@@ -241,6 +250,6 @@ if __name__ == "__main__":
     a = parser.parse_args()
     out = Path(a.out_dir)
     write_imagefolder(out / "images", train_prompts(), a.count, a.seed)
-    write_prompt_file(out / "train_prompts.txt", train_prompts("pairs"))
+    write_prompt_file(out / "train_prompts.txt", train_pair_prompts())
     write_prompt_file(out / "heldout_prompts.txt", heldout_prompts())
     print(out)
