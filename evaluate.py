@@ -505,11 +505,14 @@ def summarise(scores: dict[str, dict[str, np.ndarray]], baseline: str, per_promp
     return summary
 
 
-def _fmt(mean: float, se: float, signed: bool = False) -> str:
+def format_estimate(mean: float, se: float, signed: bool = False) -> str:
+    """mean ± SE with the SE to two significant figures (at least 3 decimals), the mean to as many: at 3 fixed
+    decimals an SE of 0.00048 printed as "± 0.000", and a reader could not tell 10 SE from 1."""
     if not math.isfinite(mean):
         return "n/a"
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return text + (f" ± {se:.3f}" if math.isfinite(se) else "")
+    decimals = max(3, 1 - math.floor(math.log10(se))) if math.isfinite(se) and se > 0 else 3
+    text = f"{mean:+.{decimals}f}" if signed else f"{mean:.{decimals}f}"
+    return text + (f" ± {se:.{decimals}f}" if math.isfinite(se) else "")
 
 
 def markdown_table(summary: dict, baseline: str, total: str) -> str:
@@ -518,8 +521,8 @@ def markdown_table(summary: dict, baseline: str, total: str) -> str:
     header = ["model", *metrics, f"Δ {total} vs {baseline} (paired)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model, row in summary.items():
-        diff = "—" if model == baseline else _fmt(row[total].get("diff", float("nan")), row[total].get("diff_se", float("nan")), signed=True)
-        lines.append("| " + " | ".join([model, *(_fmt(row[m]["mean"], row[m]["se"]) for m in metrics), diff]) + " |")
+        diff = "—" if model == baseline else format_estimate(row[total].get("diff", float("nan")), row[total].get("diff_se", float("nan")), signed=True)
+        lines.append("| " + " | ".join([model, *(format_estimate(row[m]["mean"], row[m]["se"]) for m in metrics), diff]) + " |")
     return "\n".join(lines)
 
 
@@ -639,7 +642,9 @@ def main(args: argparse.Namespace) -> dict:
                 metrics.setdefault(name, np.where(finite, values.float().cpu().numpy(), np.nan))
         scores[spec.name] = metrics
         seconds[spec.name] = round(time.time() - t0, 1)
-        print(f"[evaluate] {spec.name}: {args.reward_model} = {np.nanmean(metrics[args.reward_model]):.4f} ({seconds[spec.name]} s)", flush=True)
+        # the mean over prompts of each prompt's mean, as the table says (a plain image mean weighs a prompt by its scored images)
+        mean = mean_se(per_prompt(metrics[args.reward_model], args.images_per_prompt))[0]
+        print(f"[evaluate] {spec.name}: {args.reward_model} = {mean:.4f} ({seconds[spec.name]} s)", flush=True)
         if args.save_images:
             from sharpening.sdxl import save_images
             from toyworld.world import write_captions

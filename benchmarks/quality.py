@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = record["summary"]
 
     def cell(entry, key="mean", se="se"):
-        return f"{entry[key]:+.3f} ± {entry[se]:.3f}" if key == "diff" else f"{entry[key]:.3f} ± {entry[se]:.3f}"
+        return evaluate.format_estimate(entry[key], entry[se], signed=key == "diff")
 
     final = args.steps
     split_name = {"heldout": "Held-out prompts", "train_pairs": "TRAIN prompts (diagnostic, not the benchmark)"}[args.eval_split]

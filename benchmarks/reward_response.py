@@ -274,7 +274,9 @@ def summarise(record: dict, args) -> dict:
 
 
 def _diff(entry: dict) -> str:
-    return f"{entry['diff']:+.3f} ± {entry['diff_se']:.3f}" if math.isfinite(entry.get("diff", float("nan"))) else "n/a"
+    from evaluate import format_estimate
+
+    return format_estimate(entry.get("diff", float("nan")), entry.get("diff_se", float("nan")), signed=True)
 
 
 def batch_sizes(args) -> dict[str, int]:

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the idle cores).")
     p.add_argument("--device", default="cpu", help="Evaluation device (training uses what accelerate finds).")
     args = p.parse_args(argv)
-    check_spec_parts([args.pixel_reward], {"--work_dir": args.work_dir})
+    check_spec_parts([args.pixel_reward], {"--work_dir": args.work_dir, "--model": args.model})
     if args.pixel_reward == "toy":
         p.error("--pixel_reward toy: the demo trains on the toy reward already; name a pixel reward (brightness, saturation, ...).")
     if args.learning_rate is not None and not args.learning_rate > 0:
@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def gains_table(summary: dict, runs: dict[str, str]) -> str:
     """Each fine-tune's paired gain over base on the reward it trained on, in standard errors, with the guards."""
     def diff(entry):
-        return f"{entry['diff']:+.3f} ± {entry['diff_se']:.3f}"
+        from evaluate import format_estimate
+
+        return format_estimate(entry["diff"], entry["diff_se"], signed=True)
 
     lines = ["| fine-tune | trained on | base | Δ trained reward (paired) | in SE | Δ toy/objects | Δ toy/relation | toy/clean | toy/size |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -43,3 +43,6 @@ def test_demo_flags_that_would_waste_or_silently_drop_a_run_are_refused(capsys):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
         assert message in capsys.readouterr().err
+    # a ',' in --model broke evaluate.py's model specs after the four trainings (about 10 minutes in)
+    with pytest.raises(SystemExit, match="a ',' in a path"):
+        demo.parse_args(["--model", "/tmp/a,b/toy-sdxl"])

@@ -103,6 +103,17 @@ def test_statistics_are_over_prompts():
     assert summary["new"]["r"]["diff"] == pytest.approx(0.25)  # paired: (1 - 0.5) and (1 - 1)
 
 
+def test_estimates_print_their_se_to_two_significant_figures():
+    """A paired SE of 0.00048 printed as "± 0.000" at three fixed decimals (docs/reward_response_sd3.md)."""
+    f = evaluate.format_estimate
+    assert f(-0.0041, 0.00048, signed=True) == "-0.00410 ± 0.00048"
+    assert f(0.0054, 0.00053, signed=True) == "+0.00540 ± 0.00053"
+    assert f(0.052, 0.0021, signed=True) == "+0.0520 ± 0.0021"
+    assert f(0.5213, 0.019) == "0.521 ± 0.019" and f(0.5213, 0.19) == "0.521 ± 0.190"
+    assert f(0.0, 0.0, signed=True) == "+0.000 ± 0.000" and f(0.25, float("nan")) == "0.250"
+    assert f(float("nan"), 0.1) == "n/a"
+
+
 def test_the_paired_difference_uses_only_seeds_both_models_scored():
     """3 prompts x 2 seeds; the new model is the baseline + 0.1 except one unscored image. Paired over the images
     both scored the difference is exactly +0.1; averaging each side over its own images gave 0.433 +- 0.333."""
