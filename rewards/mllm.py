@@ -16,7 +16,7 @@ import time
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import torch
 from PIL import Image
@@ -365,6 +365,16 @@ def strip_userinfo(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
+def split_userinfo(url: str | None) -> tuple[str | None, tuple[str, str] | None]:
+    """The URL without its user:password@ part, and that (user, password), percent-decoded; None when there is none."""
+    if not url or "@" not in urlsplit(url).netloc:
+        return url, None
+    parts = urlsplit(url)
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
 def _api_key(args: argparse.Namespace) -> Secret | None:
     key = args.api_key
     if isinstance(key, str):  # a Namespace built in code rather than by add_reward_args
@@ -412,8 +422,14 @@ def build_mllm_reward(args: argparse.Namespace, device: torch.device, dtype: tor
     _check_mllm_args(args)
     secret = _api_key(args)
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    # Credentials in the URL (https://user:token@host/v1) go to the HTTP client as basic auth, as the URL's userinfo
+    # would, and leave the URL: the client's HTTP library logs every request's URL at INFO.
+    address, credentials = split_userinfo(base_url)
+    http_client = openai.DefaultHttpxClient(auth=credentials) if credentials else None
+    for name in ("httpx", "httpx2"):  # one INFO line per graded image otherwise (m x N per step)
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Local servers (vLLM, Ollama) accept any key, but the client refuses to start without one.
-    client = openai.OpenAI(api_key=secret.reveal() if secret else "EMPTY", base_url=base_url,
+    client = openai.OpenAI(api_key=secret.reveal() if secret else "EMPTY", base_url=address, http_client=http_client,
                            timeout=args.mllm_timeout, max_retries=0)  # our own retry loop counts and bounds retries
     return MllmReward(client, model=args.mllm_model, template=load_mllm_template(args.mllm_template),
                       concurrency=args.mllm_concurrency, timeout=args.mllm_timeout,

@@ -253,6 +253,23 @@ def test_api_key_never_printed_logged_or_in_repr(server, caplog, capfd):
     assert "sk-***" in caplog.text or "***" in caplog.text
 
 
+def test_credentials_in_the_base_url_authenticate_and_never_reach_the_log(server, caplog, capfd):
+    """https://user:token@host/v1: the HTTP library logged every request's full URL at INFO, the level the training
+    scripts log at, so the token went to stderr (and wandb's console capture) once per graded image."""
+    token = "tok-" + secrets.token_hex(8)
+    url = server.base_url.replace("://", f"://alice:{token}%21@")  # percent-encoded: the password is token + "!"
+    server.respond_with(lambda r: Reply.chat(grade_json(50)))
+    with caplog.at_level(logging.INFO):
+        reward = make_reward(server, base_url=url)
+        out = reward.evaluate(images(2), ["a", "b"])
+        print(repr(reward))
+    assert torch.isfinite(out.total).all()
+    sent = base64.b64decode(server.requests[0].headers["authorization"].removeprefix("Basic ")).decode()
+    assert sent == f"alice:{token}!"  # the userinfo authenticates, as it did when it stayed in the URL
+    everything = capfd.readouterr().out + caplog.text + "".join(r.getMessage() for r in caplog.records)
+    assert "***@127.0.0.1" in everything and token not in everything
+
+
 def test_key_falls_back_to_openai_api_key(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY + "-env")
     reward = make_reward(server, api_key=None)
