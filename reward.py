@@ -195,7 +195,7 @@ def _read_image(path: Path) -> Image.Image | None:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (OSError, SyntaxError) as err:  # PIL raises these for truncated or non-image files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, not an image, too many pixels
         print(f"[reward] skipped {path}: cannot read the image ({err}); scored NaN", file=sys.stderr, flush=True)
         return None
 

@@ -128,6 +128,8 @@ def _parse_spec_entry(part: str, spec: str) -> tuple[str, float]:
     if not sep:
         return name, 1.0
     try:
+        if "_" in weight_text:  # float() reads "1_0" as 10
+            raise ValueError
         weight = float(weight_text)
     except ValueError:
         raise ValueError(f"--reward_model {spec!r}: weight {weight_text!r} of {name!r} is not a number.") from None

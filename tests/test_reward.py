@@ -253,7 +253,8 @@ def test_unknown_reward_lists_valid_names():
 @pytest.mark.parametrize("spec, match", [
     ("clip:abc", "not a number"), ("clip:", "not a number"), ("clip:nan", "finite number > 0"),
     ("clip:inf", "finite number > 0"), ("clip:0", "finite number > 0"), ("clip:-1", "finite number > 0"),
-    ("clip:1:2", "not a number"), ("clip,clip:2", "twice"), ("", "empty"), ("clip,,mllm", "empty entry"),
+    ("clip:1:2", "not a number"), ("clip:1_0", "not a number"),  # float() reads "1_0" as 10
+    ("clip,clip:2", "twice"), ("", "empty"), ("clip,,mllm", "empty entry"),
 ])
 def test_parse_reward_spec_rejects(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -473,6 +474,16 @@ def test_an_unreadable_image_is_scored_nan_and_the_rest_are_scored(clip_twin, tm
     assert "mean (3 images, 1 NaN)" in captured.out and "skipped" in captured.err and "img_1.png" in captured.err
     results = json.loads(out_json.read_text())["results"]
     assert [r["total"] is None for r in results] == [False, True, False] and set(results[1]) == set(results[0])
+
+
+def test_an_image_over_pils_pixel_limit_is_skipped_not_fatal(tmp_path, monkeypatch, capsys):
+    """PIL's DecompressionBombError is not an OSError: one such file ended the whole scoring run."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels is over twice the limit: an error, not a warning
+    assert R._read_image(tmp_path / "big.png") is None
+    assert "skipped" in capsys.readouterr().err
 
 
 def test_command_rejects_unknown_reward_before_loading(capsys):
