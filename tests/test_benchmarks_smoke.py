@@ -262,6 +262,24 @@ def test_pooled_se_is_unbiased_for_the_mean_of_runs():
     assert math.isfinite(bench.run_variance(np.array([[1.0, 2.0, np.nan, 3.0], [2.0, 2.0, 1.0, 5.0]])))
 
 
+def test_two_runs_whose_spread_dominates_pass_3_se_by_chance_about_1_in_13():
+    """The figure the benchmark's Markdown quotes for --train_seeds 2 or 3: sigma_runs of two runs has one degree of
+    freedom, and when they agree by chance the pooled SE shrinks to the evaluation's. No gain at all, run SD 0.03
+    (about 5.5 times the evaluation's SE of 0.0054), 56 prompts: "+3 SE" passes 7.6 % of the time (3 normal SEs: 0.13 %)."""
+    bench = load_benchmark("reward_response")
+    rng = np.random.default_rng(0)
+    reps, runs, prompts = 20000, 2, 56
+    deltas = rng.normal(0, 0.03, (reps, runs, 1)) + rng.normal(0, 0.02, (reps, 1, prompts)) + rng.normal(0, 0.05, (reps, runs, prompts))
+    passes = 0
+    for d in deltas:
+        record = {"baseline": "base", "images_per_prompt": 1,
+                  "scores": {"base": {"r": [0.0] * prompts}, **{f"run{k}": {"r": d[k].tolist()} for k in range(runs)}},
+                  "summary": {f"run{k}": {"r": {"mean": 0.0}} for k in range(runs)}}
+        entry = bench.pooled_entry(record, [f"run{k}" for k in range(runs)], "r")
+        passes += entry["diff"] > 3 * entry["diff_se"]
+    assert 1 / 15 < passes / reps < 1 / 11
+
+
 def test_steps_to_3se_needs_the_run_to_stay_above():
     """A run that passes +3 SE at step 20 and falls back by the end has not reached it: the first checkpoint from
     which every later one stays above."""
