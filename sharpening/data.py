@@ -106,6 +106,8 @@ def _open_image(value) -> Image.Image:
 
     if isinstance(value, (str, os.PathLike)):
         value = {"path": str(value), "bytes": None}
+    elif isinstance(value, (bytes, bytearray)):  # a binary column (parquet written without datasets' Image feature)
+        value = {"path": None, "bytes": bytes(value)}
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):

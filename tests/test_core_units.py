@@ -790,6 +790,27 @@ def test_images_inside_an_imagefolder_zip_are_read(tmp_path):
     assert item["pixel_values"][2].min().item() == 1.0 and item["pixel_values"][0].max().item() == -1.0  # pure blue
 
 
+def test_an_image_column_of_raw_bytes_is_read(tmp_path):
+    """Parquet written by pandas / pyarrow (webdataset-style `jpg` columns) has binary values, not datasets' Image
+    feature: every row counted as bad and the run stopped, blaming --image_column."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    encoded = []
+    for colour in ("red", "blue"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 10), colour).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    data = datasets.Dataset.from_dict({"jpg": encoded, "txt": ["cap 0", "cap 1"]},
+                                      features=datasets.Features({"jpg": datasets.Value("binary"), "txt": datasets.Value("string")}))
+    ds = sdata.ImageTextDataset(data, "jpg", "txt", resolution=8, center_crop=True, random_flip=False, seed=0)
+    item = ds[1]
+    assert item["caption"] == "cap 1" and item["bad_rows"] == [] and item["original_size"] == (10, 12)
+    assert item["pixel_values"][2].min().item() == 1.0 and item["pixel_values"][0].max().item() == -1.0  # pure blue
+
+
 def test_dataset_name_folder_of_a_hub_copy_is_loaded_by_its_format(tmp_path):
     """A local copy of a hub dataset (data/train-*.parquet, images as bytes) given as --dataset_name."""
     import datasets
