@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=None, help="Override the recipe's learning rate for every run.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[VARIANT:]FLAG=VALUE",
                    help="Override a training flag for every run, or for one variant, e.g. --set rlhf-sharpening:reward_margin_scale=0 "
-                        "or --set lr_warmup_steps=10 (repeatable).")
+                        "or --set max_grad_norm=0.5 (repeatable).")
     p.add_argument("--train_images", type=int, default=512)
     p.add_argument("--eval_prompts", type=int, default=112, help="Evaluation prompts (the held-out split has 112).")
     p.add_argument("--eval_split", default="heldout", choices=["heldout", "train_pairs"],

@@ -200,6 +200,9 @@ def _check_training_args(args: argparse.Namespace) -> None:
     for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every"):
         if getattr(args, flag) < 0:  # a negative --max_grad_norm made clip_grad_norm_ flip every gradient's sign
             raise ValueError(f"--{flag} must be >= 0" + (" (0: no clipping)." if flag == "max_grad_norm" else "."))
+    if args.lr_warmup_steps > 0 and args.lr_scheduler == "constant":  # diffusers' "constant" ignores the warmup
+        raise ValueError(f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant: use "
+                         "--lr_scheduler constant_with_warmup (or linear, cosine, ...), or drop the warmup.")
     if not args.learning_rate > 0:
         raise ValueError("--learning_rate must be > 0.")
     if not (0.0 <= args.adam_beta1 < 1.0 and 0.0 <= args.adam_beta2 < 1.0) or not args.adam_epsilon > 0:

@@ -211,6 +211,7 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsy
     ({"learning_rate": 0}, "--learning_rate must be > 0"),
     ({"adam_beta1": 1.0}, "--adam_beta1 and --adam_beta2 must be in \\[0, 1\\)"),
     ({"lr_warmup_steps": -1}, "--lr_warmup_steps must be >= 0"),
+    ({"lr_warmup_steps": 10}, "has no effect with --lr_scheduler constant"),  # diffusers' constant ignores it
     ({"resolution": 0}, "--resolution must be a positive multiple of 8"),  # was blamed on the data after loading
     ({"use_lora": True, "lora_alpha": 0}, "--lora_alpha must be > 0"),  # `alpha or rank` turned 0 into the rank
     ({"report_to": "aim"}, "--report_to aim: the package is not installed"),  # accelerate trained on with no tracking
