@@ -198,6 +198,18 @@ def test_resume_refuses_optimisation_flags_it_would_ignore(run, tmp_path):
     assert checkpoints(out) == {2, 4}
 
 
+def test_resume_refuses_another_length_for_a_schedule_laid_out_over_it(run, tmp_path):
+    """A cosine schedule restores its step counter, and its curve is rebuilt from --max_train_steps: resumed with
+    another length, the rate jumped. A constant schedule does not depend on the length, so a run may be extended."""
+    out = tmp_path / "cosine"
+    run(out, max_train_steps=2, checkpointing_steps=2, lr_scheduler="cosine")
+    with pytest.raises(ValueError, match=r"--max_train_steps 4 \(checkpoint: 2\) .*--lr_scheduler cosine was laid out over"):
+        run(out, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest", lr_scheduler="cosine")
+    run(tmp_path / "constant", max_train_steps=2, checkpointing_steps=2)
+    run(tmp_path / "constant", max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")
+    assert checkpoints(tmp_path / "constant") == {2, 4}
+
+
 
 def test_the_rewards_counters_continue_across_a_resume(run, tmp_path):
     """A reward counts from its own start (grader failures, unscored images); checkpoint-4 of a run resumed at step 2
