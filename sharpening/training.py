@@ -47,6 +47,13 @@ SUMMED_LOGS = ("skipped_prompts", "reward/unscored_candidates")
 FP16_OVERFLOW_LIMIT = 40
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Data-loader workers leave SIGTERM to the main process. SLURM and torch's elastic launcher signal the whole process
+    group; a worker that died of it made the main process raise "DataLoader worker is killed by signal" mid-step,
+    before the checkpoint a preemption is owed. The main process still shuts its workers down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -219,7 +226,7 @@ class Trainer:
         self.data_order = EpochSampler(len(dataset), args.seed)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.train_batch_size, sampler=self.data_order, collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers, drop_last=True,
+            num_workers=args.dataloader_num_workers, drop_last=True, worker_init_fn=_ignore_sigterm,
         )
         lr = args.learning_rate
         if args.scale_lr:

@@ -129,25 +129,31 @@ def test_rlhf_one_process_lora_from_dataset_captions(tiny_sdxl, tmp_path):
     assert_no_secret(out, result)
 
 
-def sigterm_after_first_update(cmd: list[str], env: dict, log: Path) -> tuple[int, str]:
-    """Start a training command, send SIGTERM once it has made an update, and return (exit status, its output)."""
+def sigterm_after_first_update(cmd: list[str], env: dict, log: Path, group: bool = False) -> tuple[int, str]:
+    """Start a training command, send SIGTERM once it has made an update (to its whole process group, as SLURM does,
+    with `group`), and return (exit status, its output)."""
     with open(log, "w") as stream:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=group)
         deadline = time.time() + 300
         while "outcome=updated" not in log.read_text() and time.time() < deadline and process.poll() is None:
             time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=300)
     return returncode, log.read_text()
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes(tiny_sdxl, tmp_path):
+    """SIGTERM to the whole process group, data-loader workers included (SLURM, torch's elastic launcher): a worker
+    killed by it used to crash the main process mid-step, with no checkpoint."""
     data = write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
-    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000)
+    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=500, checkpointing_steps=1000, dataloader_num_workers=2)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     returncode, text = sigterm_after_first_update([sys.executable, str(ROOT / "train_sft_diffusion_sharpening_sdxl.py"), *argv],
-                                                  env, tmp_path / "log.txt")
+                                                  env, tmp_path / "log.txt", group=True)
     assert returncode == 143, text[-3000:]
     assert json.loads((out / "PREEMPTED.json").read_text())["exit_code"] == 143
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
