@@ -62,11 +62,32 @@ def check_fresh_output_dir(args: argparse.Namespace) -> None:
                          "--resume_from_checkpoint latest, or start this one in another --output_dir (or delete them).")
 
 
+def sync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's entries: renames, new files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves, deepest first."""
+    for root, _, files in sorted(os.walk(folder), key=lambda entry: -entry[0].count(os.sep)):
+        for name in files:
+            sync_path(Path(root) / name)
+        sync_path(Path(root))
+
+
 class Checkpoints:
     """Saving and restoring a run's state through accelerate, for the trained `policy` of model `family`."""
 
     def __init__(self, args: argparse.Namespace, accelerator, policy, family):
         self.args, self.accelerator, self.policy, self.family = args, accelerator, policy, family
+        if accelerator.is_main_process:  # a save killed before its rename; nothing else reads or removes these
+            for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):
+                logger.warning("Removing %s, an unfinished checkpoint of an earlier run that was stopped while saving it.", stale)
+                shutil.rmtree(stale, ignore_errors=True)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
         if policy.ema is not None and args.use_lora:
@@ -128,9 +149,11 @@ class Checkpoints:
             state = {"global_step": global_step, "seed": self.args.seed, "counters": counters, "running": running, "layout": self.layout(),
                      "optimisation": self.optimisation()}
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
+            sync_tree(tmp)  # on disk before the rename makes it a checkpoint: a machine crash must not leave half of one
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            sync_path(out)  # the rename itself
             logger.info("Saved %s", final)
             self._prune()
         acc.wait_for_everyone()

@@ -198,6 +198,35 @@ def test_resume_refuses_optimisation_flags_it_would_ignore(run, tmp_path):
     assert checkpoints(out) == {2, 4}
 
 
+def test_a_checkpoint_is_on_disk_before_it_is_renamed_and_stale_temp_folders_go(run, tmp_path, monkeypatch):
+    """A rename without fsync can leave a machine crash with checkpoint-N whose files are truncated, which `latest`
+    would pick; a save killed before its rename left .tmp-checkpoint-N until that step was saved again."""
+    import os
+
+    out = tmp_path / "out"
+    (out / ".tmp-checkpoint-7").mkdir(parents=True)
+    (out / ".tmp-checkpoint-7" / "half.bin").write_bytes(b"x")
+    synced = []
+    real_open = os.open
+
+    def open_and_note(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        synced.append((fd, str(path)))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_note)
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(dict(synced)[fd]), real_fsync(fd)))
+    run(out, max_train_steps=1, checkpointing_steps=1)
+    assert not (out / ".tmp-checkpoint-7").exists() and checkpoints(out) == {1}
+    temp = str(out / ".tmp-checkpoint-1")
+    files = [path for path in fsynced if path.startswith(temp + os.sep)]
+    assert any(path.endswith("training_state.json") for path in files) and any(path.endswith(".safetensors") for path in files)
+    assert fsynced.index(temp) > max(fsynced.index(path) for path in files)  # the folder after its files
+    assert fsynced[-1] == str(out)  # and the rename
+
+
 def test_resume_refuses_another_length_for_a_schedule_laid_out_over_it(run, tmp_path):
     """A cosine schedule restores its step counter, and its curve is rebuilt from --max_train_steps: resumed with
     another length, the rate jumped. A constant schedule does not depend on the length, so a run may be extended."""
