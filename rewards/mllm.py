@@ -211,6 +211,7 @@ class MllmReward(Reward):
         no new request starts, and requests still in flight are abandoned (daemon threads) instead of awaited, so
         a run with a bad key stops in about one round trip, on every rank that sees it."""
         scores: list[float] = [float("nan")] * len(images)
+        refused: list[str] = []  # the server's reason for each request it refused as bad (a 4xx other than the fatal ones)
         pending = iter(range(len(images)))
         lock, finished, failure = threading.Lock(), threading.Event(), []
         remaining = [len(images)]
@@ -222,7 +223,7 @@ class MllmReward(Reward):
                 if index is None:
                     return
                 try:
-                    scores[index] = self._grade(images[index], prompts[index], index)
+                    scores[index] = self._grade(images[index], prompts[index], index, refused)
                 except BaseException as err:  # MllmRequestError, or a bug: stop everything
                     failure.append(err)
                     finished.set()
@@ -237,10 +238,16 @@ class MllmReward(Reward):
         finished.wait()
         if failure:
             raise failure[0]
+        if len(images) > 1 and len(refused) == len(images):
+            # One refused image can be the image (a content filter); every one of them is the request: scoring all
+            # NaN would skip every update of the run while it went on paying for requests.
+            raise MllmRequestError(f"mllm grader: the server refused all {len(images)} requests of this batch ({refused[0]}). "
+                                   "The request does not suit this server or model: check --mllm_model, --mllm_max_tokens, "
+                                   "--mllm_temperature and --mllm_response_format (reasoning models refuse some of them).")
         return scores
 
-    def _grade(self, image: Image.Image, prompt: str, index: int) -> float:
-        reply = self._request(self._messages(image, prompt), index)
+    def _grade(self, image: Image.Image, prompt: str, index: int, refused: list[str]) -> float:
+        reply = self._request(self._messages(image, prompt), index, refused)
         if reply is None:
             return float("nan")
         try:
@@ -258,8 +265,9 @@ class MllmReward(Reward):
             {"type": "image_url", "image_url": {"url": encode_image_data_url(image)}},
         ]}]
 
-    def _request(self, messages: list[dict], index: int) -> str | None:
-        """The reply text, or None once the retries are spent (counted and logged)."""
+    def _request(self, messages: list[dict], index: int, refused: list[str]) -> str | None:
+        """The reply text, or None once the retries are spent (counted and logged; a refused bad request is also
+        added to `refused`)."""
         import openai
 
         extra: dict[str, Any] = {"response_format": {"type": "json_object"}} if self.json_mode else {}
@@ -280,6 +288,7 @@ class MllmReward(Reward):
                                            f"{self._scrub(str(err))[:300]}") from None
                 if err.status_code not in _RETRYABLE_STATUS and err.status_code < 500:
                     last_error = f"HTTP {err.status_code}: {self._scrub(str(err))[:300]}"
+                    refused.append(last_error)
                     break  # a bad request stays bad
                 last_error, headers = f"HTTP {err.status_code}", err.response.headers
             except (openai.APIConnectionError, openai.APIResponseValidationError, _EmptyReply,

@@ -145,6 +145,21 @@ def test_bad_request_is_not_retried(server):
     assert len(server.requests) == 1
 
 
+def test_a_batch_the_server_refuses_entirely_stops_the_run(server):
+    """One refused image can be the image (a content filter) and scores NaN; every request of a batch refused is the
+    request (e.g. a reasoning model refusing max_tokens or temperature): all NaN skipped every update while the run
+    went on paying for requests."""
+    unsupported = Reply(status=400, body='{"error": {"message": "Unsupported parameter: max_tokens"}}')
+    server.respond_with(lambda r: unsupported if prompt_number(r) != 1 else Reply.chat(grade_json(40)))
+    reward = make_reward(server)
+    prompts = [f"prompt number {n}" for n in range(3)]
+    out = reward.evaluate(images(3), prompts)  # one image graded: the others are NaN, the run goes on
+    assert out.total[1].item() == pytest.approx(0.4) and torch.isnan(out.total[[0, 2]]).all()
+    server.respond_with(lambda r: unsupported)
+    with pytest.raises(MllmRequestError, match=r"refused all 3 requests of this batch \(HTTP 400: .*Unsupported parameter: max_tokens.*--mllm_max_tokens"):
+        reward.evaluate(images(3), prompts)
+
+
 def test_429_retry_after_is_honoured(server):
     server.queue(Reply.error(429, headers={"Retry-After": "1"}))
     reward = make_reward(server, mllm_retry_backoff=0.0, mllm_concurrency=1)
