@@ -292,15 +292,18 @@ def markdown(results: dict, args, record: dict | None = None) -> str:
     sizes = batch_sizes(args)
     batch = (f"batch {next(iter(sizes.values()))}" if len(set(sizes.values())) == 1
              else "batch " + ", ".join(f"{b} ({name})" for name, b in sizes.items()))
+    pooled = ""
+    if args.train_seeds > 1:
+        pooled = (f"; mean of {args.train_seeds} training runs per variant (seeds s, s+1, ...), SE = sqrt(SE_eval^2 + sigma_runs^2 / "
+                  f"{args.train_seeds}) (two-way, runs x prompts), each run's Δ of the trained reward in brackets")
+        if args.train_seeds <= 3:  # tests/test_benchmarks_smoke.py simulates the 1 in 13
+            pooled += (f". sigma_runs is estimated from {args.train_seeds - 1} degree(s) of freedom: where the runs' spread is large "
+                       "against the evaluation's SE, runs that agree by chance make '+3 SE' far likelier than for 3 normal SEs (2 runs "
+                       "whose spread is 5 times the evaluation's SE, no gain at all: about 1 in 13 passes); compare the runs' Δs and add runs")
     lines = [f"Reward response: {args.steps} optimizer steps of {batch} per run, model {Path(args.model).name}, training-pair prompts "
              f"({args.eval_prompts} x {args.images_per_prompt} seeds"
              + (f"; trained on the first {args.train_prompts} of them only" if args.train_prompts else "") + "); Δ = paired difference vs base ± paired SE over prompts"
-             + (f"; mean of {args.train_seeds} training runs per variant (seeds s, s+1, ...), SE = sqrt(SE_eval^2 + sigma_runs^2 / "
-                f"{args.train_seeds}) (two-way, runs x prompts), each run's Δ of the trained reward in brackets"
-                + (f". sigma_runs is estimated from {args.train_seeds - 1} degree(s) of freedom: where the runs' spread is large "
-                   "against the evaluation's SE, runs that agree by chance make '+3 SE' far likelier than for 3 normal SEs (2 runs "
-                   "whose spread is 5 times the evaluation's SE, no gain at all: about 1 in 13 passes); compare the runs' Δs and add runs."
-                   if args.train_seeds <= 3 else ".") if args.train_seeds > 1 else "."), ""]
+             + pooled + ".", ""]
     names = list(args.runs)
     lines += ["Δ of the trained reward, in standard errors (final checkpoint; ✓ = more than +3 SE):", "",
               "| variant | " + " | ".join(args.rewards) + " |", "|---|" + "---|" * len(args.rewards)]

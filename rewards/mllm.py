@@ -376,9 +376,9 @@ def strip_userinfo(url: str | None) -> str | None:
 
 def split_userinfo(url: str | None) -> tuple[str | None, tuple[str, str] | None]:
     """The URL without its user:password@ part, and that (user, password), percent-decoded; None when there is none."""
-    if not url or "@" not in urlsplit(url).netloc:
+    parts = urlsplit(url) if url else None
+    if parts is None or "@" not in parts.netloc:
         return url, None
-    parts = urlsplit(url)
     userinfo, host = parts.netloc.rsplit("@", 1)
     user, _, password = userinfo.partition(":")
     return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))

@@ -59,9 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def gains_table(summary: dict, runs: dict[str, str]) -> str:
     """Each fine-tune's paired gain over base on the reward it trained on, in standard errors, with the guards."""
-    def diff(entry):
-        from evaluate import format_estimate
+    from evaluate import format_estimate
 
+    def diff(entry):
         return format_estimate(entry["diff"], entry["diff_se"], signed=True)
 
     lines = ["| fine-tune | trained on | base | Δ trained reward (paired) | in SE | Δ toy/objects | Δ toy/relation | toy/clean | toy/size |",
