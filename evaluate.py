@@ -150,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     try:
+        from reward import check_reward_flags_used
+
+        check_reward_flags_used(args, [args.reward_model, *args.also_score])
         models = [parse_model_spec(m) for m in args.model]
         if args.models_json:
             models += models_from_json(Path(args.models_json))

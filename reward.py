@@ -49,7 +49,7 @@ from PIL import Image
 from rewards.base import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, SECRET_ARG_NAMES, ChunkedReward, Reward, RewardOutput,
                           Secret, WeightedSumReward, checked_evaluate, chunks)
 from rewards.registry import (REWARD_FLAGS, REWARD_VALIDATORS, REWARDS, FlagsHook, RewardFactory, ValidateHook,
-                              add_reward_args, build_reward, load_reward_plugins, parse_reward_spec,
+                              add_reward_args, build_reward, check_reward_flags_used, load_reward_plugins, parse_reward_spec,
                               register_lazy_reward, register_reward, validate_reward_args)
 from rewards.model_files import load_state_dict_file, resolve_model_files
 from rewards.clip import (AESTHETIC_LAYERS, HPS_CHECKPOINTS, AestheticMLP, AestheticReward, ClipReward,
@@ -73,7 +73,7 @@ __all__ = [
     # rewards.registry
     "REWARDS", "REWARD_FLAGS", "REWARD_VALIDATORS", "FlagsHook", "RewardFactory", "ValidateHook", "add_reward_args",
     "build_reward", "load_reward_plugins", "parse_reward_spec", "register_lazy_reward", "register_reward",
-    "validate_reward_args",
+    "validate_reward_args", "check_reward_flags_used",
     # rewards.model_files
     "load_state_dict_file", "resolve_model_files",
     # rewards.clip
@@ -261,6 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         validate_reward_args(args)
+        check_reward_flags_used(args, [args.reward_model])
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.chunk_size < 1:

@@ -311,7 +311,8 @@ def _check_compositional_args(args: argparse.Namespace) -> None:
         raise ValueError(_COMPOSITIONAL_MISSING)
 
 
-@register_reward("compositional", flags=_compositional_flags, validate=_check_compositional_args)
+@register_reward("compositional", flags=_compositional_flags, validate=_check_compositional_args,
+                 borrows=("image_reward_tokenizer",))
 def build_compositional_reward(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> BlipReward:
     if not args.compositional_model:
         raise ValueError(_COMPOSITIONAL_MISSING)

@@ -22,17 +22,19 @@ ValidateHook = Callable[[argparse.Namespace], None]
 REWARDS: dict[str, RewardFactory] = {}
 REWARD_FLAGS: dict[str, FlagsHook] = {}  # name -> adds that reward's own flags to its argument group
 REWARD_VALIDATORS: dict[str, ValidateHook] = {}  # name -> checks its flags before any model is loaded
+REWARD_BORROWED_FLAGS: dict[str, tuple[str, ...]] = {}  # name -> flags of other rewards it reads too
 _registrations = 0  # register_reward calls so far: a plugin file that makes none is refused
 
 
-def register_reward(name: str, *, flags: FlagsHook | None = None,
-                    validate: ValidateHook | None = None) -> Callable[[RewardFactory], RewardFactory]:
+def register_reward(name: str, *, flags: FlagsHook | None = None, validate: ValidateHook | None = None,
+                    borrows: tuple[str, ...] = ()) -> Callable[[RewardFactory], RewardFactory]:
     """Decorator: `@register_reward("toy", flags=add_toy_flags, validate=check) def build(args, device, dtype)`.
 
     `flags(group)` adds the reward's own command-line flags (every script that takes reward flags shows them,
     including those of a `--reward_plugin` file); `validate(args)` runs when the reward is selected, before
-    any model is loaded. Re-registering a name is allowed only for the same function (a plugin file imported
-    twice); anything else would silently replace a reward, so it raises.
+    any model is loaded; `borrows` names flags of other rewards that this one reads as well (their values then
+    count as used when only this reward is selected). Re-registering a name is allowed only for the same function
+    (a plugin file imported twice); anything else would silently replace a reward, so it raises.
     """
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
         raise ValueError(f"reward name {name!r} must be letters, digits, '_' or '-' (it appears in --reward_model).")
@@ -48,6 +50,8 @@ def register_reward(name: str, *, flags: FlagsHook | None = None,
             REWARD_FLAGS[name] = flags
         if validate is not None:
             REWARD_VALIDATORS[name] = validate
+        if borrows:
+            REWARD_BORROWED_FLAGS[name] = tuple(borrows)
         return factory
 
     return decorator
@@ -191,6 +195,35 @@ def validate_reward_args(args: argparse.Namespace) -> None:
     for name in names:
         if name in REWARD_VALIDATORS:
             REWARD_VALIDATORS[name](args)
+
+
+def _own_flags(name: str) -> list[str]:
+    """The destinations of the flags reward `name` adds to the parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    REWARD_FLAGS[name](parser.add_argument_group(name))
+    return [action.dest for action in parser._actions]
+
+
+def check_reward_flags_used(args: argparse.Namespace, specs: Sequence[str]) -> None:
+    """Refuse a reward's own flag set to other than its default when no reward in `specs` (the run's --reward_model,
+    and evaluate's --also_score) reads it: `--reward_model clip --api_key KEY` would otherwise run CLIP and drop the
+    key without a word, and a model path given for a reward that is not selected is almost always a typo in the spec."""
+    selected = {name for spec in specs for name, _ in parse_reward_spec(spec)}
+    read = {flag for name in selected for flag in (*(_own_flags(name) if name in REWARD_FLAGS else ()),
+                                                   *REWARD_BORROWED_FLAGS.get(name, ()))}
+    defaults = _reward_defaults()
+    unused = {}
+    for name in REWARD_FLAGS:
+        for flag in _own_flags(name):
+            if flag not in read and getattr(args, flag, defaults[flag]) != defaults[flag]:
+                unused[f"--{flag}"] = name
+    if unused:
+        owners, several = sorted(set(unused.values())), len(unused) > 1
+        raise ValueError(
+            f"{', '.join(unused)} {'are flags' if several else 'is a flag'} of the {' and '.join(owners)} reward"
+            f"{'s' if len(owners) > 1 else ''}, and no selected reward ({', '.join(sorted(selected))}) uses "
+            f"{'them' if several else 'it'}: add {' and '.join(owners)} to --reward_model (a weighted sum such as "
+            f"{specs[0]},{owners[0]}:1.0) or drop the flag{'s' if several else ''}.")
 
 
 def build_reward(spec: str, args: argparse.Namespace | None, device: torch.device | str = "cpu",

@@ -184,10 +184,11 @@ def validate_training_args(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def _check_training_args(args: argparse.Namespace) -> None:
-    from reward import validate_reward_args
+    from reward import check_reward_flags_used, validate_reward_args
 
     # --reward_plugin files were imported by add_reward_args, before parsing, so their rewards and flags exist.
     validate_reward_args(args)  # the spec, and what each reward needs (weights path, grader key)
+    check_reward_flags_used(args, [args.reward_model])
     if args.num_noisy_latents < 1 or args.trajectory_nums < 1:
         raise ValueError("--num_noisy_latents and --trajectory_nums must be >= 1.")
     if not 1 <= args.infer_steps <= 1000:

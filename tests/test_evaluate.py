@@ -198,6 +198,7 @@ def test_the_scores_are_written_before_the_grids(tiny_sdxl, tmp_path, monkeypatc
     (["--model", "a=x,pred=sample"], "pred='sample'"),
     (["--model", "a/b=x", "--save_images"], "not a plain folder name"),
     (["--model", "a/b=x", "--model", "a_b=x"], "both make the file name grid_a_b.png"),
+    (["--also_score", "saturation", "--clip_model", "ViT-B-32"], "--clip_model is a flag of the clip reward"),
 ])
 def test_bad_flags_fail_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit):

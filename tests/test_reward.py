@@ -353,6 +353,32 @@ def test_reward_flags_have_defaults_and_help():
             assert action.help and len(action.help) > 15, action.dest
 
 
+@pytest.mark.parametrize("argv, specs, message", [
+    (["--api_key", "sk-1"], ["clip"], r"--api_key is a flag of the mllm reward, and no selected reward \(clip\) uses it: add mllm"),
+    (["--clip_model", "ViT-B-32", "--mllm_model", "gpt-5"], ["saturation"], "--clip_model, --mllm_model are flags of the clip and mllm rewards"),
+    (["--image_reward_model", "/w"], ["compositional"], "--image_reward_model is a flag of the image_reward reward"),
+])
+def test_a_flag_of_a_reward_that_is_not_selected_is_refused(argv, specs, message):
+    """`--reward_model clip --api_key KEY` ran CLIP and dropped the key without a word; a weights path for a reward
+    left out of the spec is almost always a typo in it."""
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser, argv)
+    with pytest.raises(ValueError, match=message):
+        R.check_reward_flags_used(parser.parse_args(argv), specs)
+
+
+@pytest.mark.parametrize("argv, specs", [
+    (["--api_key", "sk-1", "--clip_model", "ViT-B-32"], ["clip:1.0,mllm:0.5"]),  # each read by a reward of the sum
+    (["--clip_model", "ViT-B-32"], ["toy", "clip"]),  # evaluate: --reward_model toy --also_score clip
+    (["--image_reward_tokenizer", "/tok"], ["compositional"]),  # compositional reads image_reward's tokenizer flag
+    (["--clip_model", "ViT-L-14"], ["brightness"]),  # the default value: nothing was asked for
+])
+def test_flags_a_selected_reward_reads_are_accepted(argv, specs):
+    parser = argparse.ArgumentParser()
+    add_reward_args(parser, argv)
+    R.check_reward_flags_used(parser.parse_args(argv), specs)
+
+
 def test_secret_never_shows_its_value():
     key = Secret("sk-very-secret-value")
     assert "very-secret" not in repr(key) + str(key) + f"{key}" + repr(argparse.Namespace(api_key=key))

@@ -64,7 +64,8 @@ def test_sft_one_process_full_unet(tiny_sdxl, tmp_path):
     out = tmp_path / "out"
     argv = tiny_args(
         tiny_sdxl, out, train_data_dir=data, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=2,
-        validation_prompt="a red square", num_validation_images=2, report_to="tensorboard", api_key=SECRET,
+        validation_prompt="a red square", num_validation_images=2, report_to="tensorboard",
+        reward_model="graded_brightness", grader_token=SECRET,
         center_crop=True, random_flip=True, proportion_empty_prompts=0.2, use_ema=True, gradient_checkpointing=True,
     )
     result = accelerate_launch("train_sft_diffusion_sharpening_sdxl.py", argv)
@@ -74,7 +75,7 @@ def test_sft_one_process_full_unet(tiny_sdxl, tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not list(out.glob(".tmp-checkpoint-*"))
     card = (out / "README.md").read_text()
-    assert "| candidates per prompt (n) | 3 |" in card and "`brightness`" in card
+    assert "| candidates per prompt (n) | 3 |" in card and "`graded_brightness`" in card
     assert list((out / "logs").rglob("events.out.tfevents*"))
     assert len(list((out / "validation").glob("*.png"))) >= 2
     image = pipeline_image(tiny_sdxl, unet_dir=out / "unet")
@@ -121,7 +122,8 @@ def test_rlhf_two_processes_full_unet(tiny_sdxl, tmp_path):
 def test_rlhf_one_process_lora_from_dataset_captions(tiny_sdxl, tmp_path):
     data = write_image_folder(tmp_path / "data", count=4)
     out = tmp_path / "out"
-    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=2, use_lora=True, api_key=SECRET)
+    argv = tiny_args(tiny_sdxl, out, train_data_dir=data, max_train_steps=2, use_lora=True,
+                     reward_model="graded_brightness", grader_token=SECRET)
     result = accelerate_launch("train_rlhf_diffusion_sharpening_sdxl.py", argv)
     assert result.returncode == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -215,6 +215,7 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsy
     ({"resolution": 0}, "--resolution must be a positive multiple of 8"),  # was blamed on the data after loading
     ({"use_lora": True, "lora_alpha": 0}, "--lora_alpha must be > 0"),  # `alpha or rank` turned 0 into the rank
     ({"report_to": "aim"}, "--report_to aim: the package is not installed"),  # accelerate trained on with no tracking
+    ({"api_key": "sk-1"}, "--api_key is a flag of the mllm reward, and no selected reward \\(brightness\\) uses it"),
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, capsys, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
