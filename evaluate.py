@@ -117,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt_file", default=None, help=PROMPT_FILE_HELP + " Default: the toy world's held-out prompts.")
+    g.add_argument("--caption_column", default=None, help="The --prompt_file field (.jsonl) or column (.csv/.tsv) of the prompts.")
     g.add_argument("--toy_split", default="heldout", choices=["heldout", "train", "train_pairs", "single"], help="Toy prompt set when no --prompt_file.")
     g.add_argument("--num_prompts", type=int, default=None, help="Use the first N prompts.")
     g.add_argument("--images_per_prompt", type=int, default=2)
@@ -180,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline!r} is not one of the models {names}.")
+    if args.prompt_file and args.toy_split != "heldout":
+        p.error(f"--toy_split {args.toy_split} chooses toy-world prompts, and --prompt_file replaces them: give one of the two.")
+    if args.caption_column and not args.prompt_file:
+        p.error("--caption_column names the --prompt_file field of the prompts; add --prompt_file, or drop it.")
     if args.steps < 1:
         p.error("--steps must be >= 1.")
     if not 1 <= args.images_per_prompt <= 1009:  # the noise seeds of prompt i + 1 start where 1009 images of prompt i end
@@ -208,7 +213,7 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         from sharpening.data import read_prompt_file
 
-        prompts, stats = read_prompt_file(args.prompt_file)
+        prompts, stats = read_prompt_file(args.prompt_file, args.caption_column)
         print(f"[evaluate] {args.prompt_file}: {stats['prompts']} prompts (blank or missing skipped: {stats['blank_skipped']}, "
               f"duplicates kept: {stats['duplicates']})", flush=True)
     else:

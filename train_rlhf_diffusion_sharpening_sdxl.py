@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
     args = parser.parse_args(argv)
     if not args.prompt_file and not (args.dataset_name or args.train_data_dir):
         parser.error("give prompts with --prompt_file or a dataset (--dataset_name / --train_data_dir; its captions: --caption_column, default text)")
+    if args.prompt_file:
+        refuse_unused_flags(parser, args, ["dataset_name", "train_data_dir", "dataset_config_name"],
+                            "the prompts come from --prompt_file, and a dataset's captions would not be read; give one source")
+    refuse_unused_flags(parser, args, ["image_column", "max_bad_fraction"],
+                        "RLHF trains on captions and generates its own images, so no image is read (or found unreadable)")
     if args.num_noisy_latents < 2:
         parser.error("--num_noisy_latents must be >= 2 in RLHF: the loss compares the best and the worst trajectory")
     if not args.beta_dpo > 0 or args.reward_margin_scale < 0:
@@ -59,7 +64,8 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
                      "trajectories, beta 0 trains nothing.")
     if args.dpo_target != "fresh":
         refuse_unused_flags(parser, args, ["weighting_scheme", "logit_mean", "logit_std"],
-                            f"they shape freshly drawn noise levels (--dpo_target fresh); --dpo_target {args.dpo_target} trains on the states its paths visit")
+                            f"they shape freshly drawn noise levels (--dpo_target fresh, on SD3 and FLUX); --dpo_target {args.dpo_target} "
+                            "trains on the states its paths visit")
     validate_training_args(parser, args)
     for flag in ("center_crop", "random_flip"):
         if getattr(args, flag):

@@ -36,3 +36,8 @@ class Batched:
 
     def to(self, **kwargs):
         return type(self)(*(x.to(**kwargs) for x in self._fields()))
+
+    def like(self, other):
+        """Each field in the dtype of `other`'s same field: a CFG negative branch matches the positive one field by field
+        (casting every field to the embeddings' bf16 rounded FLUX's embedded guidance, 3.3 -> 3.296875)."""
+        return type(self)(*(x.to(dtype=y.dtype) for x, y in zip(self._fields(), other._fields())))

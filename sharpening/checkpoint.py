@@ -304,9 +304,17 @@ def write_model_card(args: argparse.Namespace, out: Path, variant: str, num_step
     # SD3 / FLUX: the T5 length the denoiser was trained with (FLUX has no text mask: sample with the same).
     tokens = getattr(args, "max_sequence_length", None)
     t5 = tokens is not None and pipeline_class != "StableDiffusionXLPipeline"
-    t5_row = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if t5 else ""
-    # at the resolution and T5 length it was trained with (StableDiffusion3Pipeline's own default is 256 tokens)
-    call = f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}' + (f", max_sequence_length={tokens}" if t5 else "") + ").images[0]"
+    card_rows = f"\n| T5 tokens (max_sequence_length) | {tokens} |" if t5 else ""
+    # At the resolution, T5 length and guidance it was trained and validated with (StableDiffusion3Pipeline's own defaults
+    # are 256 tokens and CFG 7; FluxPipeline's true CFG is off unless asked for).
+    settings = [f"height={args.resolution}", f"width={args.resolution}"] + ([f"max_sequence_length={tokens}"] if t5 else [])
+    if args.guidance_scale is not None:
+        settings.append(f"guidance_scale={args.guidance_scale:g}")
+    true_cfg = getattr(args, "true_cfg_scale", 1.0)
+    if pipeline_class == "FluxPipeline" and true_cfg != 1.0:
+        settings += [f"true_cfg_scale={true_cfg:g}", 'negative_prompt=""']
+        card_rows += f"\n| true CFG scale (against the empty prompt) | {true_cfg:g} |"
+    call = f'image = pipe("your prompt", {", ".join(settings)}).images[0]'
     text = f"""---
 base_model: {json.dumps(str(args.pretrained_model_name_or_path))}
 library_name: diffusers
@@ -327,7 +335,7 @@ This folder holds {kind}, trained with {variant} Diffusion-Sharpening (arXiv 250
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 | batch | {args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation |
 | resolution | {args.resolution} |
-| guidance scale (rollouts, validation) | {args.guidance_scale} |{t5_row}
+| guidance scale (rollouts, validation) | {args.guidance_scale} |{card_rows}
 | mixed precision | {args.mixed_precision} |
 | seed | {args.seed} |
 

@@ -20,6 +20,8 @@ SECRET_ARGS = ("api_key",)
 # diffusers.optimization.get_scheduler's names that need no extra argument.
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 LORA_RANK_DEFAULT, EMA_DECAY_DEFAULT = 4, 0.9999
+VALIDATION_DEFAULTS = {"validation_epochs": 1, "validation_steps": None, "num_validation_images": 4}
+MAX_T5_TOKENS = 512  # diffusers' SD3 and FLUX pipelines refuse longer T5 sequences
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +39,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="SD3/SD3.5 and FLUX: T5 tokens of each prompt. Default: 77 for SD3 (diffusers' SD3 training scripts), "
-                        "512 for FLUX.1 (FluxPipeline's and diffusers' FLUX scripts'); evaluate with the same. SDXL ignores it.")
+                        "512 for FLUX.1 (FluxPipeline's and diffusers' FLUX scripts'); at most 512; evaluate with the same. SDXL has no T5: refused there.")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="Hub dataset id, a save_to_disk folder, or an imagefolder.")
@@ -49,7 +51,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "of prompt, prompts, text, caption. Given, that column is required.")
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Train on N rows (RLHF: prompts) drawn at random, the same N in every run (debugging, quick runs).")
-    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--cache_dir", default=None, help="Where --dataset_name downloads are cached (models use the Hugging Face cache: HF_HOME).")
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument("--center_crop", action="store_true")
     g.add_argument("--random_flip", action="store_true")
@@ -102,7 +104,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "so that states close to the end of sampling, where an x0 error counts with a huge weight, cannot "
                         "swamp the batch. Applies to every family; off by default.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
-    g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal.")
+    g.add_argument("--logit_std", type=float, default=1.0, help="--weighting_scheme logit_normal: std of the normal (> 0).")
     g.add_argument("--decode_batch_size", type=int, default=None,
                    help="VAE decodes of x0 previews per chunk (default: 8 at 512 px, scaled by pixel count: 2 at 1024 px).")
     g.add_argument("--vae_tiling", action="store_true",
@@ -147,9 +149,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tracker_project_name", default="diffusion-sharpening")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs.")
-    g.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
+    g.add_argument("--num_validation_images", type=int, default=VALIDATION_DEFAULTS["num_validation_images"])
+    g.add_argument("--validation_epochs", type=int, default=VALIDATION_DEFAULTS["validation_epochs"], help="Validate every N epochs.")
+    g.add_argument("--validation_steps", type=int, default=VALIDATION_DEFAULTS["validation_steps"], help="Also validate every N optimizer steps.")
     g.add_argument("--log_trajectories_every", type=int, default=100,
                    help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
                         "winner and loser marked) and reward histograms to the trackers; 0 = off.")
@@ -201,6 +203,25 @@ def _check_training_args(args: argparse.Namespace) -> None:
     for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every"):
         if getattr(args, flag) < 0:  # a negative --max_grad_norm made clip_grad_norm_ flip every gradient's sign
             raise ValueError(f"--{flag} must be >= 0" + (" (0: no clipping)." if flag == "max_grad_norm" else "."))
+    validation = [f"--{flag}" for flag in ("validation_epochs", "validation_steps", "num_validation_images")
+                  if getattr(args, flag) != VALIDATION_DEFAULTS[flag]]
+    if validation and not args.validation_prompt:
+        raise ValueError(f"{', '.join(validation)}: validation images are drawn only for --validation_prompt; add one, or drop "
+                         f"{'them' if len(validation) > 1 else 'it'}.")
+    for flag in ("min_start_timestep", "max_start_timestep"):
+        if getattr(args, flag) is not None and not 0 <= getattr(args, flag) <= 1000:
+            raise ValueError(f"--{flag} must be a timestep in [0, 1000].")
+    if None not in (args.min_start_timestep, args.max_start_timestep) and args.min_start_timestep > args.max_start_timestep:
+        raise ValueError(f"--min_start_timestep {args.min_start_timestep:g} is above --max_start_timestep {args.max_start_timestep:g}: "
+                         "no grid timestep lies between them; swap them.")
+    if args.weighting_scheme != "logit_normal" and (args.logit_mean, args.logit_std) != (0.0, 1.0):
+        raise ValueError("--logit_mean / --logit_std shape --weighting_scheme logit_normal; add it, or drop them (without it the "
+                         "training sigmas are drawn uniformly).")
+    if not args.logit_std > 0:
+        raise ValueError("--logit_std must be > 0.")
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
+        raise ValueError(f"--max_sequence_length must be between 1 and {MAX_T5_TOKENS} (StableDiffusion3Pipeline and FluxPipeline "
+                         "refuse more, so the trained model could not be sampled with it).")
     if args.lr_warmup_steps > 0 and args.lr_scheduler == "constant":  # diffusers' "constant" ignores the warmup
         raise ValueError(f"--lr_warmup_steps {args.lr_warmup_steps} has no effect with --lr_scheduler constant: use "
                          "--lr_scheduler constant_with_warmup (or linear, cosine, ...), or drop the warmup.")

@@ -350,6 +350,9 @@ def read_prompt_file(path: str | os.PathLike, field: str | None = None) -> tuple
         if required is not None and fields_seen and _find_field(fields_seen, required) is None:
             raise missing_field(fields_seen)  # in no record at all: a wrong name, not a few missing prompts
     elif suffix in (".txt", ""):
+        if required is not None:
+            raise ValueError(f"--caption_column {required!r}: --prompt_file {str(path)!r} is plain text, one prompt per line, with no "
+                             "columns; drop the flag, or give a .jsonl or .csv/.tsv file.")
         values = file_lines(path)
     else:
         raise ValueError(f"--prompt_file {str(path)!r}: use .txt (one prompt per line), .jsonl or .csv/.tsv.")

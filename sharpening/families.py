@@ -71,7 +71,35 @@ def check_family_flags(family: ModuleType, args) -> None:
     if args.weighting_scheme != "none" and sdxl:
         raise ValueError("--weighting_scheme is for flow-matching families (SD3, FLUX); SDXL draws training timesteps uniformly: "
                          "drop the flag.")
-    check_true_cfg(family.PIPELINE_CLASS == "FluxPipeline", args.true_cfg_scale)
+    if args.max_sequence_length is not None and sdxl:
+        raise ValueError("--max_sequence_length sets the T5 tokens of SD3 and FLUX.1; SDXL's CLIP encoders always read 77: drop the flag.")
+    if args.loss_weighting == "v" and sdxl and prediction_type(args) == "v_prediction":
+        raise ValueError("--loss_weighting v gives an epsilon-prediction model the v-prediction loss; this model already predicts "
+                         "v (--prediction_type or its scheduler config), whose loss is that weighting: drop the flag.")
+    is_flux = family.PIPELINE_CLASS == "FluxPipeline"
+    if is_flux and args.guidance_scale is not None and not denoiser_config(family, args).get("guidance_embeds", False):
+        raise no_guidance_embedding(args.guidance_scale)
+    check_true_cfg(is_flux, args.true_cfg_scale)
+
+
+def no_guidance_embedding(guidance_scale: float) -> ValueError:
+    return ValueError(f"--guidance_scale {guidance_scale:g}: this FLUX.1 transformer has no guidance embedding (FLUX.1-schnell is not "
+                      "guidance-distilled), so the flag would do nothing; drop it, or use --true_cfg_scale for classifier-free "
+                      "guidance against the empty prompt.")
+
+
+def prediction_type(args) -> str:
+    """What an SDXL model predicts: --prediction_type, else its scheduler config's (epsilon when it names none)."""
+    from diffusers import DDIMScheduler
+
+    if args.prediction_type:
+        return args.prediction_type
+    config = DDIMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    return config.get("prediction_type", "epsilon")
+
+
+def denoiser_config(family: ModuleType, args) -> dict:
+    return dict(family.denoiser_class().load_config(args.pretrained_model_name_or_path, subfolder=family.DENOISER, revision=args.revision))
 
 
 # Classifier-free guidance scale of SDXL and SD3 when --guidance_scale is not given (our recipes and diffusers' examples).
@@ -83,11 +111,14 @@ def apply_text_settings(parts, args) -> None:
     (`--guidance_scale`). Families without them (SDXL) have no such fields and are left as they are. A flag left
     out (None) takes the family's default, written back to `args` so that model cards and trackers record what ran:
     T5 tokens 77 for SD3 (diffusers' SD3 training scripts) and 512 for FLUX.1 (FluxPipeline and diffusers' FLUX
-    scripts); guidance 3.5 for FLUX.1 (embedded, as FluxPipeline) and CFG 5 otherwise."""
+    scripts); guidance 3.5 for FLUX.1 (embedded, as FluxPipeline; none for a transformer without the embedding) and CFG 5
+    otherwise."""
     if hasattr(parts, "max_sequence_length"):
         if args.max_sequence_length is None:
             args.max_sequence_length = parts.max_sequence_length
         parts.max_sequence_length = args.max_sequence_length
+    if hasattr(parts, "guidance") and parts.guidance is None and args.guidance_scale is not None:
+        raise no_guidance_embedding(args.guidance_scale)
     if args.guidance_scale is None:
         args.guidance_scale = parts.guidance if hasattr(parts, "guidance") else DEFAULT_CFG_SCALE
     if hasattr(parts, "guidance"):
@@ -107,4 +138,4 @@ def with_guidance(family: ModuleType, parts, model, cond, scale: float, device):
     from .sampler import guided
 
     negative = family.cfg_negative(parts, cond, device) if scale > 1.0 else None
-    return guided(model, negative.to(dtype=cond.prompt_embeds.dtype) if negative is not None else None, scale)
+    return guided(model, negative.like(cond) if negative is not None else None, scale)

@@ -13,6 +13,7 @@ scaling_factor, as SD3's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ class FluxParts:
     denoiser: "FluxTransformer2DModel"  # noqa: F821
     scheduler_config: dict
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
-    guidance: float = 3.5
+    guidance: float | None = 3.5  # None: a transformer without a guidance embedding (FLUX.1-schnell)
 
 
 @dataclass
@@ -66,7 +67,8 @@ def load(pretrained: str, vae_path: str | None = None, revision: str | None = No
     vae = AutoencoderKL.from_pretrained(vae_path, revision=revision) if vae_path else AutoencoderKL.from_pretrained(**sub("vae"), variant=variant)
     denoiser = FluxTransformer2DModel.from_pretrained(**sub(DENOISER), variant=variant)
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(pretrained, subfolder="scheduler", revision=revision))
-    return FluxParts(tokenizers, text_encoders, vae, denoiser, scheduler_config)
+    return FluxParts(tokenizers, text_encoders, vae, denoiser, scheduler_config,
+                     guidance=3.5 if denoiser.config.guidance_embeds else None)
 
 
 @torch.no_grad()
@@ -77,7 +79,7 @@ def encode_prompts(parts: FluxParts, prompts: list[str], time_ids, device) -> Co
     pooled = parts.text_encoders[0](ids.to(device), output_hidden_states=False).pooler_output
     ids = t5_tokenizer(prompts, padding="max_length", max_length=parts.max_sequence_length, truncation=True, return_tensors="pt").input_ids
     embeds = parts.text_encoders[1](ids.to(device), output_hidden_states=False)[0]
-    return Conditioning(embeds, pooled.to(embeds.dtype), torch.full((len(prompts),), float(parts.guidance), device=device))
+    return Conditioning(embeds, pooled.to(embeds.dtype), torch.full((len(prompts),), math.nan if parts.guidance is None else float(parts.guidance), device=device))
 
 
 def unconditional(parts: FluxParts, cond: Conditioning, device) -> Conditioning:

@@ -661,6 +661,14 @@ def test_read_prompt_file_txt(tmp_path):
     assert stats == {"prompts": 5, "blank_skipped": 2, "duplicates": 1}
 
 
+def test_a_caption_column_for_a_plain_text_prompt_file_is_refused(tmp_path):
+    """A .txt file has no columns: --caption_column was ignored although its help says the column is then required."""
+    path = tmp_path / "p.txt"
+    path.write_text("a red square\n")
+    with pytest.raises(ValueError, match="--caption_column 'Prompts': --prompt_file .* is plain text"):
+        sdata.read_prompt_file(path, "Prompts")
+
+
 def test_read_prompt_file_jsonl_fields_and_bad_line(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n\n{"prompt": "a cat", "text": "ignored"}\n{"caption": 7}\n')

@@ -199,6 +199,8 @@ def test_the_scores_are_written_before_the_grids(tiny_sdxl, tmp_path, monkeypatc
     (["--model", "a/b=x", "--save_images"], "not a plain folder name"),
     (["--model", "a/b=x", "--model", "a_b=x"], "both make the file name grid_a_b.png"),
     (["--also_score", "saturation", "--clip_model", "ViT-B-32"], "--clip_model is a flag of the clip reward"),
+    (["--prompt_file", "p.txt", "--toy_split", "train"], "--toy_split train chooses toy-world prompts"),
+    (["--caption_column", "Prompts"], "--caption_column names the --prompt_file field"),
 ])
 def test_bad_flags_fail_with_a_clear_message(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -279,6 +281,14 @@ def test_prompts_outside_the_toy_grammar_fail_or_warn_before_loading(tiny_sdxl, 
     record = _run(tmp_path, [f"base={tiny_sdxl}"], "--prompt_file", str(mixed))
     assert "warning: 1 of 3 prompts are not toy-world captions" in capsys.readouterr().out
     assert record["summary"]["base"]["toy"]["prompts"] == 2 and record["summary"]["base"]["toy"]["unscored_images"] == 2
+
+
+def test_the_prompt_column_is_the_caption_column(tmp_path):
+    """evaluate's --prompt_file help named --caption_column, which evaluate did not have."""
+    table = tmp_path / "prompts.csv"
+    table.write_text("id,description\n1,a red square\n2,a blue circle\n")
+    args = evaluate.parse_args(["--model", "base=x", "--prompt_file", str(table), "--caption_column", "description"])
+    assert evaluate.load_prompts(args) == ["a red square", "a blue circle"]
 
 
 def test_the_model_family_is_read_at_the_given_revision(monkeypatch):

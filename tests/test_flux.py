@@ -110,6 +110,48 @@ def test_flags_left_out_take_each_familys_default(tiny_flux, tiny_sd3):
         assert getattr(parts, "guidance", guidance) == guidance
 
 
+def test_guidance_is_refused_for_a_transformer_without_the_guidance_embedding(tiny_flux, tmp_path):
+    """FLUX.1-schnell is not guidance-distilled: its transformer ignores the guidance, so --guidance_scale did nothing while
+    the model card recorded it. Left out, none is recorded."""
+    import json
+    import shutil
+    from argparse import Namespace
+
+    from sharpening import families, flux
+
+    schnell = tmp_path / "schnell"
+    shutil.copytree(tiny_flux, schnell)
+    config = json.loads((schnell / "transformer" / "config.json").read_text())
+    (schnell / "transformer" / "config.json").write_text(json.dumps({**config, "guidance_embeds": False}))
+    args = Namespace(pretrained_model_name_or_path=str(schnell), revision=None, prediction_type=None, loss_weighting="none",
+                     weighting_scheme="none", max_sequence_length=None, guidance_scale=3.5, true_cfg_scale=1.0)
+    with pytest.raises(ValueError, match="--guidance_scale 3.5: this FLUX.1 transformer has no guidance embedding"):
+        families.check_family_flags(flux, args)  # from the config, before any weight loads
+    parts = flux.load(str(schnell))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        families.apply_text_settings(parts, args)
+    args.guidance_scale = None
+    families.check_family_flags(flux, args)
+    families.apply_text_settings(parts, args)
+    assert args.guidance_scale is None and families.cfg_scale(parts, args) == 1.0
+
+
+def test_the_cfg_negative_branch_keeps_the_embedded_guidance_exact_under_bf16(tiny_flux):
+    """Casting the whole negative conditioning to the embeddings' bf16 rounded its guidance (3.3 -> 3.296875) while the
+    positive branch kept 3.3; FluxPipeline gives both branches one value."""
+    from argparse import Namespace
+
+    from sharpening import families, flux
+
+    parts = flux.load(str(tiny_flux))
+    families.apply_text_settings(parts, Namespace(max_sequence_length=T5_TOKENS, guidance_scale=3.3, true_cfg_scale=2.0))
+    cond = flux.encode_prompts(parts, ["a red square"], None, "cpu")
+    cond = flux.Conditioning(cond.prompt_embeds.bfloat16(), cond.pooled.bfloat16(), cond.guidance)
+    seen = []
+    families.with_guidance(flux, parts, lambda x, t, c: seen.append(c.guidance) or x, cond, 2.0, "cpu")(torch.zeros(1, 4, 8, 8), torch.ones(1), cond)
+    assert torch.cat(seen).tolist() == [pytest.approx(3.3)] * 2
+
+
 def test_a_resolution_that_does_not_tile_into_packed_latents_fails_before_loading(tiny_flux):
     from sharpening import families, flux
 
@@ -142,7 +184,7 @@ def test_sft_one_process_lora(tiny_flux, tmp_path):
     assert lora and all(k.startswith("transformer.") for k in lora) and any(".ff.net." in k for k in lora)
     card = (out / "README.md").read_text()  # how to sample it as it was trained
     assert f"| T5 tokens (max_sequence_length) | {T5_TOKENS} |" in card and "| guidance scale (rollouts, validation) | 3.5 |" in card
-    assert f'image = pipe("your prompt", height=32, width=32, max_sequence_length={T5_TOKENS}).images[0]' in card
+    assert f'image = pipe("your prompt", height=32, width=32, max_sequence_length={T5_TOKENS}, guidance_scale=3.5).images[0]' in card
     assert not (flux_image(tiny_flux) == flux_image(tiny_flux, lora_dir=out)).all()
 
 

@@ -216,6 +216,11 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsy
     ({"use_lora": True, "lora_alpha": 0}, "--lora_alpha must be > 0"),  # `alpha or rank` turned 0 into the rank
     ({"report_to": "aim"}, "--report_to aim: the package is not installed"),  # accelerate trained on with no tracking
     ({"api_key": "sk-1"}, "--api_key is a flag of the mllm reward, and no selected reward \\(brightness\\) uses it"),
+    ({"num_validation_images": 2, "validation_steps": 5}, "--validation_steps, --num_validation_images: validation images are "
+                                                          "drawn only for --validation_prompt"),
+    ({"min_start_timestep": 800, "max_start_timestep": 200}, "--min_start_timestep 800 is above --max_start_timestep 200"),
+    ({"max_start_timestep": 1500}, "--max_start_timestep must be a timestep in \\[0, 1000\\]"),
+    ({"max_sequence_length": 600}, "--max_sequence_length must be between 1 and 512"),  # the pipelines refuse > 512
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, capsys, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
@@ -233,6 +238,12 @@ def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_s
     ("rlhf", {"beta_dpo": 0}, "--beta_dpo must be > 0"),  # beta 0: the UNet stayed bit-identical while steps 'updated'
     ("rlhf", {"reward_margin_scale": -1}, "--reward_margin_scale >= 0"),
     ("sft", {"data_anchor_weight": -1}, "--data_anchor_weight must be >= 0"),
+    # RLHF reads prompts from one source and no images: these were accepted and ignored
+    ("rlhf", {"train_data_dir": "data"}, "--train_data_dir: the prompts come from --prompt_file"),
+    ("rlhf", {"image_column": "img", "max_bad_fraction": 0}, "--image_column, --max_bad_fraction: RLHF trains on captions"),
+    # --dpo_target fresh draws noise levels, but only --weighting_scheme logit_normal reads these: uniform, silently
+    ("rlhf", {"dpo_target": "fresh", "logit_mean": 1.0}, "--logit_mean / --logit_std shape --weighting_scheme logit_normal"),
+    ("rlhf", {"dpo_target": "fresh", "weighting_scheme": "logit_normal", "logit_std": 0}, "--logit_std must be > 0"),
 ])
 def test_objective_weights_that_invert_or_cancel_training_are_refused(tiny_sdxl, tmp_path, capsys, script, flags, message):
     module = {"sft": sft, "rlhf": rlhf}[script]
@@ -481,6 +492,17 @@ def test_flow_only_flags_are_refused_for_sdxl_with_what_to_do(tiny_sdxl, tmp_pat
     with pytest.raises(ValueError, match="--true_cfg_scale is FLUX.1's"):
         run_sft(tiny_sdxl, data, tmp_path / "t", max_train_steps=1, true_cfg_scale=3.0)
     reset_accelerate_state()
+    with pytest.raises(ValueError, match="--max_sequence_length sets the T5 tokens of SD3 and FLUX.1"):
+        run_sft(tiny_sdxl, data, tmp_path / "m", max_train_steps=1, max_sequence_length=77)
+    reset_accelerate_state()
+
+
+def test_loss_weighting_v_is_refused_for_a_model_that_already_predicts_v(tiny_sdxl, tmp_path):
+    """The v weighting gives an epsilon model the v-prediction loss; on a v-prediction model it is a no-op (weight 1)."""
+    data = write_image_folder(tmp_path / "data", count=2)
+    with pytest.raises(ValueError, match="this model already predicts v"):
+        run_sft(tiny_sdxl, data, tmp_path / "v", max_train_steps=1, loss_weighting="v", prediction_type="v_prediction")
+    reset_accelerate_state()
 
 
 def test_loss_weighting_v_is_refused_for_flow_models_which_already_train_the_velocity(tiny_sd3, tmp_path):
@@ -518,7 +540,7 @@ def test_flags_that_would_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path
         sft.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", train_data_dir=data, weighting_scheme="logit_normal"))
     with pytest.raises(SystemExit):
         rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, logit_std=2.0))
-    rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, dpo_target="fresh", logit_std=2.0))
+    rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, dpo_target="fresh", weighting_scheme="logit_normal", logit_std=2.0))
     control = load_benchmark("best_of_n_control")
     with pytest.raises(SystemExit):
         control.parse_args(tiny_args(tiny_sdxl, tmp_path / "o", prompt_file=prompts, path_reward="final"))
@@ -999,7 +1021,14 @@ def test_the_model_cards_snippet_loads_the_model_as_it_was_trained(tiny_sdxl, tm
     compile(code, "card", "exec")
     assert 'revision="abc123", variant="fp16", vae=AutoencoderKL.from_pretrained("madebyollin/sdxl-vae-fp16-fix"' in code
     assert "dtype=torch.bfloat16" in code and "torch_dtype" not in code and f'load_lora_weights("{tmp_path / "out"}")' in code
-    assert code.rstrip().endswith(f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}).images[0]')
+    # with the guidance it was trained and validated with (diffusers' pipelines default to others: SD3's CFG is 7)
+    assert code.rstrip().endswith(f'image = pipe("your prompt", height={args.resolution}, width={args.resolution}, guidance_scale=2).images[0]')
+    args.true_cfg_scale, args.max_sequence_length = 4.0, 512  # FLUX.1 trained with true CFG: sampled with it too
+    write_model_card(args, Path("out"), "SFT", 3, "FluxPipeline")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| true CFG scale (against the empty prompt) | 4 |" in card
+    assert card.split("```python\n")[1].split("```")[0].rstrip().endswith(
+        f'height={args.resolution}, width={args.resolution}, max_sequence_length=512, guidance_scale=2, true_cfg_scale=4, negative_prompt="").images[0]')
 
 
 def test_the_model_card_and_trackers_get_the_precision_the_accelerator_used(tiny_sdxl, tmp_path, monkeypatch, capsys):
