@@ -40,7 +40,9 @@ _MIN_AREA = 20  # pixels: a small (9 px) triangle covers ~40
 _SHAPE_PROTOTYPES = {"square": (1.0, 0.5, 1.0), "circle": (math.pi / 4, 0.5, 0.0), "triangle": (0.5, 0.25, 0.5)}
 _FEATURE_WEIGHTS = (1.0, 1.0, 0.25)  # corners are single pixels: noisier than the area features
 _SHAPE_TEMPERATURE = 0.01
-_SIZE_SPLIT, _SIZE_SOFTNESS = 11.0, 0.5  # px: small objects measure 8..10 px wide, large 12..14
+# px: rendered small objects measure 7..10 px wide, large ones 11..14 (a large triangle's anti-aliased corners can
+# fall below the colour threshold): split between the two, sharply, so that every correct render scores >= 0.98
+_SIZE_SPLIT, _SIZE_SOFTNESS = 10.5, 0.125
 _EXTENT_RANGE, _EXTENT_SOFTNESS = (5.5, 17.5), 0.5  # px: "size" is ~1 for bounding-box sides of 7..16 px (renders: 7..14)
 COMPONENTS = ("objects", "relation", "clean", "size")
 
