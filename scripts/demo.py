@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pixel_reward", default=PIXEL_REWARD, help="The second reward trained on (toy is the first).")
     p.add_argument("--eval_split", default="heldout", choices=["heldout", "train_pairs"],
                    help="Prompts to evaluate on: held-out pairs (the result), or training pairs (for choosing settings without looking at held-out).")
-    p.add_argument("--eval_prompts", type=int, default=112, help="Held-out prompts evaluated (all 112 by default).")
+    p.add_argument("--eval_prompts", type=int, default=112, help="Prompts evaluated, the first N of --eval_split (all 112 held-out ones by default).")
     p.add_argument("--images_per_prompt", type=int, default=1, help="Seeds per prompt (paired across models; SEs are over prompts).")
     p.add_argument("--eval_steps", type=int, default=20, help="DDIM steps of the evaluation samples.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: the idle cores).")
@@ -54,6 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--pixel_reward toy: the demo trains on the toy reward already; name a pixel reward (brightness, saturation, ...).")
     if args.learning_rate is not None and not args.learning_rate > 0:
         p.error("--learning_rate must be > 0 (leave it out for the recipe's).")
+    # Checked here, not by evaluate.py after the four trainings (minutes).
+    from toyworld import world
+
+    available = len(world.heldout_prompts() if args.eval_split == "heldout" else world.train_pair_prompts())
+    if not 1 <= args.eval_prompts <= available:
+        p.error(f"--eval_prompts must be between 1 and {available} (the {args.eval_split} prompts).")
+    if not 1 <= args.images_per_prompt <= 1009 or args.eval_steps < 1:
+        p.error("--images_per_prompt must be between 1 and 1009 and --eval_steps >= 1.")
     return args
 
 

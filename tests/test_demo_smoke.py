@@ -39,7 +39,12 @@ def test_demo_flags_that_would_waste_or_silently_drop_a_run_are_refused(capsys):
     spec.loader.exec_module(demo)
     assert demo.parse_args(["--learning_rate", "3e-5"]).learning_rate == 3e-5
     # toy twice trained and overwrote sft-toy / rlhf-toy; a rate of 0 was dropped and the runs trained at the recipe's
-    for argv, message in ((["--pixel_reward", "toy"], "trains on the toy reward already"), (["--learning_rate", "0"], "must be > 0")):
+    # evaluation options that evaluate.py refused only after the four trainings
+    for argv, message in ((["--pixel_reward", "toy"], "trains on the toy reward already"), (["--learning_rate", "0"], "must be > 0"),
+                          (["--eval_prompts", "113"], "--eval_prompts must be between 1 and 112 (the heldout prompts)"),
+                          (["--eval_split", "train_pairs", "--eval_prompts", "321"], "between 1 and 320 (the train_pairs prompts)"),
+                          (["--eval_prompts", "0"], "--eval_prompts must be between 1 and 112"),
+                          (["--images_per_prompt", "0"], "--images_per_prompt must be between 1 and 1009")):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
         assert message in capsys.readouterr().err
