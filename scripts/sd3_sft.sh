@@ -3,10 +3,9 @@
 # step budget are diffusers' SD3 LoRA defaults, not tuned for sharpening, and nothing here has run at this size yet.
 # Usage: DATASET_NAME=lambdalabs/naruto-blip-captions REWARD=clip bash scripts/sd3_sft.sh [extra flags...]
 set -euo pipefail
-# Paths given relative to where this was run from (a prompt file, a local dataset, the output folder) stay so after
+# Paths given relative to where this was run from (a local dataset, the output folder) stay so after
 # the cd to the repository root below.
 from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
-if [ -n "${PROMPT_FILE:-}" ]; then PROMPT_FILE="$(from_caller "$PROMPT_FILE")"; fi
 if [ -n "${DATASET_NAME:-}" ] && [ -e "$DATASET_NAME" ]; then DATASET_NAME="$(from_caller "$DATASET_NAME")"; fi
 if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR="$(from_caller "$OUTPUT_DIR")"; fi
 cd "$(dirname "$0")/.."

@@ -4,10 +4,9 @@
 # REWARD: clip | image_reward | pickscore | hpsv2 | aesthetic | compositional | mllm | a mix such as "clip:1.0,image_reward:0.5".
 # For mllm set OPENAI_API_KEY (and optionally --base_url for a local OpenAI-compatible server).
 set -euo pipefail
-# Paths given relative to where this was run from (a prompt file, a local dataset, the output folder) stay so after
+# Paths given relative to where this was run from (a local dataset, the output folder) stay so after
 # the cd to the repository root below.
 from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
-if [ -n "${PROMPT_FILE:-}" ]; then PROMPT_FILE="$(from_caller "$PROMPT_FILE")"; fi
 if [ -n "${DATASET_NAME:-}" ] && [ -e "$DATASET_NAME" ]; then DATASET_NAME="$(from_caller "$DATASET_NAME")"; fi
 if [ -n "${OUTPUT_DIR:-}" ]; then OUTPUT_DIR="$(from_caller "$OUTPUT_DIR")"; fi
 cd "$(dirname "$0")/.."
