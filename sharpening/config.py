@@ -100,7 +100,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "already train the velocity loss.")
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR-gamma (Hang et al. 2023; diffusers' --snr_gamma, 5 recommended there): multiply each state's loss by "
-                        "min(1, gamma / SNR(t)) (a v-prediction model, or --loss_weighting v: min(SNR, gamma) / (SNR + 1), as diffusers), "
+                        "min(1, gamma / SNR(t)) (a v-prediction model: min(SNR, gamma) / (SNR + 1); an x0-prediction one: min(SNR, gamma); "
+                        "as diffusers; not with --loss_weighting v, which it would override), "
                         "so that states close to the end of sampling, where an x0 error counts with a huge weight, cannot "
                         "swamp the batch. Applies to every family; off by default.")
     g.add_argument("--logit_mean", type=float, default=0.0, help="--weighting_scheme logit_normal: mean of the normal.")
@@ -242,6 +243,11 @@ def _check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--ema_decay needs --use_ema (without it no average is kept); add it or drop --ema_decay.")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError("--snr_gamma must be > 0 (5 is the Min-SNR paper's choice); leave it out for no capping.")
+    if args.snr_gamma is not None and args.loss_weighting != "none":
+        # Min-SNR sets each state's x0 weight to min(SNR, gamma) whatever the loss is on: the v weighting would only
+        # divide the loss by its mean weight (21.3 on SDXL's schedule), which acts as a smaller learning rate.
+        raise ValueError("--snr_gamma fixes each state's weight at min(SNR, gamma) for any loss, so --loss_weighting v would only "
+                         "scale the loss down: use one of the two.")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError("--proportion_empty_prompts must be in [0, 1].")
     if args.decode_batch_size is not None and args.decode_batch_size < 1:

@@ -104,16 +104,19 @@ class PooledMean:
 
 
 # --------------------------------------------------------------------------------------------- trainer
-def min_snr_weight(snr: torch.Tensor, gamma: float, v_loss: bool = False) -> torch.Tensor:
-    """Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556; diffusers' --snr_gamma for epsilon-prediction): min(1, gamma / SNR).
-    The epsilon MSE counts an x0 error with weight SNR, the velocity MSE with (1 + sqrt(SNR))^2; this caps that weight
-    near gamma. Why it matters here: the default targets regress a candidate's state onto the WINNER's end image through
-    the noise that maps it exactly there, (x_t - sqrt(abar) c) / sqrt(1 - abar) or (x_t - (1 - sigma) c) / sigma, which
-    grows without bound near the end of sampling while x_t - c does not, so one such row can swamp the batch (README,
-    "A known defect of the default targets"). For a loss on v (a v-prediction model, or --loss_weighting v) the rule is
-    diffusers' min(SNR, gamma) / (SNR + 1): the v loss already weighs an epsilon error by SNR + 1 less."""
-    weight = torch.clamp(gamma / snr, max=1.0)
-    return weight * snr / (snr + 1) if v_loss else weight
+def min_snr_weight(snr: torch.Tensor, gamma: float, loss_on: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556; diffusers' --snr_gamma): weigh each state's loss so that it
+    counts an x0 error with at most min(SNR, gamma). Why it matters here: the default targets regress a candidate's
+    state onto the WINNER's end image through the noise that maps it exactly there, (x_t - sqrt(abar) c) / sqrt(1 - abar)
+    or (x_t - (1 - sigma) c) / sigma, which grows without bound near the end of sampling while x_t - c does not, so one
+    such row can swamp the batch (README, "A known defect of the default targets"). `loss_on` is what the MSE is on,
+    with diffusers' rule for each: epsilon (an x0 error weighs SNR) min(1, gamma / SNR); v (SNR + 1)
+    min(SNR, gamma) / (SNR + 1); sample, an x0-prediction model (1) min(SNR, gamma). Flow families' velocity loss takes
+    the epsilon rule, which caps its x0 weight (1 + sqrt(SNR))^2 near gamma."""
+    if loss_on == "sample":
+        return torch.clamp(snr, max=gamma)
+    weight = torch.clamp(gamma / snr, max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0 (flow matching's sigma = 1)
+    return weight * snr / (snr + 1) if loss_on == "v" else weight
 
 
 def configure_cuda_kernels(args) -> None:
@@ -339,8 +342,8 @@ class Trainer:
         if self.args.loss_weighting != "none":
             mse = mse * (self.sampler.v_loss_weight(rows.timesteps) / self.sampler.mean_v_loss_weight()).to(mse)
         if self.args.snr_gamma is not None:
-            v_loss = getattr(self.sampler, "prediction_type", None) == "v_prediction" or self.args.loss_weighting == "v"
-            mse = mse * min_snr_weight(self.sampler.snr(rows.timesteps), self.args.snr_gamma, v_loss).to(mse)
+            loss_on = {"v_prediction": "v", "sample": "sample"}.get(getattr(self.sampler, "prediction_type", None), "epsilon")
+            mse = mse * min_snr_weight(self.sampler.snr(rows.timesteps), self.args.snr_gamma, loss_on).to(mse)
         return mse
 
     @staticmethod

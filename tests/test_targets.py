@@ -184,7 +184,11 @@ def test_snr_gamma_caps_a_foreign_target_near_the_end_of_sampling(ddim, family):
     assert raw[0] > 1000 * raw[1]
     assert torch.allclose(min_snr_weight(sampler.snr(timesteps), 5.0), torch.tensor([5.0 / sampler.snr(timesteps)[0].item(), 1.0], dtype=torch.float64))
     snr = torch.tensor([0.01, 1.0, 5.0, 100.0], dtype=torch.float64)  # diffusers' v-prediction rule: min(SNR, gamma) / (SNR + 1)
-    assert torch.allclose(min_snr_weight(snr, 5.0, v_loss=True), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1))
+    capped_snr = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    assert torch.allclose(min_snr_weight(snr, 5.0, "v"), capped_snr / (snr + 1))
+    # an x0-prediction model ("sample"): the x0 MSE weighs an x0 error by 1, so the weight is min(SNR, gamma) itself
+    # (it got the epsilon rule, up to 600 times off near the end of sampling)
+    assert torch.allclose(min_snr_weight(snr, 5.0, "sample"), capped_snr)
     assert torch.allclose(capped[1], raw[1])
     if family == "flow":
         assert torch.allclose(capped[0].double(), 5.0 * x0_weight[0] * distance[0], rtol=1e-5)
