@@ -19,6 +19,7 @@ case "$OUT" in ""|/*) ;; *) OUT="$PWD/$OUT" ;; esac  # a folder given relative t
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_checks_out}"
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT  # also on an early exit or Ctrl-C: the real-size models there take 16-33 GB
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled PYTHONPATH="$PWD:${PYTHONPATH:-}"
 PY="${PYTHON:-python3}"
@@ -153,5 +154,4 @@ done
 if [ -z "${SKIP_BENCHMARK:-}" ]; then
   "$PY" benchmarks/step_cost.py --preset gpu --json "$OUT/step_cost.json" 2>&1 | tee "$OUT/step_cost.log" || status=1
 fi
-rm -rf "$WORK"
 exit $status
