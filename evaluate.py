@@ -365,7 +365,10 @@ def load_unet(spec: ModelSpec, family, args, device, dtype):
     unet = _move(unet, device, dtype)
     if spec.lora:
         weights = lora_weights(spec)
-        unet.load_lora_adapter(str(weights), prefix=name, adapter_name="evaluated")
+        # Folder plus weight_name: only then does diffusers read the file as safetensors with its adapter metadata
+        # (rank AND alpha); from the file's own path it infers alpha = rank, which mis-scales a LoRA trained with
+        # --lora_alpha other than the rank (r 4, alpha 16 was sampled at a quarter of its trained strength).
+        unet.load_lora_adapter(str(weights.parent), weight_name=weights.name, prefix=name, adapter_name="evaluated")
         check_lora_applied(spec, weights, unet, name)
         unet.fuse_lora()  # inference cost of the base model, as after merging
     return unet.eval().requires_grad_(False)

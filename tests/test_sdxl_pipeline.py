@@ -82,10 +82,19 @@ def test_saved_lora_adapters_load_in_the_pipeline_as_trained(tiny_sdxl, tmp_path
     cond = sdxl.encode_prompts(parts, PROMPTS, sdxl.time_ids([(32, 32)] * 2, [(0, 0)] * 2, (32, 32)), "cpu")
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.load_lora_weights(tmp_path)
+    # evaluate.py's loading too: from the file's own path diffusers ignored the saved alpha (16) and took the rank (4),
+    # so the adapters were scored at a quarter of their trained strength
+    from types import SimpleNamespace
+
+    import evaluate
+
+    scored = evaluate.load_unet(evaluate.ModelSpec("lora", str(tiny_sdxl), None, str(tmp_path), None), sdxl,
+                                SimpleNamespace(revision=None, variant=None), "cpu", torch.float32)
     with torch.no_grad():
-        trained, base, loaded = (sdxl.forward(model)(x, t, cond) for model in (unet, parts.unet, pipe.unet))
+        trained, base, loaded, evaluated = (sdxl.forward(model)(x, t, cond) for model in (unet, parts.unet, pipe.unet, scored))
     assert (trained - base).abs().max() > 1e-2
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=1e-5)  # fused into the weights: float rounding only
 
 
 def test_a_replacement_vae_is_trained_with_and_exported(tiny_sdxl, tmp_path):
