@@ -570,6 +570,43 @@ def test_rlhf_full_reference_stays_frozen_and_policy_moves(tiny_sdxl, tmp_path):
     assert any(not torch.equal(v, policy_before[k]) for k, v in trainer.model.raw_unet.named_parameters())
 
 
+def test_one_rlhf_update_prefers_the_winners_targets_and_starts_at_the_margin_term(tiny_sdxl, tmp_path, monkeypatch):
+    """rlhf_step's own direction (the default shared target): at step 0 policy = reference, so the logits are the margin
+    term alone, -gamma (R_w - R_l) / gap unit, and the loss is softplus of minus that; after one update the policy,
+    relative to the frozen reference, fits the rows of the winner's target better than the loser's. Swapping winner
+    and loser anywhere in the step (the errors or the rewards) fails one of the two."""
+    from sharpening.losses import per_sample_mse
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    args = rlhf.parse_args(tiny_args(tiny_sdxl, tmp_path / "out", prompt_file=prompts, max_train_steps=1, learning_rate=1e-4,
+                                     reward_margin_scale=0.5))
+    trainer = training.Trainer(args, rlhf.PromptDataset(rlhf.load_prompts(args)), rlhf.collate_prompts, needs_reference=True, variant="RLHF")
+    recorded = {}
+    pair_errors, logits_of = rlhf.pair_errors, rlhf.reward_dpo_logits
+    monkeypatch.setattr(rlhf, "pair_errors", lambda tr, model, rows_w, rows_l, cond: (
+        recorded.setdefault("rows", (rows_w, rows_l, cond)), pair_errors(tr, model, rows_w, rows_l, cond))[1])
+    monkeypatch.setattr(rlhf, "reward_dpo_logits", lambda *a: (recorded.setdefault("logits", (a, logits_of(*a))), logits_of(*a))[1])
+    seen = []
+    trainer.train(lambda tr, batch, generator: seen.append(rlhf.rlhf_step(tr, batch, generator)) or seen[-1])
+
+    (_, _, _, _, reward_w, reward_l, _, gamma), logits = recorded["logits"]
+    unit = seen[0].logs["reward/gap_unit"]
+    assert seen[0].trained.all() and (reward_w > reward_l).all() and gamma == 0.5
+    torch.testing.assert_close(logits, -0.5 * (reward_w - reward_l), rtol=1e-5, atol=1e-7)  # the inputs are already / unit
+    assert unit > 0 and torch.equal(seen[0].prompt_losses, torch.nn.functional.softplus(-logits))
+
+    rows_w, rows_l, cond = recorded["rows"]
+    with torch.no_grad():
+        def gain(rows):  # the policy's error minus the reference's, per row, on the rows the loss used
+            target = rows.target(trainer.sampler)
+            return (per_sample_mse(trainer.predict(trainer.policy(grad=False), rows, cond), target)
+                    - per_sample_mse(trainer.predict(trainer.reference, rows, cond), target))
+
+        gain_w, gain_l = gain(rows_w), gain(rows_l)
+    assert gain_w.mean() < gain_l.mean() and (gain_w != gain_l).any()
+
+
 def test_rlhf_lora_holds_one_unet_and_reference_is_the_base(tiny_sdxl, tmp_path):
     import gc
 
