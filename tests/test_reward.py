@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 
@@ -338,6 +339,25 @@ def test_weighted_mix_overlaps_remote_graders_with_local_models(batch):
     assert time.perf_counter() - start < 0.75
     assert out.total.tolist() == [3.0, 3.0]
     assert remote.thread != local.thread
+
+
+def test_pixel_rewards_have_their_documented_values():
+    """The rewards behind the reward-response tables, on images whose values are known by construction: a sign flip
+    or the wrong HSV channel would otherwise pass every test (training and evaluation would share the mistake)."""
+    from PIL import Image
+
+    grey, red, dark = (Image.new("RGB", (32, 32), colour) for colour in ((128, 128, 128), (255, 0, 0), (0, 0, 64)))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    images = [grey, red, dark, noise]
+    scores = {name: build_reward(name, None).evaluate(images, [""] * 4).total for name in
+              ("brightness", "saturation", "jpeg_compressibility", "jpeg_incompressibility")}
+    # luma (ITU-R 601): grey 128, pure red 0.299 * 255 = 76, dark blue 0.114 * 64 = 7
+    torch.testing.assert_close(scores["brightness"][:3], torch.tensor([128, 76, 7]) / 255, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores["saturation"][:3], torch.tensor([0.0, 1.0, 1.0]), rtol=0, atol=1e-6)
+    assert 0.3 < scores["saturation"][3] < 0.7  # uniform noise: mean HSV saturation about one half
+    sizes = scores["jpeg_incompressibility"]  # kB of a quality-95 JPEG: a flat image is far smaller than noise
+    torch.testing.assert_close(scores["jpeg_compressibility"], -sizes)
+    assert sizes[3] > 2 * sizes[0] > 0
 
 
 # ----------------------------------------------------------------------------------- flags and secrets
