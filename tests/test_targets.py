@@ -37,8 +37,9 @@ def candidates():
 
 
 def expected_rows(c: Candidates, alphas_cumprod, candidate_of_prompt, clean_of_prompt):
-    """(states, timesteps, prompt, eps target) row by row: state k of candidate candidate_of_prompt[b] of prompt b,
-    eps = (x - sqrt(abar) clean) / sqrt(1 - abar), or the starting noise where clean is None."""
+    """(states, timesteps, prompt, clean, eps target) row by row: state k of candidate candidate_of_prompt[b] of prompt
+    b, eps = (x - sqrt(abar) clean) / sqrt(1 - abar); where clean is None (the paper's target) the starting noise,
+    paired with the prompt's data latent x0 (which v-prediction and flow targets, noise - x0, need)."""
     out = []
     for k in range(M):
         for b in range(B):
@@ -47,15 +48,16 @@ def expected_rows(c: Candidates, alphas_cumprod, candidate_of_prompt, clean_of_p
             abar = alphas_cumprod[t]
             clean = clean_of_prompt[b]
             eps = c.noise[row] if clean is None else (state - abar.sqrt() * clean) / (1 - abar).sqrt()
-            out.append((state, t, b, eps))
+            out.append((state, t, b, c.x0[b] if clean is None else clean, eps))
     return out
 
 
 def assert_rows(rows: targets.Rows, expected):
     assert len(rows.prompt) == len(expected)
-    for r, (state, t, b, eps) in enumerate(expected):
+    for r, (state, t, b, clean, eps) in enumerate(expected):
         torch.testing.assert_close(rows.states[r], state)
         assert int(rows.timesteps[r]) == t and int(rows.prompt[r]) == b
+        torch.testing.assert_close(rows.clean[r], clean.to(rows.clean.dtype))
         torch.testing.assert_close(rows.noise[r], eps.to(rows.noise.dtype), rtol=1e-6, atol=1e-9)
 
 
