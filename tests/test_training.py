@@ -102,6 +102,35 @@ def test_sft_trains_each_prompt_on_its_own_winner_with_m_grad_rows(tiny_sdxl, tm
     assert not any(s.requires_grad for s in candidates.exploration.states)
 
 
+@pytest.mark.parametrize("anchor_weight", [0.0, 0.5])
+def test_the_sft_loss_is_the_targets_mse_plus_the_weighted_data_anchor(tiny_sdxl, tmp_path, anchor_weight):
+    """sft_step's value, worked out here from what it predicted: per prompt, the mean over its rows of the squared
+    error to the default target (the winner's end image, through the exact noise) plus --data_anchor_weight times
+    the squared error to the noise that maps the same state onto the prompt's DATA latent."""
+    from sharpening.losses import per_sample_mse
+
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, data_anchor_weight=anchor_weight)
+    captured, seen = {}, []
+    predict, encode = trainer.predict, trainer.encode_images
+    trainer.predict = lambda model, rows, cond: captured.setdefault("grad", (rows, predict(model, rows, cond)))[1]
+    trainer.encode_images = lambda pixels, generator: captured.setdefault("x0", encode(pixels, generator))
+    trainer.train(lambda tr, batch, generator: seen.append(sft.sft_step(tr, batch, generator)) or seen[-1])
+
+    rows, prediction = captured["grad"]
+    prediction = prediction.detach().double()
+    abar = trainer.sampler.alpha_bar(rows.timesteps).double().view(-1, 1, 1, 1)
+
+    def exact_noise(clean):  # the epsilon that maps each row's state onto `clean`
+        return (rows.states.double() - abar.sqrt() * clean.double()) / (1 - abar).sqrt()
+
+    winner_end = rows.clean  # best_endpoint: every candidate's states toward its prompt's winning end image
+    errors = per_sample_mse(prediction, exact_noise(winner_end))
+    errors = errors + anchor_weight * per_sample_mse(prediction, exact_noise(captured["x0"][rows.prompt]))
+    expected = torch.stack([errors[rows.prompt == b].mean() for b in range(2)])
+    assert seen[0].trained.all()
+    torch.testing.assert_close(seen[0].prompt_losses.double(), expected.double(), rtol=1e-4, atol=0)
+
+
 def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_sdxl, tmp_path):
     # --path_reward final: every candidate runs on to the end of the grid, only the n x B finished images are scored,
     # and best_endpoint regresses all n paths' states onto the winner's FINISHED image (not its last preview).
