@@ -114,8 +114,11 @@ def test_score_does_not_depend_on_batch_size(rewards, batch, name):
 @pytest.mark.parametrize("name", ["clip", "image_reward", "compositional"])
 def test_long_prompt_is_truncated_not_fatal(rewards, batch, name):
     long_prompt = "a photo of a red cat sitting on a wooden house under a big green tree " * 12  # > 77 tokens
-    out = rewards[name].evaluate(batch[0][:2], [long_prompt, batch[1][1]])
+    image = batch[0][0]
+    out = rewards[name].evaluate([image] * 3, [long_prompt, long_prompt + " and a blue dog", "a blue dog"])
     assert torch.isfinite(out.total).all()
+    # truncated at the context length: words past it change nothing, while the prompt itself is read (not scored as "")
+    assert out.total[0] == out.total[1] and out.total[0] != out.total[2]
 
 
 # ---------------------------------------------------------------------------------------------- clip
