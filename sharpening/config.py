@@ -21,6 +21,7 @@ SECRET_ARGS = ("api_key",)
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 LORA_RANK_DEFAULT, EMA_DECAY_DEFAULT = 4, 0.9999
 VALIDATION_DEFAULTS = {"validation_epochs": 1, "validation_steps": None, "num_validation_images": 4}
+LOG_TRAJECTORIES_PROMPTS_DEFAULT = 2
 MAX_T5_TOKENS = 512  # diffusers' SD3 and FLUX pipelines refuse longer T5 sequences
 
 
@@ -156,7 +157,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log_trajectories_every", type=int, default=100,
                    help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
                         "winner and loser marked) and reward histograms to the trackers; 0 = off.")
-    g.add_argument("--log_trajectories_prompts", type=int, default=2, help="Prompts of the micro-batch shown in each trajectory log.")
+    g.add_argument("--log_trajectories_prompts", type=int, default=LOG_TRAJECTORIES_PROMPTS_DEFAULT,
+                   help="Prompts of the micro-batch shown in each trajectory log (0: reward histograms only).")
 
 
 def refuse_unused_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: list[str], why: str) -> None:
@@ -201,9 +203,14 @@ def _check_training_args(args: argparse.Namespace) -> None:
                  "checkpoints_total_limit", "validation_steps", "max_train_samples"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1.")
-    for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every"):
+    for flag in ("max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "dataloader_num_workers", "log_trajectories_every",
+                 "log_trajectories_prompts"):
         if getattr(args, flag) < 0:  # a negative --max_grad_norm made clip_grad_norm_ flip every gradient's sign
             raise ValueError(f"--{flag} must be >= 0" + (" (0: no clipping)." if flag == "max_grad_norm" else "."))
+    no_trackers = args.report_to != "all" and not named_trackers(args.report_to)
+    if args.log_trajectories_prompts != LOG_TRAJECTORIES_PROMPTS_DEFAULT and (args.log_trajectories_every == 0 or no_trackers):
+        raise ValueError("--log_trajectories_prompts shapes the trajectory logs, which go to the trackers every --log_trajectories_every "
+                         "steps: with no tracker (--report_to none) or --log_trajectories_every 0 there are none; drop it.")
     validation = [f"--{flag}" for flag in ("validation_epochs", "validation_steps", "num_validation_images")
                   if getattr(args, flag) != VALIDATION_DEFAULTS[flag]]
     if validation and not args.validation_prompt:

@@ -251,6 +251,8 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsy
     ({"max_start_timestep": 1500}, "--max_start_timestep must be a timestep in \\[0, 1000\\]"),
     ({"max_sequence_length": 600}, "--max_sequence_length must be between 1 and 512"),  # the pipelines refuse > 512
     ({"snr_gamma": 5.0, "loss_weighting": "v"}, "--snr_gamma fixes each state's weight"),  # the v weighting became a constant
+    ({"log_trajectories_prompts": -1}, "--log_trajectories_prompts must be >= 0"),  # logged nothing, silently
+    ({"log_trajectories_prompts": 4}, "--log_trajectories_prompts shapes the trajectory logs"),  # tiny_args: --report_to none
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, capsys, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
