@@ -277,9 +277,7 @@ def resolve_models(args) -> None:
     each model's prediction_type, pred= or else what its unet/lora folder records or else its base's (the base's
     scheduler config alone would sample a model trained with --prediction_type v_prediction on an epsilon base as
     epsilon). Only SDXL has that choice; SD3 and FLUX are flow matching (velocity)."""
-    from diffusers import DDIMScheduler
-
-    from sharpening.families import check_resolution, check_true_cfg, family_of, native_resolution
+    from sharpening.families import check_resolution, check_true_cfg, family_of, native_resolution, scheduler_prediction_type
 
     native = {}
     for spec in args.models:
@@ -300,8 +298,7 @@ def resolve_models(args) -> None:
                 raise ValueError(f"--model {spec.name}: pred= chooses SDXL's epsilon or v prediction; {spec.base} is a "
                                  f"{family.PIPELINE_CLASS} (flow matching, always the velocity): drop pred=.")
             continue
-        config = DDIMScheduler.load_config(spec.base, subfolder="scheduler", revision=args.revision)
-        base_type = config.get("prediction_type") or "epsilon"  # diffusers' default when unset
+        base_type = scheduler_prediction_type(spec.base, args.revision)
         spec.prediction_type = spec.pred or (recorded[0][0] if recorded else base_type)
         for found, where in recorded:
             if found != base_type or found != spec.prediction_type:

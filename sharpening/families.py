@@ -23,13 +23,25 @@ def family_of(pretrained: str, revision: str | None = None) -> ModuleType:
     return importlib.import_module(f"sharpening.{FAMILIES[name]}")
 
 
+def denoiser_config(family: ModuleType, pretrained: str, revision: str | None = None) -> dict:
+    """The denoiser's config.json (SDXL's UNet, SD3's or FLUX's transformer): read before any weight loads."""
+    return dict(family.denoiser_class().load_config(pretrained, subfolder=family.DENOISER, revision=revision))
+
+
+def scheduler_prediction_type(pretrained: str, revision: str | None = None) -> str:
+    """What an SDXL checkpoint's scheduler config says it predicts (diffusers' epsilon where it names none)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision).get("prediction_type") or "epsilon"
+
+
 def resolution_multiple(family: ModuleType, pretrained: str, revision: str | None = None) -> int:
     """Image sides must be a multiple of this: the VAE's downsampling times the latent patch (SD3.5's transformer
     patches 2x2; FLUX packs 2x2 latents outside its transformer). From the configs only, before any weights load."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
-    denoiser = family.denoiser_class().load_config(pretrained, subfolder=family.DENOISER, revision=revision)
+    denoiser = denoiser_config(family, pretrained, revision)
     return 2 ** (len(vae["block_out_channels"]) - 1) * int(denoiser.get("patch_size", 1)) * family.LATENT_PACKING
 
 
@@ -39,7 +51,7 @@ def native_resolution(family: ModuleType, pretrained: str, revision: str | None 
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.load_config(pretrained, subfolder="vae", revision=revision)
-    denoiser = family.denoiser_class().load_config(pretrained, subfolder=family.DENOISER, revision=revision)
+    denoiser = denoiser_config(family, pretrained, revision)
     return int(denoiser.get("sample_size", 128)) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
@@ -73,11 +85,13 @@ def check_family_flags(family: ModuleType, args) -> None:
                          "drop the flag.")
     if args.max_sequence_length is not None and sdxl:
         raise ValueError("--max_sequence_length sets the T5 tokens of SD3 and FLUX.1; SDXL's CLIP encoders always read 77: drop the flag.")
-    if args.loss_weighting == "v" and sdxl and prediction_type(args) == "v_prediction":
+    if (args.loss_weighting == "v" and sdxl
+            and (args.prediction_type or scheduler_prediction_type(args.pretrained_model_name_or_path, args.revision)) == "v_prediction"):
         raise ValueError("--loss_weighting v gives an epsilon-prediction model the v-prediction loss; this model already predicts "
                          "v (--prediction_type or its scheduler config), whose loss is that weighting: drop the flag.")
     is_flux = family.PIPELINE_CLASS == "FluxPipeline"
-    if is_flux and args.guidance_scale is not None and not denoiser_config(family, args).get("guidance_embeds", False):
+    if (is_flux and args.guidance_scale is not None
+            and not denoiser_config(family, args.pretrained_model_name_or_path, args.revision).get("guidance_embeds", False)):
         raise no_guidance_embedding(args.guidance_scale)
     check_true_cfg(is_flux, args.true_cfg_scale)
 
@@ -86,20 +100,6 @@ def no_guidance_embedding(guidance_scale: float) -> ValueError:
     return ValueError(f"--guidance_scale {guidance_scale:g}: this FLUX.1 transformer has no guidance embedding (FLUX.1-schnell is not "
                       "guidance-distilled), so the flag would do nothing; drop it, or use --true_cfg_scale for classifier-free "
                       "guidance against the empty prompt.")
-
-
-def prediction_type(args) -> str:
-    """What an SDXL model predicts: --prediction_type, else its scheduler config's (epsilon when it names none)."""
-    from diffusers import DDIMScheduler
-
-    if args.prediction_type:
-        return args.prediction_type
-    config = DDIMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
-    return config.get("prediction_type", "epsilon")
-
-
-def denoiser_config(family: ModuleType, args) -> dict:
-    return dict(family.denoiser_class().load_config(args.pretrained_model_name_or_path, subfolder=family.DENOISER, revision=args.revision))
 
 
 # Classifier-free guidance scale of SDXL and SD3 when --guidance_scale is not given (our recipes and diffusers' examples).
