@@ -20,8 +20,6 @@ SECRET_ARGS = ("api_key",)
 # diffusers.optimization.get_scheduler's names that need no extra argument.
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 LORA_RANK_DEFAULT, EMA_DECAY_DEFAULT = 4, 0.9999
-VALIDATION_DEFAULTS = {"validation_epochs": 1, "validation_steps": None, "num_validation_images": 4}
-LOG_TRAJECTORIES_PROMPTS_DEFAULT = 2
 MAX_T5_TOKENS = 512  # diffusers' SD3 and FLUX pipelines refuse longer T5 sequences
 
 
@@ -151,13 +149,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tracker_project_name", default="diffusion-sharpening")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--validation_prompt", default=None)
-    g.add_argument("--num_validation_images", type=int, default=VALIDATION_DEFAULTS["num_validation_images"])
-    g.add_argument("--validation_epochs", type=int, default=VALIDATION_DEFAULTS["validation_epochs"], help="Validate every N epochs.")
-    g.add_argument("--validation_steps", type=int, default=VALIDATION_DEFAULTS["validation_steps"], help="Also validate every N optimizer steps.")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs.")
+    g.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
     g.add_argument("--log_trajectories_every", type=int, default=100,
                    help="Every N optimizer steps, log the step's trajectory grids (n candidates x m previews with their rewards, "
                         "winner and loser marked) and reward histograms to the trackers; 0 = off.")
-    g.add_argument("--log_trajectories_prompts", type=int, default=LOG_TRAJECTORIES_PROMPTS_DEFAULT,
+    g.add_argument("--log_trajectories_prompts", type=int, default=2,
                    help="Prompts of the micro-batch shown in each trajectory log (0: reward histograms only).")
 
 
@@ -186,6 +184,20 @@ def validate_training_args(parser: argparse.ArgumentParser, args: argparse.Names
         _check_training_args(args)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    _refuse_flags_this_run_does_not_use(parser, args)
+
+
+def _refuse_flags_this_run_does_not_use(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that shape something the other flags switch off (validation, the logit-normal density, trajectory logs)."""
+    if not args.validation_prompt:
+        refuse_unused_flags(parser, args, ["validation_epochs", "validation_steps", "num_validation_images"],
+                            "validation images are drawn only for --validation_prompt (add one)")
+    if args.weighting_scheme != "logit_normal":
+        refuse_unused_flags(parser, args, ["logit_mean", "logit_std"], "read only by --weighting_scheme logit_normal (add it; "
+                            "without it the training sigmas are drawn uniformly)")
+    if args.log_trajectories_every == 0 or (args.report_to != "all" and not named_trackers(args.report_to)):
+        refuse_unused_flags(parser, args, ["log_trajectories_prompts"], "the trajectory logs it shapes go to the trackers every "
+                            "--log_trajectories_every steps, and this run writes none (--report_to none or --log_trajectories_every 0)")
 
 
 def _check_training_args(args: argparse.Namespace) -> None:
@@ -207,24 +219,12 @@ def _check_training_args(args: argparse.Namespace) -> None:
                  "log_trajectories_prompts"):
         if getattr(args, flag) < 0:  # a negative --max_grad_norm made clip_grad_norm_ flip every gradient's sign
             raise ValueError(f"--{flag} must be >= 0" + (" (0: no clipping)." if flag == "max_grad_norm" else "."))
-    no_trackers = args.report_to != "all" and not named_trackers(args.report_to)
-    if args.log_trajectories_prompts != LOG_TRAJECTORIES_PROMPTS_DEFAULT and (args.log_trajectories_every == 0 or no_trackers):
-        raise ValueError("--log_trajectories_prompts shapes the trajectory logs, which go to the trackers every --log_trajectories_every "
-                         "steps: with no tracker (--report_to none) or --log_trajectories_every 0 there are none; drop it.")
-    validation = [f"--{flag}" for flag in ("validation_epochs", "validation_steps", "num_validation_images")
-                  if getattr(args, flag) != VALIDATION_DEFAULTS[flag]]
-    if validation and not args.validation_prompt:
-        raise ValueError(f"{', '.join(validation)}: validation images are drawn only for --validation_prompt; add one, or drop "
-                         f"{'them' if len(validation) > 1 else 'it'}.")
     for flag in ("min_start_timestep", "max_start_timestep"):
         if getattr(args, flag) is not None and not 0 <= getattr(args, flag) <= 1000:
             raise ValueError(f"--{flag} must be a timestep in [0, 1000].")
     if None not in (args.min_start_timestep, args.max_start_timestep) and args.min_start_timestep > args.max_start_timestep:
         raise ValueError(f"--min_start_timestep {args.min_start_timestep:g} is above --max_start_timestep {args.max_start_timestep:g}: "
                          "no grid timestep lies between them; swap them.")
-    if args.weighting_scheme != "logit_normal" and (args.logit_mean, args.logit_std) != (0.0, 1.0):
-        raise ValueError("--logit_mean / --logit_std shape --weighting_scheme logit_normal; add it, or drop them (without it the "
-                         "training sigmas are drawn uniformly).")
     if not args.logit_std > 0:
         raise ValueError("--logit_std must be > 0.")
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:

@@ -252,7 +252,7 @@ def test_zero_step_counts_are_refused_before_training(tiny_sdxl, tmp_path, capsy
     ({"max_sequence_length": 600}, "--max_sequence_length must be between 1 and 512"),  # the pipelines refuse > 512
     ({"snr_gamma": 5.0, "loss_weighting": "v"}, "--snr_gamma fixes each state's weight"),  # the v weighting became a constant
     ({"log_trajectories_prompts": -1}, "--log_trajectories_prompts must be >= 0"),  # logged nothing, silently
-    ({"log_trajectories_prompts": 4}, "--log_trajectories_prompts shapes the trajectory logs"),  # tiny_args: --report_to none
+    ({"log_trajectories_prompts": 4}, "--log_trajectories_prompts: the trajectory logs it shapes"),  # tiny_args: --report_to none
 ])
 def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_sdxl, tmp_path, capsys, flags, message):
     """Each was accepted and then failed after the models had loaded (seed, rank 0), stopped with a misleading message
@@ -274,7 +274,7 @@ def test_flags_that_would_fail_late_or_do_nothing_are_refused_when_parsed(tiny_s
     ("rlhf", {"train_data_dir": "data"}, "--train_data_dir: the prompts come from --prompt_file"),
     ("rlhf", {"image_column": "img", "max_bad_fraction": 0}, "--image_column, --max_bad_fraction: RLHF trains on captions"),
     # --dpo_target fresh draws noise levels, but only --weighting_scheme logit_normal reads these: uniform, silently
-    ("rlhf", {"dpo_target": "fresh", "logit_mean": 1.0}, "--logit_mean / --logit_std shape --weighting_scheme logit_normal"),
+    ("rlhf", {"dpo_target": "fresh", "logit_mean": 1.0}, "--logit_mean: read only by --weighting_scheme logit_normal"),
     ("rlhf", {"dpo_target": "fresh", "weighting_scheme": "logit_normal", "logit_std": 0}, "--logit_std must be > 0"),
 ])
 def test_objective_weights_that_invert_or_cancel_training_are_refused(tiny_sdxl, tmp_path, capsys, script, flags, message):
