@@ -209,14 +209,11 @@ def check_reward_flags_used(args: argparse.Namespace, specs: Sequence[str]) -> N
     and evaluate's --also_score) reads it: `--reward_model clip --api_key KEY` would otherwise run CLIP and drop the
     key without a word, and a model path given for a reward that is not selected is almost always a typo in the spec."""
     selected = {name for spec in specs for name, _ in parse_reward_spec(spec)}
-    read = {flag for name in selected for flag in (*(_own_flags(name) if name in REWARD_FLAGS else ()),
-                                                   *REWARD_BORROWED_FLAGS.get(name, ()))}
+    own = {name: _own_flags(name) for name in REWARD_FLAGS}
+    read = {flag for name in selected for flag in (*own.get(name, ()), *REWARD_BORROWED_FLAGS.get(name, ()))}
     defaults = _reward_defaults()
-    unused = {}
-    for name in REWARD_FLAGS:
-        for flag in _own_flags(name):
-            if flag not in read and getattr(args, flag, defaults[flag]) != defaults[flag]:
-                unused[f"--{flag}"] = name
+    unused = {f"--{flag}": name for name, flags in own.items() for flag in flags
+              if flag not in read and getattr(args, flag, defaults[flag]) != defaults[flag]}
     if unused:
         owners, several = sorted(set(unused.values())), len(unused) > 1
         raise ValueError(
