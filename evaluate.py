@@ -50,6 +50,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from reward import add_reward_args  # noqa: E402
 
+# The noise of image k of prompt i is seeded by seed x 1000003 + i x MAX_IMAGES_PER_PROMPT + k: up to that many images
+# per prompt, no two images share a seed.
+MAX_IMAGES_PER_PROMPT = 1009
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -187,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--caption_column names the --prompt_file field of the prompts; add --prompt_file, or drop it.")
     if args.steps < 1:
         p.error("--steps must be >= 1.")
-    if not 1 <= args.images_per_prompt <= 1009:  # the noise seeds of prompt i + 1 start where 1009 images of prompt i end
-        p.error("--images_per_prompt must be between 1 and 1009.")
+    if not 1 <= args.images_per_prompt <= MAX_IMAGES_PER_PROMPT:  # prompt i + 1's noise seeds start where prompt i's end
+        p.error(f"--images_per_prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}.")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num_prompts must be >= 1 (leave it out to use every prompt).")
     if args.grid_prompts < 0:
@@ -432,7 +436,7 @@ def initial_noise(num_prompts: int, images_per_prompt: int, shape: tuple[int, ..
     out = torch.empty(num_prompts, images_per_prompt, *shape)
     for i in range(num_prompts):
         for k in range(images_per_prompt):
-            out[i, k] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + k))
+            out[i, k] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i * MAX_IMAGES_PER_PROMPT + k))
     return out
 
 

@@ -55,13 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.learning_rate is not None and not args.learning_rate > 0:
         p.error("--learning_rate must be > 0 (leave it out for the recipe's).")
     # Checked here, not by evaluate.py after the four trainings (minutes).
+    from evaluate import MAX_IMAGES_PER_PROMPT
     from toyworld import world
 
     available = len(world.heldout_prompts() if args.eval_split == "heldout" else world.train_pair_prompts())
     if not 1 <= args.eval_prompts <= available:
         p.error(f"--eval_prompts must be between 1 and {available} (the {args.eval_split} prompts).")
-    if not 1 <= args.images_per_prompt <= 1009 or args.eval_steps < 1:
-        p.error("--images_per_prompt must be between 1 and 1009 and --eval_steps >= 1.")
+    if not 1 <= args.images_per_prompt <= MAX_IMAGES_PER_PROMPT or args.eval_steps < 1:
+        p.error(f"--images_per_prompt must be between 1 and {MAX_IMAGES_PER_PROMPT} and --eval_steps >= 1.")
     return args
 
 
