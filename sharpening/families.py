@@ -56,11 +56,17 @@ def native_resolution(family: ModuleType, pretrained: str, revision: str | None 
 
 
 def check_resolution(family: ModuleType, pretrained: str, resolution: int, revision: str | None = None) -> None:
+    """Refuse, from the configs alone, a side the denoiser cannot take: not a whole number of latent patches, or (SD3)
+    more patches than its positional embedding holds, which diffusers' PatchEmbed refuses only at the first forward."""
     multiple = resolution_multiple(family, pretrained, revision)
     if resolution % multiple:
         lower = resolution // multiple * multiple
         raise ValueError(f"--resolution {resolution}: {pretrained} needs a multiple of {multiple} (the VAE's downsampling times "
                          f"the denoiser's latent patch); use {lower or multiple} or {lower + multiple}.")
+    max_patches = denoiser_config(family, pretrained, revision).get("pos_embed_max_size")
+    if max_patches and resolution // multiple > max_patches:
+        raise ValueError(f"--resolution {resolution}: {pretrained}'s positional embedding covers {max_patches} patches a side "
+                         f"(pos_embed_max_size), {max_patches * multiple} px; use a resolution up to that.")
 
 
 def check_true_cfg(is_flux: bool, true_cfg_scale: float, model: str = "") -> None:

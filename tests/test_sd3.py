@@ -31,6 +31,24 @@ def parts(tiny_sd3):
     return parts
 
 
+def test_a_resolution_past_the_positional_embedding_fails_before_loading(tiny_sd3, pipe):
+    """The tiny twin's VAE halves the side and its transformer patches 1x1 with pos_embed_max_size 64: 128 px is the
+    largest side it takes. The check refuses 130 from the configs, as the transformer itself would only at its first call."""
+    from sharpening import families, sd3
+
+    families.check_resolution(sd3, str(tiny_sd3), 128)
+    with pytest.raises(ValueError, match=r"--resolution 130: .*covers 64 patches a side \(pos_embed_max_size\), 128 px"):
+        families.check_resolution(sd3, str(tiny_sd3), 130)
+    transformer = pipe.transformer
+    hidden = torch.zeros(1, 4, 65, 65)
+    text = torch.zeros(1, 3, transformer.config.joint_attention_dim)
+    pooled = torch.zeros(1, transformer.config.pooled_projection_dim)
+    with pytest.raises(ValueError, match="cannot be greater than `pos_embed_max_size`: 64"):
+        transformer(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.ones(1))
+    with torch.no_grad():
+        transformer(hidden_states=hidden[..., :64, :64], encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.ones(1))
+
+
 def test_family_is_read_from_model_index(tiny_sd3, tiny_sdxl, tmp_path):
     from sharpening import families, sd3, sdxl
 
