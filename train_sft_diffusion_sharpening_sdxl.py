@@ -4,8 +4,9 @@
 For each image-text pair (x, c): noise x with n fresh noises at a timestep t on the DDIM grid, run m DDIM
 steps from each without grad, score every step's x0 preview with the reward on the real caption, find the
 trajectory with the highest path reward (Eq. 8) and regress (Eq. 9's loss) toward it. By default
-(`--sft_target best_endpoint`) the states of all n trajectories are regressed onto the clean image the best one
-ended at, so that every path learns to end where the best did; Eq. 9's literal target (`--sft_target noise`,
+(`--sft_target best_endpoint`, `--path_reward final`) every path is continued without grad to the end of the grid,
+scored on the image it finishes at, and the states of all n trajectories are regressed onto the finished image of
+the best one, so that every path learns to end where the best did; Eq. 9's literal target (`--sft_target noise`,
 the winner's starting noise, i.e. back toward x) does not raise the reward: see sharpening/targets.py.
 
     accelerate launch train_sft_diffusion_sharpening_sdxl.py --pretrained_model_name_or_path ... --dataset_name ...
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
         "--sft_target", default="best_endpoint", choices=sorted(SFT_TARGETS),
         help="What the selected states are regressed toward. " + " ".join(f"{k}: {v}" for k, v in SFT_TARGETS.items()),
     )
+    # Score each path by the image it finishes at and regress toward the winner's FINISHED image: measured on both toy
+    # models, regressing onto the last blurry preview (Eq. 8's sum) held back every reward that wants detail
+    # (README "Training targets"). RLHF keeps Eq. 8's sum, where both sides of the contrast share that blur.
+    parser.set_defaults(path_reward="final")
     parser.add_argument(
         "--data_anchor_weight", type=float, default=0.0,
         help="Adds this weight times the ordinary diffusion loss toward the data image on the same states (keeps a "

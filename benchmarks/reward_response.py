@@ -18,7 +18,7 @@ incompressibility (as DDPO defines them, in rewards/pixel.py) and the toy compos
 
 Variants: `standard-ft` (the SFT script with n = m = 1: plain fine-tuning on the data, which never sees the reward),
 `sft` and `rlhf` (each script's DEFAULTS), `sft-paper` / `rlhf-paper` (the paper-literal targets, Eq. 9 and Eq. 11
-toward the starting noise), and `best-of-n-control` (benchmarks/best_of_n_control.py: fine-tune on the best of n
+toward the starting noise, paths scored by Eq. 8's sum over the previews), and `best-of-n-control` (benchmarks/best_of_n_control.py: fine-tune on the best of n
 FINISHED images, as RAFT does; it tells a weak objective from a reward the budget cannot move; its
 `objective=dpo` and `objective=ddpo` are online Diffusion-DPO and the DDPO / Flow-GRPO policy gradient).
 `--variant NAME=sft|rlhf|best_of_n[:FLAG=VALUE,...]` adds your own (`FLAG=true` switches an on/off flag on; a
@@ -65,7 +65,7 @@ GUARDS = ("toy/objects", "toy/relation", "toy/clean", "toy/size")
 CONTROL = "standard-ft"  # ordinary fine-tuning: every reward-seeking variant is also compared with it
 VARIANTS = {
     "standard-ft": ("sft", STANDARD_FT),
-    "sft-paper": ("sft", {**SFT, "sft_target": "noise"}),
+    "sft-paper": ("sft", {**SFT, "sft_target": "noise", "path_reward": "sum"}),
     "sft": ("sft", SFT),
     "rlhf-paper": ("rlhf", {**RLHF, "dpo_target": "noise", "reward_margin_units": "raw"}),
     "rlhf": ("rlhf", RLHF),

@@ -77,7 +77,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                         "each path without grad to the end of the grid and score the image it finishes at (one reward call per "
                         "path, about (grid length - start) more model calls). The endpoint targets then regress toward that "
                         "finished image instead of the last preview. Early previews are blurry, so their reward can say little "
-                        "about the image a path leads to.")
+                        "about the image a path leads to. Default: final for SFT, sum for RLHF (README \"Training targets\").")
     g.add_argument("--explore_guidance_scale", type=float, default=1.0, help="CFG during exploration (1 = conditional only, as upstream).")
     g.add_argument("--guidance_scale", type=float, default=None,
                    help="CFG of rollouts (RLHF) and validation images; default 5. FLUX.1-dev: the embedded guidance everywhere "

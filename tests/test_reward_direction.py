@@ -44,14 +44,16 @@ def ddim():
     return DDIM(dict(build_scheduler().config), 20)
 
 
-def explore_and_select(model, ddim, seed: int) -> Candidates:
+def explore_and_select(model, ddim, seed: int, mode: str = "sum") -> Candidates:
+    """mode: --path_reward (sum: every preview scored; final: each path continued to the end, its finished image scored)."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.zeros(B, 1, 1, 2, dtype=torch.float64)
     start = draw_start_indices(ddim, B, M, g).repeat(N)
     noise = torch.randn(N * B, 1, 1, 2, generator=g, dtype=torch.float64)
-    exploration = explore(model, ddim, ddim.add_noise(x0.repeat(N, 1, 1, 1), noise, ddim.grid[start]), start, None, M)
-    exploration.step_rewards = exploration.x0_preds.mean(dim=(2, 3, 4)).float()  # brightness of every preview
-    rewards = path_reward(exploration.step_rewards)
+    exploration = explore(model, ddim, ddim.add_noise(x0.repeat(N, 1, 1, 1), noise, ddim.grid[start]), start, None, M,
+                          to_end=mode == "final")
+    exploration.step_rewards = exploration.scored_latents().mean(dim=(2, 3, 4)).float()  # brightness of every scored image
+    rewards = path_reward(exploration.step_rewards, mode)
     return Candidates(x0, noise, exploration, rewards, select(rewards, N))
 
 
@@ -59,15 +61,16 @@ def rows_loss(model, ddim, rows) -> torch.Tensor:
     return per_prompt_mean(per_sample_mse(model(rows.states, rows.timesteps), rows.target(ddim)), rows.prompt, B)
 
 
-def reward_after_one_step(ddim, loss_fn) -> dict[str, tuple[float, float]]:
+def reward_after_one_step(ddim, loss_fn, mode: str = "sum") -> dict[str, tuple[float, float]]:
     """Before and after one SGD step on loss_fn(model, candidates), from the same noises and timesteps: the mean
-    reward of every preview, and the path reward of the candidates that had won."""
+    reward of every scored image (previews, or finished images with mode "final"), and the path reward of the
+    candidates that had won."""
     model = TwoPixel(ddim)
-    before = explore_and_select(model, ddim, seed=0)
+    before = explore_and_select(model, ddim, seed=0, mode=mode)
     loss_fn(model, before).backward()
     with torch.no_grad():
         model.mu -= 0.05 * model.mu.grad
-    after = explore_and_select(model, ddim, seed=0)
+    after = explore_and_select(model, ddim, seed=0, mode=mode)
     winners = before.rows_of(before.selection.winner)
     return {
         "all previews": (before.exploration.step_rewards.mean().item(), after.exploration.step_rewards.mean().item()),
@@ -100,9 +103,9 @@ def dpo_loss_fn(target):
     return loss
 
 
-@pytest.mark.parametrize("target", ["best_endpoint"])
-def test_reward_seeking_sft_target_raises_the_reward(ddim, target):
-    assert_raised(reward_after_one_step(ddim, sft_loss_fn(target)))
+@pytest.mark.parametrize("mode", ["final", "sum"])  # the SFT default scores finished images; Eq. 8 sums the previews
+def test_reward_seeking_sft_target_raises_the_reward(ddim, mode):
+    assert_raised(reward_after_one_step(ddim, sft_loss_fn("best_endpoint"), mode))
 
 
 @pytest.mark.parametrize("target", ["shared", "fresh"])

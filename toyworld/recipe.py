@@ -42,7 +42,8 @@ COMMON = {
 SFT = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
 # Plain fine-tuning through the same script: one candidate, one state, regressed onto the data image's noise
 # (the ordinary diffusion loss on the DDIM grid; never looks at the reward).
-STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1, "sft_target": "noise"}
+# Eq. 8's sum: with one candidate there is nothing to choose, so continuing its path to score it would be wasted work.
+STANDARD_FT = {**SFT, "num_noisy_latents": 1, "trajectory_nums": 1, "sft_target": "noise", "path_reward": "sum"}
 RLHF = {"num_noisy_latents": 3, "trajectory_nums": 3, "learning_rate": 1e-5}
 # The rewards the reward-response and headroom benchmarks use by default: four pixel statistics the base does not
 # maximise, and the toy compositional reward.
