@@ -57,7 +57,8 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     time_ids = trainer.family.time_ids(batch["original_sizes"], batch["crops_top_left"], (args.resolution,) * 2)
     x0 = trainer.encode_images(batch["pixel_values"], generator)
 
-    # Explore n trajectories per pair (no grad) and pick the best path per prompt (Eq. 8).
+    # Explore n trajectories per pair (no grad) and pick the best path per prompt (by default by the image each
+    # finishes at; Eq. 8's sum of preview rewards with --path_reward sum).
     cond = trainer.conditioning(captions, time_ids)
     candidates = trainer.explore_candidates(x0, cond, captions, generator)
     selection = candidates.selection

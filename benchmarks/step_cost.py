@@ -110,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full UNet (both sides).")
     p.add_argument("--sft_target", default=None, help="Ours: the SFT script's --sft_target (default: the script's default).")
     p.add_argument("--dpo_target", default=None, help="Ours: the RLHF script's --dpo_target (default: the script's default).")
+    p.add_argument("--path_reward", default=None, choices=["sum", "mean", "final"],
+                   help="Ours: the scripts' --path_reward (default: each script's default; the baseline always sums previews).")
     p.add_argument("--steps", type=int, default=5, help="Measured optimizer steps per implementation.")
     p.add_argument("--warmup", type=int, default=1, help="Unmeasured steps first (they also create the optimizer state).")
     p.add_argument("--budget_s", type=float, default=None,
@@ -299,6 +301,8 @@ def build_trainer(args: argparse.Namespace, variant: str, model_path: str, workd
     target = args.sft_target if variant == "sft" else args.dpo_target
     if target:
         argv += [f"--{variant.replace('rlhf', 'dpo')}_target", target]
+    if args.path_reward:
+        argv += ["--path_reward", args.path_reward]
     if variant == "sft":
         import train_sft_diffusion_sharpening_sdxl as script
         from sharpening.data import ImageTextDataset, collate_image_text, load_hf_dataset
@@ -600,7 +604,7 @@ def target_lines(config: dict, results: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ main
 def config_of(args: argparse.Namespace) -> dict:
-    keys = ("model", "n", "m", "batch_size", "resolution", "infer_steps", "mixed_precision", "gradient_checkpointing", "use_lora", "sft_target", "dpo_target", "steps", "warmup", "seed", "threads")
+    keys = ("model", "n", "m", "batch_size", "resolution", "infer_steps", "mixed_precision", "gradient_checkpointing", "use_lora", "sft_target", "dpo_target", "path_reward", "steps", "warmup", "seed", "threads")
     return {k: getattr(args, k) for k in keys}
 
 

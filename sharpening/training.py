@@ -316,8 +316,9 @@ class Trainer:
 
     @torch.no_grad()
     def explore_candidates(self, x0: torch.Tensor, cond, prompts: list[str], generator: torch.Generator) -> Candidates:
-        """Shared exploration: n fresh noises at a per-prompt position on the sampling grid, m no-grad sampler steps,
-        every x0 preview scored against the real caption in one reward call, path reward (Eq. 8), per-prompt ranking."""
+        """Shared exploration: n fresh noises at a per-prompt position on the sampling grid, m no-grad sampler steps
+        (continued to the end of the grid with --path_reward final), every scored image (the x0 previews, or each path's
+        finished image) scored against the real caption in one reward call, path reward (Eq. 8), per-prompt ranking."""
         n, batch = self.args.num_noisy_latents, x0.shape[0]
         start = draw_start_indices(self.sampler, batch, self.num_steps, generator, self.first_start, self.last_start).repeat(n)
         noise = self.randn((n * batch, *x0.shape[1:]), generator)
