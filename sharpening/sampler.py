@@ -168,16 +168,32 @@ class DDIM:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (count,), generator=generator)
 
 
+class Guided:
+    """Classifier-free guidance of `model` against the negative branch `uncond`, row for row with the conditioning it
+    is called with: one batched call on [uncond; cond]."""
+
+    def __init__(self, model: ModelFn, uncond, guidance_scale: float):
+        self.model, self.uncond, self.guidance_scale = model, uncond, guidance_scale
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        out_uncond, out_cond = self.model(torch.cat([x, x]), torch.cat([t, t]), type(cond).cat([self.uncond, cond])).chunk(2)
+        return out_uncond + self.guidance_scale * (out_cond - out_uncond)
+
+    def rows(self, index: torch.Tensor) -> "Guided":
+        """The same guidance for the rows `index` of the batch it was built for (their own negative branch)."""
+        return Guided(self.model, self.uncond.select(index), self.guidance_scale)
+
+
 def guided(model: ModelFn, uncond, guidance_scale: float) -> ModelFn:
-    """Classifier-free guidance: one batched call on [uncond; cond] when guidance_scale > 1 (cond types provide `cat`)."""
+    """Classifier-free guidance when guidance_scale > 1 (cond types provide `cat` and `select`), else `model` itself."""
     if guidance_scale <= 1.0 or uncond is None:
         return model
+    return Guided(model, uncond, guidance_scale)
 
-    def forward(x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), type(cond).cat([uncond, cond])).chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
 
-    return forward
+def on_rows(model: ModelFn, index: torch.Tensor) -> ModelFn:
+    """`model`, built for a batch, for the rows `index` of it: a guided model's negative branch follows the rows."""
+    return model.rows(index) if isinstance(model, Guided) else model
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 
 from rewards.base import checked_evaluate
 
-from .sampler import ModelFn, Sampler
+from .sampler import ModelFn, Sampler, on_rows
 
 
 def draw_start_indices(sampler: Sampler, batch_size: int, num_steps: int, generator: torch.Generator, first: int = 0,
@@ -92,16 +92,16 @@ def explore(model: ModelFn, sampler: Sampler, x_start: torch.Tensor, start: torc
 @torch.no_grad()
 def finish(model: ModelFn, sampler: Sampler, x: torch.Tensor, index: torch.Tensor, cond, last_x0: torch.Tensor) -> torch.Tensor:
     """Continue each row from grid `index` (per row; len(grid) = already at the end) to the end of the grid and return
-    its last x0 prediction, the image the path finishes at (`last_x0` for rows already at the end). All rows run
-    through the model together, so a guided `model` keeps its batch; rows that have ended are not updated."""
+    its last x0 prediction, the image the path finishes at (`last_x0` for rows already at the end). Each step runs
+    only the rows still on the grid, in one call (paths start at different grid positions, so about half the rows
+    of a batch have ended on average by the time the last one does)."""
     size = len(sampler.grid)
-    finished = last_x0.clone()
-    while (active := index < size).any():
-        at = index.clamp(max=size - 1)
-        x_next, x0 = sampler.step(model(x, sampler.grid[at], cond), at, x)
-        mask = active.to(x.device).view(-1, *([1] * (x.ndim - 1)))
-        x, finished = torch.where(mask, x_next, x), torch.where(mask, x0, finished)
-        index = index + active.long()
+    x, finished, index = x.clone(), last_x0.clone(), index.clone()
+    while len(rows := (index < size).nonzero().squeeze(1)):
+        at, on_device = index[rows], rows.to(x.device)
+        out = on_rows(model, rows)(x[on_device], sampler.grid[at], cond.select(rows) if cond is not None else None)
+        x[on_device], finished[on_device] = sampler.step(out, at, x[on_device])
+        index[rows] += 1
     return finished
 
 

@@ -388,27 +388,35 @@ def test_explore_with_zero_output_keeps_x0_and_scales_states():
         assert out.x0_preds[1, row].item() == pytest.approx(x0.item(), rel=1e-12)
 
 
-def test_explore_to_end_finishes_each_row_as_its_own_sampling_loop():
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_explore_to_end_finishes_each_row_as_its_own_sampling_loop(guidance):
     # --path_reward final: rows at different grid positions continue to the end together; each must finish exactly
-    # where stepping that row alone to the end of the grid lands (its last x0 prediction).
+    # where stepping that row alone to the end of the grid lands (its last x0 prediction), with its own negative
+    # branch under guidance, and only the rows still on the grid go through the model.
     ddim, ref = DDIM(sdxl_config(), 25), reference_scheduler(sdxl_config())
     g = torch.Generator().manual_seed(9)
     x_start = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
-    cond = cond_of([0.5, -0.25, 1.0, 2.0])
+    cond, negative = cond_of([0.5, -0.25, 1.0, 2.0]), cond_of([-1.0, 0.0, 0.25, -0.5])
+    rows_seen = []
 
-    def model(x, t, c):
+    def denoiser(x, t, c):
+        rows_seen.append(len(x))
         return 0.3 * x + (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * c.pooled[:, :1].view(-1, 1, 1, 1)
 
+    model = guided(denoiser, negative, guidance)
     start, m = torch.tensor([0, 22, 12, 20]), 3  # row 1 ends its m steps at the grid's end; row 0 needs 22 more
     out = trajectory.explore(model, ddim, x_start, start, cond, m, to_end=True)
+    calls = 2 if guidance > 1 else 1  # rows per denoiser call: [negative; positive] under guidance
+    assert sum(rows_seen) == calls * (4 * m + 22 + 0 + 10 + 2)  # the m explored steps, then each row's own remainder
     preview_only = trajectory.explore(model, ddim, x_start, start, cond, m)
     torch.testing.assert_close(out.x0_preds, preview_only.x0_preds, rtol=0, atol=0)
     assert out.scored_latents().shape == (1, 4, 2, 2, 2) and preview_only.scored_latents().shape == (m, 4, 2, 2, 2)
     for row in range(4):
         x, x0 = x_start[row : row + 1], None
+        alone = guided(denoiser, negative.select(torch.tensor([row])), guidance)
         for t in ddim.grid[int(start[row]):]:
             t = t.view(1)
-            x, x0 = reference_step(ref, model(x, t, cond.select(torch.tensor([row]))), t, x)
+            x, x0 = reference_step(ref, alone(x, t, cond.select(torch.tensor([row]))), t, x)
         torch.testing.assert_close(out.finished[row : row + 1], x0, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.finished[1], out.x0_preds[-1, 1], rtol=0, atol=0)  # already at the end
     assert not torch.allclose(out.finished[0], out.x0_preds[-1, 0])
