@@ -14,6 +14,7 @@ the winner's starting noise, i.e. back toward x) does not raise the reward: see 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import torch
@@ -23,6 +24,8 @@ from sharpening.data import DATASET_CAPTION_COLUMN, ImageTextDataset, collate_im
 from sharpening.targets import SFT_TARGETS, per_prompt_mean, sft_rows
 from sharpening.config import add_training_args, refuse_unused_flags, validate_training_args
 from sharpening.training import StepResult, Trainer
+
+logger = logging.getLogger("sharpening")
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
@@ -76,6 +79,15 @@ def sft_step(trainer: Trainer, batch: dict, generator: torch.Generator) -> StepR
     return StepResult(per_prompt_mean(mse, rows.prompt, len(captions)), selection.sft_trains, logs)
 
 
+def warn_if_no_choice(args: argparse.Namespace) -> None:
+    """One candidate leaves nothing to choose: an endpoint target then regresses each path onto its own end image,
+    self-distillation without reward evidence (README, benchmarks/quality.py's n = 1 ablation: it collapsed)."""
+    if args.num_noisy_latents == 1 and args.sft_target in ("endpoint", "best_endpoint"):
+        logger.warning("--num_noisy_latents 1 with --sft_target %s: one candidate leaves nothing to choose, so every path is "
+                       "regressed onto its own end image (self-distillation; in the n = 1 ablation it collapsed by 120 steps). "
+                       "Use n >= 2 to sharpen, or --sft_target noise for ordinary fine-tuning.", args.sft_target)
+
+
 def main(args: argparse.Namespace) -> None:
     data = load_hf_dataset(args.dataset_name, args.train_data_dir, args.dataset_config_name, args.cache_dir)
     caption_column = args.caption_column or DATASET_CAPTION_COLUMN
@@ -84,6 +96,8 @@ def main(args: argparse.Namespace) -> None:
         data = data.select(subset_rows(len(data), args.max_train_samples))
     dataset = ImageTextDataset(data, args.image_column, caption_column, args.resolution, args.center_crop, args.random_flip, args.seed)
     trainer = Trainer(args, dataset, collate_image_text, needs_reference=False, variant="SFT")
+    if trainer.accelerator.is_main_process:
+        warn_if_no_choice(args)
     trainer.train(sft_step)
 
 

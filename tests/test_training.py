@@ -456,6 +456,17 @@ def test_resume_in_the_middle_of_an_epoch_continues_exactly(tiny_sdxl, tmp_path)
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=0)
 
 
+def test_one_candidate_with_an_endpoint_target_is_warned_about(tiny_sdxl, tmp_path, caplog):
+    """n = 1 leaves no choice: best_endpoint becomes self-distillation (it collapsed in the n = 1 ablation)."""
+    caplog.set_level(logging.WARNING)
+    sft.warn_if_no_choice(sft.parse_args(tiny_args(tiny_sdxl, tmp_path, num_noisy_latents=1)))
+    assert "--num_noisy_latents 1 with --sft_target best_endpoint: one candidate leaves nothing to choose" in caplog.text
+    caplog.clear()
+    sft.warn_if_no_choice(sft.parse_args(tiny_args(tiny_sdxl, tmp_path, num_noisy_latents=1, sft_target="noise")))  # ordinary FT
+    sft.warn_if_no_choice(sft.parse_args(tiny_args(tiny_sdxl, tmp_path, num_noisy_latents=2)))
+    assert "nothing to choose" not in caplog.text
+
+
 def test_corrupt_image_is_skipped_counted_and_named(tiny_sdxl, tmp_path, caplog):
     data = write_image_folder(tmp_path / "data", count=8, corrupt=(3,))
     caplog.set_level(logging.WARNING)
