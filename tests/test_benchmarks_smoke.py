@@ -22,11 +22,13 @@ def test_step_cost_counts_ours_and_the_upstream_baseline(tiny_sdxl, tmp_path):
     results = json.loads(out.read_text())["results"]
     sft, rlhf = results["sft"], results["rlhf"]
 
-    # SFT: ours explores n*B candidates for m steps without grad and (the default --path_reward final) continues all of
-    # them together to the end of the grid, scores the n*B finished images in one call, then one grad call on the
-    # n*m*B explored states (the default target regresses every candidate's states onto the best path's end image).
+    # SFT: ours explores n*B candidates for m steps without grad and (the default --path_reward final) continues the
+    # paths still on the grid to its end (at least the n of the prompt that started first in every further call),
+    # scores the n*B finished images in one call, then one grad call on the n*m*B explored states (the default
+    # target regresses every candidate's states onto the best path's end image).
     assert (sft["ours"]["unet_grad_calls"], sft["ours"]["unet_grad_rows"]) == (1, n * m * b)
-    assert m <= sft["ours"]["unet_nograd_calls"] <= grid and sft["ours"]["unet_nograd_rows"] == sft["ours"]["unet_nograd_calls"] * n * b
+    calls, rows = sft["ours"]["unet_nograd_calls"], sft["ours"]["unet_nograd_rows"]
+    assert m <= calls <= grid and m * n * b + (calls - m) * n <= rows <= calls * n * b
     assert (sft["ours"]["reward_calls"], sft["ours"]["reward_images"]) == (1, n * b)
     assert sft["ours"]["vae_decode_images_with_graph"] == 0
     # The upstream way: everything with grad, decodes with a graph, one reward call per image.
