@@ -156,6 +156,34 @@ def test_path_reward_final_scores_each_paths_finished_image_and_targets_it(tiny_
     assert any((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))  # the one-column trajectory grid was drawn
 
 
+def test_guided_exploration_finishes_each_path_against_its_own_negative_branch(tiny_sdxl, tmp_path):
+    # --explore_guidance_scale > 1 with SFT's default --path_reward final: the finishing pass runs only the paths still
+    # on the grid, each guided against its own row of the negative branch; stepping each path alone, guided against
+    # a negative branch built for that row only, must end at the same finished image.
+    from sharpening.families import with_guidance
+
+    trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=1, explore_guidance_scale=3.0)
+    explore, grid, compared = trainer.explore_candidates, trainer.sampler.grid, []
+
+    def explore_and_compare(x0, cond, prompts, generator):
+        c = explore(x0, cond, prompts, generator)
+        cond_n = cond.repeat(3)
+        for row in range(len(cond_n)):
+            alone = cond_n.select(torch.tensor([row]))
+            model = with_guidance(trainer.family, trainer.parts, trainer.policy(grad=False), alone, 3.0, trainer.device)
+            x, first = c.exploration.states[0, row : row + 1], int((grid == c.exploration.timesteps[0, row]).nonzero())
+            for k in range(first, len(grid)):
+                x, x0_hat = trainer.sampler.step(model(x, grid[k].view(1), alone), torch.tensor([k]), x)
+            compared.append((c.exploration.finished[row : row + 1], x0_hat))
+        return c
+
+    trainer.explore_candidates = explore_and_compare
+    trainer.train(sft.sft_step)
+    assert len(compared) == 3 * 2
+    for finished, alone in compared:
+        torch.testing.assert_close(finished, alone, rtol=0, atol=1e-5)
+
+
 def test_start_window_flags_reach_exploration_and_an_empty_window_is_refused(tiny_sdxl, tmp_path):
     # The 4-step grid is 751, 501, 251, 1; with m = 2, starts at 751 and 501 are the ones at or above 500.
     trainer = sft_trainer(tiny_sdxl, tmp_path, max_train_steps=3, min_start_timestep=500, train_batch_size=4)
